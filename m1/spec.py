@@ -1,0 +1,183 @@
+"""The M1 tensor table: every tensor of a MiniMax-M1 checkpoint, as data.
+
+Each rule is a name pattern with `{layer}` / `{expert}` holes, the layer kinds it appears in, a role,
+a shape written in the dimension names of `M1Config.dims()`, and the dtype the release stores it in.
+`inventory(cfg)` expands the table for a config; `classify(name)` maps a name back to its rule. A name
+that maps to nothing is an `UnknownTensorError`, never a skip.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+
+from m1.config import M1Config
+from m1.errors import UnknownTensorError
+
+
+class Role(str, Enum):
+    EMBED = "embed"
+    HEAD = "head"
+    FINAL_NORM = "final_norm"
+    LAYER_NORM = "layer_norm"
+    LIGHTNING_QKV = "lightning_qkv"
+    LIGHTNING_GATE = "lightning_gate"
+    LIGHTNING_OUT = "lightning_out"
+    LIGHTNING_NORM = "lightning_norm"
+    SOFTMAX_ATTN = "softmax_attn"
+    ROUTER = "router"
+    EXPERT = "expert"
+
+
+# Scope: which part of the model a rule repeats over.
+GLOBAL, EVERY_LAYER, LIGHTNING, SOFTMAX, EXPERT = "global", "layer", "lightning", "softmax", "expert"
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    pattern: str
+    role: Role
+    scope: str
+    shape: tuple[str, ...]
+    dtype: str = "BF16"  # safetensors dtype name as the release stores it
+
+
+L = "model.layers.{layer}."
+E = L + "block_sparse_moe.experts.{expert}."
+
+# Order within a layer follows the release index.
+M1_TENSORS: tuple[TensorRule, ...] = (
+    TensorRule("model.embed_tokens.weight", Role.EMBED, GLOBAL, ("vocab", "hidden")),
+    TensorRule(L + "input_layernorm.weight", Role.LAYER_NORM, EVERY_LAYER, ("hidden",)),
+    TensorRule(L + "self_attn.qkv_proj.weight", Role.LIGHTNING_QKV, LIGHTNING, ("qkv", "hidden")),
+    TensorRule(L + "self_attn.output_gate.weight", Role.LIGHTNING_GATE, LIGHTNING, ("attn", "hidden")),
+    TensorRule(L + "self_attn.norm.weight", Role.LIGHTNING_NORM, LIGHTNING, ("attn",)),
+    TensorRule(L + "self_attn.out_proj.weight", Role.LIGHTNING_OUT, LIGHTNING, ("hidden", "attn")),
+    TensorRule(L + "self_attn.q_proj.weight", Role.SOFTMAX_ATTN, SOFTMAX, ("attn", "hidden")),
+    TensorRule(L + "self_attn.k_proj.weight", Role.SOFTMAX_ATTN, SOFTMAX, ("kv", "hidden")),
+    TensorRule(L + "self_attn.v_proj.weight", Role.SOFTMAX_ATTN, SOFTMAX, ("kv", "hidden")),
+    TensorRule(L + "self_attn.o_proj.weight", Role.SOFTMAX_ATTN, SOFTMAX, ("hidden", "attn")),
+    TensorRule(L + "post_attention_layernorm.weight", Role.LAYER_NORM, EVERY_LAYER, ("hidden",)),
+    # The router is stored in float32 in the release (31457280 bytes above all-bf16).
+    TensorRule(L + "block_sparse_moe.gate.weight", Role.ROUTER, EVERY_LAYER, ("experts", "hidden"), "F32"),
+    TensorRule(E + "w1.weight", Role.EXPERT, EXPERT, ("inter", "hidden")),
+    TensorRule(E + "w3.weight", Role.EXPERT, EXPERT, ("inter", "hidden")),
+    TensorRule(E + "w2.weight", Role.EXPERT, EXPERT, ("hidden", "inter")),
+    TensorRule("model.norm.weight", Role.FINAL_NORM, GLOBAL, ("hidden",)),
+    TensorRule("lm_head.weight", Role.HEAD, GLOBAL, ("vocab", "hidden")),
+)
+
+# Tensors that bitsandbytes writes beside a quantized `<module>.weight` (suffixes of the module name).
+QUANT_COMPANIONS: tuple[str, ...] = (
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+    "weight.quant_state.bitsandbytes__fp4",
+    "SCB",
+    "weight_format",
+)
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: Role
+    layer: int | None = None
+    expert: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+def _expand(rule: TensorRule, cfg: M1Config, dims: dict[str, int], layer: int | None, expert: int | None) -> TensorSpec:
+    name = rule.pattern.format(layer=layer, expert=expert)
+    return TensorSpec(name, tuple(dims[d] for d in rule.shape), rule.dtype, rule.role, layer, expert)
+
+
+def inventory(cfg: M1Config) -> list[TensorSpec]:
+    """Every tensor a checkpoint with this config holds, in release order."""
+    dims = cfg.dims()
+    head = [r for r in M1_TENSORS if r.scope == GLOBAL and r.role == Role.EMBED]
+    tail = [r for r in M1_TENSORS if r.scope == GLOBAL and r.role != Role.EMBED]
+    per_layer = [r for r in M1_TENSORS if r.scope != GLOBAL]
+    out = [_expand(r, cfg, dims, None, None) for r in head]
+    for layer, kind in enumerate(cfg.layer_kinds):
+        for rule in per_layer:
+            if rule.scope == EXPERT:
+                continue
+            if rule.scope in (LIGHTNING, SOFTMAX) and rule.scope != kind:
+                continue
+            out.append(_expand(rule, cfg, dims, layer, None))
+            if rule.role == Role.ROUTER:  # experts follow the router, expert by expert
+                experts = [r for r in per_layer if r.scope == EXPERT]
+                for expert in range(cfg.num_local_experts):
+                    out.extend(_expand(r, cfg, dims, layer, expert) for r in experts)
+    out.extend(_expand(r, cfg, dims, None, None) for r in tail if not (r.role == Role.HEAD and cfg.tie_word_embeddings))
+    return out
+
+
+@lru_cache(maxsize=1)
+def _compiled() -> tuple[tuple[re.Pattern[str], TensorRule], ...]:
+    out = []
+    for rule in M1_TENSORS:
+        rx = re.escape(rule.pattern).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+        out.append((re.compile(rx + r"\Z"), rule))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Classified:
+    rule: TensorRule
+    layer: int | None
+    expert: int | None
+    weight_name: str  # the spec tensor this name is, or accompanies
+    companion: str | None = None  # the bitsandbytes suffix when this is a quantization companion
+
+
+def classify(name: str, file: str | None = None) -> Classified:
+    """Which spec tensor `name` is (or which quantized weight it accompanies)."""
+    found = _match(name)
+    if found is not None:
+        return found
+    for suffix in QUANT_COMPANIONS:
+        if name.endswith("." + suffix):
+            weight = name[: -len(suffix) - 1] + ".weight"
+            base = _match(weight)
+            if base is not None:
+                return Classified(base.rule, base.layer, base.expert, weight, suffix)
+    raise UnknownTensorError(
+        "not a MiniMax-M1 tensor name", file=file, tensor=name,
+        hint="the checkpoint has a tensor the M1 spec does not know; remove it or check the source model",
+    )
+
+
+def _match(name: str) -> Classified | None:
+    for rx, rule in _compiled():
+        m = rx.match(name)
+        if m:
+            groups = m.groupdict()
+            layer = int(groups["layer"]) if "layer" in groups else None
+            expert = int(groups["expert"]) if "expert" in groups else None
+            return Classified(rule, layer, expert, name)
+    return None
+
+
+def spec_by_name(cfg: M1Config) -> dict[str, TensorSpec]:
+    return {t.name: t for t in inventory(cfg)}
