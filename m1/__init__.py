@@ -1,0 +1,14 @@
+"""m1: convert, quantize, verify and publish MiniMax-M1 checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def load_pretrained(path: str, **kwargs: Any) -> Any:
+    """A transformers MiniMaxForCausalLM whose experts run bitsandbytes-quantized (see quantize.loader)."""
+    from quantize.loader import load_pretrained as _load
+
+    return _load(path, **kwargs)

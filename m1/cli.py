@@ -1,0 +1,96 @@
+"""The `m1` command: wires the command groups together and turns errors into one line + exit code.
+
+Exit codes everywhere: 0 sound / done, 1 findings or a problem with the input, 2 usage errors.
+Set M1_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+import click
+import typer
+
+from m1.errors import M1Error
+
+app = typer.Typer(
+    name="m1",
+    help="Convert, quantize, verify and publish MiniMax-M1 checkpoints.\n\n"
+    "Example: m1 make-tiny tiny-m1/ && m1 convert tiny-m1/ out-hf/ --to hf",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from convert.cli import register as register_convert
+    from m1.core_cli import register as register_core
+    from quantize.cli import register as register_quantize
+    from verify.cli import register as register_verify
+
+    register_core(app)
+    register_convert(app)
+    register_quantize(app)
+    register_verify(app)
+    try:
+        from m1.hub_cli import register as register_hub
+    except ImportError:  # the Hub commands need nothing beyond huggingface_hub, but stay optional
+        return
+    register_hub(app)
+
+
+_register()
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code (tests call this; `main` exits with it)."""
+    debug = os.environ.get("M1_DEBUG") == "1"
+    previous = warnings.showwarning
+    warnings.showwarning = _warning_line
+    try:
+        result = app(args=list(argv) if argv is not None else None, standalone_mode=False, prog_name="m1")
+        return result if isinstance(result, int) else 0
+    except M1Error as exc:
+        if debug:
+            raise
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as exc:
+        if debug:
+            raise
+        print(f"error: {exc.format_message()} (see m1 --help)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command with --resume to finish", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: still one line, the traceback with M1_DEBUG=1
+        if debug:
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: internal error {type(exc).__name__}: {text} (rerun with M1_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = previous
+
+
+def main() -> None:
+    sys.exit(run_cli())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Option types shared by every command, so the same flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Hub branch, tag or commit sha (for a Hub repo id).")
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (shards, tensors, bytes); write nothing.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an interrupted run into the same destination.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")]
+LayoutOpt = Annotated[
+    str, typer.Option("--layout", help="'size' (shards up to --shard-size) or 'by-layer' (one shard per layer).")
+]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def check_layout(layout: str) -> bool:
+    """True for by-layer."""
+    from m1.errors import UsageError
+
+    if layout not in ("size", "by-layer"):
+        raise UsageError(f"--layout must be 'size' or 'by-layer', got {layout!r}")
+    return layout == "by-layer"

@@ -1,0 +1,126 @@
+"""`m1 inspect`: what is this checkpoint? Headers only, local or on the Hub."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from m1.checkpoint import Checkpoint
+from m1.errors import M1Error
+from m1.spec import classify, inventory
+from m1.units import human_bytes, human_count
+
+
+def layer_ranges(indices: list[int]) -> str:
+    """[7, 15, 23] -> '7,15,23'; [0,1,2,3] -> '0-3'."""
+    parts: list[str] = []
+    start = prev = None
+    for i in indices:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(parts)
+
+
+def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, Any]:
+    ckpt = Checkpoint.open(source, revision=revision)
+    cfg = ckpt.config
+    by_role: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
+    by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
+    expected = {t.name: t for t in inventory(cfg)}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    unreadable: list[str] = []
+    for file in ckpt.files():
+        try:
+            header = ckpt.header(file)
+        except M1Error as exc:
+            unreadable.append(exc.one_line())
+            continue
+        for info in header.tensors.values():
+            try:
+                c = classify(info.name, file)
+            except M1Error:
+                unexpected.append(info.name)
+                continue
+            if c.weight_name not in expected:
+                unexpected.append(info.name)
+                continue
+            seen.add(c.weight_name)
+            role = by_role[c.rule.role.value]
+            role["tensors"] += 1
+            role["bytes"] += info.nbytes
+            if c.companion is None:
+                role["params"] += expected[c.weight_name].numel
+            d = by_dtype[info.dtype]
+            d["tensors"] += 1
+            d["bytes"] += info.nbytes
+    missing = [n for n in expected if n not in seen]
+    kinds = cfg.layer_kinds
+    qc = cfg.quantization_config
+    scheme = None
+    if qc:
+        if qc.get("load_in_8bit"):
+            scheme = "int8"
+        elif qc.get("load_in_4bit"):
+            scheme = qc.get("bnb_4bit_quant_type", "nf4")
+        else:
+            scheme = qc.get("quant_method", "unknown")
+    return {
+        "source": str(source),
+        "revision": revision,
+        "flavour": cfg.flavour,
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "lightning_layers": kinds.count("lightning"),
+        "softmax_layers": kinds.count("softmax"),
+        "softmax_at": layer_ranges([i for i, k in enumerate(kinds) if k == "softmax"]),
+        "experts": cfg.num_local_experts,
+        "top_k": cfg.num_experts_per_tok,
+        "rotary_dim": cfg.rotary_dim,
+        "head_dim": cfg.head_dim,
+        "quantization": scheme,
+        "quantization_config": qc,
+        "shards": len(ckpt.files()),
+        "tensors": len(ckpt.weight_map),
+        "params": sum(r["params"] for r in by_role.values()),
+        "bytes": sum(r["bytes"] for r in by_role.values()),
+        "by_role": dict(by_role),
+        "by_dtype": dict(by_dtype),
+        "missing": missing,
+        "unexpected": unexpected,
+        "unreadable": unreadable,
+    }
+
+
+def render_inspect(info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['source']}: MiniMax-M1 ({info['flavour']} flavour, model_type {info['model_type']})",
+        f"  layers: {info['layers']} ({info['lightning_layers']} lightning, {info['softmax_layers']} softmax at "
+        f"{info['softmax_at']}), {info['experts']} experts top-{info['top_k']}, "
+        f"rotary {info['rotary_dim']}/{info['head_dim']}",
+        f"  quantization: {info['quantization'] or 'none'}",
+        f"  {info['tensors']} tensors in {info['shards']} shards, {human_count(info['params'])} parameters, "
+        f"{human_bytes(info['bytes'])}",
+        "  by role:",
+    ]
+    for role, r in sorted(info["by_role"].items(), key=lambda kv: -kv[1]["bytes"]):
+        lines.append(f"    {role:16s} {r['tensors']:6d} tensors {human_count(r['params']):>9} params "
+                     f"{human_bytes(r['bytes']):>10}")
+    lines.append("  by dtype:")
+    for dtype, d in sorted(info["by_dtype"].items(), key=lambda kv: -kv[1]["bytes"]):
+        lines.append(f"    {dtype:16s} {d['tensors']:6d} tensors {human_bytes(d['bytes']):>10}")
+    for key in ("missing", "unexpected", "unreadable"):
+        items = info[key]
+        if items:
+            shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+            lines.append(f"  {key}: {shown}")
+    if not (info["missing"] or info["unexpected"] or info["unreadable"]):
+        lines.append("  against the spec: complete, nothing unexpected")
+    return "\n".join(lines)

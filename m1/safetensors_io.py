@@ -1,0 +1,286 @@
+"""The safetensors file format, read and written in a streaming way.
+
+Reading parses only the header (8-byte little-endian length + JSON), so a 912 GB checkpoint is
+inspected in seconds and a tensor is read as one byte range. Writing streams tensor bytes into a
+temporary file behind a header computed from the plan, then fsyncs and renames: a shard either
+exists whole or not at all. Reading back is checked in the tests with the safetensors library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from m1.errors import CheckpointError, DiskFullError
+from m1.spec import DTYPE_BYTES
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str  # path of the shard, relative to the checkpoint root
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    file: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int  # bytes on disk (or declared by the Hub)
+
+    @property
+    def data_end(self) -> int:
+        return max((t.end for t in self.tensors.values()), default=self.data_start)
+
+
+def parse_header(raw: bytes, file: str, file_size: int) -> Header:
+    """Parse a header from the first bytes of a file (at least 8 + its declared length)."""
+    if file_size < 8 or len(raw) < 8:
+        raise CheckpointError("truncated: shorter than the 8-byte header length", file=file, hint="re-download it")
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > file_size:
+        raise CheckpointError(f"corrupt header: declares {n} header bytes in a {file_size}-byte file", file=file,
+                              hint="the file is truncated or not safetensors; re-download it")
+    if len(raw) < 8 + n:
+        raise CheckpointError("truncated header", file=file, hint="re-download it")
+    try:
+        obj = json.loads(raw[8 : 8 + n].decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"corrupt header: not valid JSON ({exc})", file=file, hint="re-download it") from None
+    metadata = obj.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in obj.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError("corrupt header entry", file=file, tensor=name, hint="re-download it") from None
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"unknown dtype {dtype!r}", file=file, tensor=name)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * DTYPE_BYTES[dtype] or begin < 0:
+            raise CheckpointError(f"corrupt header: offsets {begin}..{end} do not fit {dtype}{list(shape)}",
+                                  file=file, tensor=name, hint="re-download it")
+        tensors[name] = TensorInfo(name, dtype, shape, file, data_start + begin, data_start + end)
+    header = Header(file, tensors, metadata, data_start, file_size)
+    if header.data_end > file_size:
+        raise CheckpointError(
+            f"truncated: data ends at byte {header.data_end} but the file has {file_size}", file=file,
+            tensor=max(tensors.values(), key=lambda t: t.end).name, hint="re-download or re-convert this shard",
+        )
+    return header
+
+
+def read_header(path: Path, display: str | None = None) -> Header:
+    display = display or str(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                head += f.read(min(n, MAX_HEADER_BYTES))
+    except FileNotFoundError:
+        raise CheckpointError("missing shard", file=display, hint="download it again, or run `m1 pull`") from None
+    return parse_header(head, display, size)
+
+
+def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None,
+                  min_length: int = 0) -> bytes:
+    """Header bytes (length prefix included) for (name, dtype, shape, nbytes) in data order."""
+    obj: dict[str, object] = {}
+    if metadata:
+        obj["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    length = max(len(body), min_length)
+    length += -length % 8  # safetensors pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", length) + body.ljust(length, b" ")
+
+
+@dataclass
+class Produced:
+    """What a producer yields for one planned tensor: its final dtype/shape and its bytes in chunks."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: Iterable[memoryview | bytes]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a CPU tensor (contiguous copy only if needed)."""
+    t = t.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG
+
+
+def write_shard(
+    path: Path,
+    planned: list[tuple[str, str, tuple[int, ...], int, bool]],
+    produce: Callable[[str], Produced],
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[str, int]:
+    """Write one shard atomically; returns (sha256, size).
+
+    `planned` is (name, dtype, shape, nbytes, exact) in data order. When every size is exact the header
+    is written first and the hash is computed while streaming. Otherwise (quantized tensors whose small
+    JSON state is only known after quantizing) header space is reserved, the header is filled in at the
+    end (padded with spaces, as the format allows) and the file is hashed once more.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    exact = all(p[4] for p in planned)
+    sha = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            if exact:
+                header = encode_header([(n, d, s, b) for n, d, s, b, _ in planned], metadata)
+                f.write(header)
+                sha.update(header)
+            else:
+                guess = encode_header([(n, d, s, b) for n, d, s, b, _ in planned], metadata)
+                reserve = len(guess) - 8 + 256 * len(planned)
+                f.write(b"\0" * (8 + reserve))
+            actual: list[tuple[str, str, tuple[int, ...], int]] = []
+            for name, dtype, shape, nbytes, is_exact in planned:
+                out = produce(name)
+                written = 0
+                for chunk in out.chunks:
+                    f.write(chunk)
+                    if exact:
+                        sha.update(chunk)
+                    written += len(chunk)
+                    if on_bytes:
+                        on_bytes(len(chunk))
+                if is_exact and (written != nbytes or out.dtype != dtype or tuple(out.shape) != tuple(shape)):
+                    raise CheckpointError(
+                        f"produced {out.dtype}{list(out.shape)} ({written} bytes), planned {dtype}{list(shape)} "
+                        f"({nbytes} bytes)", file=path.name, tensor=name, hint="this is a bug in m1; please report it")
+                actual.append((name, out.dtype, tuple(out.shape), written))
+            if not exact:
+                header = encode_header(actual, metadata, min_length=reserve)
+                if len(header) != 8 + reserve:
+                    raise CheckpointError("reserved header space too small", file=path.name,
+                                          hint="this is a bug in m1; please report it")
+                f.seek(0)
+                f.write(header)
+            f.flush()
+            os.fsync(f.fileno())
+        if not exact:
+            sha = file_sha256(tmp)
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise DiskFullError("disk full while writing", file=str(path),
+                                hint="free space, then run the same command with --resume") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return sha.hexdigest(), size
+
+
+def file_sha256(path: Path, chunk: int = 16 << 20) -> hashlib._Hash:
+    sha = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            sha.update(view[:n])
+    return sha
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Small files (config, index, manifest): temporary name, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise DiskFullError("disk full while writing", file=str(path),
+                                hint="free space, then run the same command with --resume") from None
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())

@@ -1,0 +1,52 @@
+"""`m1 verify ...`: the command group; each check lives in its own module."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from m1.cli_options import JsonOpt, QuietOpt, RevisionOpt, print_json
+
+verify_app = typer.Typer(help="Check checkpoints: integrity, agreement, perplexity.", no_args_is_help=True)
+
+
+@verify_app.command("integrity")
+def integrity_cmd(
+    source: Annotated[str, typer.Argument(help="Checkpoint folder (or Hub repo id: headers only).")],
+    deep: Annotated[bool, typer.Option("--deep", help="Also read every tensor and check it is finite.")] = False,
+    no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the manifest sha256 check.")] = False,
+    revision: RevisionOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Index against shard headers, inventory against the M1 spec, manifest sha256; --deep: every tensor finite.
+
+    Exit 0 when sound, 1 with a list of findings, 2 on usage errors.
+    Example: m1 verify integrity out-hf/ --deep --json
+    """
+    from verify.integrity import check_integrity
+
+    report = check_integrity(source, deep=deep, check_hashes=not no_hash, revision=revision,
+                             show_progress=not quiet and not json_out)
+    if json_out:
+        print_json(report.to_json())
+    else:
+        for finding in report.findings:
+            typer.echo(finding.line())
+        stats = report.stats
+        verdict = "sound" if report.ok else f"{len(report.findings)} findings"
+        typer.echo(f"{source}: {verdict} ({stats.get('tensors', '?')} tensors in {stats.get('shards', '?')} shards"
+                   f"{', deep' if deep else ''})")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    for module in ("verify.metrics_cli",):  # more verify commands register on verify_app when they exist
+        try:
+            __import__(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    app.add_typer(verify_app, name="verify")

@@ -1,0 +1,248 @@
+"""`m1 verify integrity`: is this checkpoint whole and is it an M1?
+
+Checks, all from headers unless asked for more: the index against the shard headers (every name where
+the index says, no extras, total_size), the inventory against the spec (missing, unexpected, shape,
+dtype), the manifest's sha256 and sizes, and with `--deep` that every float tensor is finite.
+Findings are collected, not raised, so one run lists everything that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m1.checkpoint import Checkpoint
+from m1.errors import M1Error, UsageError
+from m1.safetensors_io import FLOAT_DTYPES, TORCH_DTYPES, Header, file_sha256
+from m1.spec import Role, TensorSpec, classify, inventory
+from m1.writer import read_manifest
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str  # missing-shard, corrupt-shard, missing-tensor, unexpected-tensor, shape, dtype, not-finite, ...
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+
+    def line(self) -> str:
+        where = ", ".join(p for p in (self.file and f"file {self.file}", self.tensor and f"tensor {self.tensor}") if p)
+        return f"[{self.code}] {where + ': ' if where else ''}{self.message}"
+
+
+@dataclass
+class IntegrityReport:
+    source: str
+    findings: list[Finding] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def add(self, code: str, message: str, file: str | None = None, tensor: str | None = None) -> None:
+        self.findings.append(Finding(code, message, file, tensor))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "ok": self.ok, "stats": self.stats,
+                "findings": [asdict(f) for f in self.findings]}
+
+
+def expected_quantized(ckpt: Checkpoint, spec: TensorSpec) -> dict[str, tuple[str, tuple[int, ...] | None]] | None:
+    """For a quantized checkpoint: the tensors that stand for `spec` (name -> dtype, shape or None)."""
+    qconfig = ckpt.config.quantization_config
+    if qconfig is None:
+        return None
+    from quantize.codec import expected_tensors
+
+    return expected_tensors(qconfig, spec, ckpt.weight_map)
+
+
+def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, revision: str | None = None,
+                    show_progress: bool = False) -> IntegrityReport:
+    report = IntegrityReport(source)
+    try:
+        ckpt = Checkpoint.open(source, revision=revision)
+    except UsageError:
+        raise
+    except M1Error as exc:
+        report.add("unreadable", exc.message, exc.file, exc.tensor)
+        return report
+
+    headers = _check_shards(ckpt, report)
+    _check_index(ckpt, headers, report)
+    _check_spec(ckpt, headers, report)
+    if check_hashes and not ckpt.remote:
+        _check_manifest(Path(ckpt.root), report)
+    if deep:
+        _check_finite(ckpt, headers, report, show_progress)
+    report.stats.update(
+        tensors=len(ckpt.weight_map), shards=len(ckpt.files()),
+        bytes=sum(t.nbytes for h in headers.values() for t in h.tensors.values()),
+        flavour=ckpt.config.flavour, layers=ckpt.config.num_hidden_layers,
+    )
+    return report
+
+
+def _check_shards(ckpt: Checkpoint, report: IntegrityReport) -> dict[str, Header]:
+    headers: dict[str, Header] = {}
+    for file in ckpt.files():
+        try:
+            headers[file] = ckpt.header(file)
+        except M1Error as exc:
+            code = "missing-shard" if "missing" in exc.message else "corrupt-shard"
+            report.add(code, exc.message + (f" ({exc.hint})" if exc.hint else ""), file, exc.tensor)
+    return headers
+
+
+def _check_index(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport) -> None:
+    for name, file in ckpt.weight_map.items():
+        header = headers.get(file)
+        if header is not None and name not in header.tensors:
+            report.add("index-mismatch", "the index names this tensor but the shard lacks it", file, name)
+    for file, header in headers.items():
+        for name in header.tensors:
+            if ckpt.weight_map.get(name) != file:
+                where = ckpt.weight_map.get(name)
+                message = (f"the shard holds this tensor but the index maps it to {where}" if where
+                           else "the shard holds a tensor the index lacks")
+                report.add("index-mismatch", message, file, name)
+    total = ckpt.index_metadata.get("total_size")
+    if total is not None and len(headers) == len(ckpt.files()):
+        actual = sum(t.nbytes for h in headers.values() for t in h.tensors.values())
+        if int(total) != actual:
+            report.add("total-size", f"index total_size {total} but the shards hold {actual} bytes of tensors",
+                       ckpt.index_file)
+
+
+def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport) -> None:
+    cfg = ckpt.config
+    expected = {t.name: t for t in inventory(cfg)}
+    present: dict[str, Any] = {}
+    for h in headers.values():
+        present.update(h.tensors)
+    names = set(ckpt.weight_map) | set(present)
+    covered: set[str] = set()
+    float_dtypes: Counter[str] = Counter()
+    quantized_groups: dict[str, dict[str, tuple[str, tuple[int, ...] | None]]] = {}
+    for name in sorted(names):
+        file = ckpt.weight_map.get(name) or next((f for f, h in headers.items() if name in h.tensors), None)
+        try:
+            c = classify(name, file)
+        except M1Error as exc:
+            report.add("unknown-tensor", exc.message, file, name)
+            continue
+        spec = expected.get(c.weight_name)
+        if spec is None:
+            report.add("unexpected-tensor", "not part of this config's M1 (layer or expert out of range, "
+                       "or the wrong attention kind for this layer)", file, name)
+            continue
+        if c.companion is not None or (cfg.quantization_config and spec.role == Role.EXPERT):
+            group = quantized_groups.get(spec.name)
+            if group is None:
+                group = expected_quantized(ckpt, spec) or {}
+                quantized_groups[spec.name] = group
+            if name not in group:
+                if c.companion is not None and cfg.quantization_config is None:
+                    report.add("unexpected-tensor", f"bitsandbytes {c.companion} but config.json has no "
+                               "quantization_config", file, name)
+                elif group:
+                    report.add("unexpected-tensor", "not part of this quantization scheme", file, name)
+                else:
+                    covered.add(spec.name)  # weight kept unquantized (e.g. --keep)
+                    _check_plain(spec, present.get(name), file, report, float_dtypes)
+                continue
+            covered.add(spec.name)
+            info = present.get(name)
+            dtype, shape = group[name]
+            if info is not None and info.dtype != dtype:
+                report.add("dtype", f"dtype {info.dtype}, the scheme stores {dtype}", file, name)
+            if info is not None and shape is not None and tuple(info.shape) != tuple(shape):
+                report.add("shape", f"shape {list(info.shape)}, expected {list(shape)}", file, name)
+            continue
+        covered.add(spec.name)
+        _check_plain(spec, present.get(name), file, report, float_dtypes)
+    for spec in expected.values():
+        if spec.name not in covered:
+            report.add("missing-tensor", f"the spec expects {spec.dtype}{list(spec.shape)} ({spec.role.value})",
+                       None, spec.name)
+    for weight, group in quantized_groups.items():
+        for name in group:
+            if name not in names and weight in covered:
+                report.add("missing-tensor", "a quantized weight lacks this bitsandbytes tensor", None, name)
+    # One float dtype for the whole checkpoint (the router may stay fp32): a stray dtype is damage.
+    if float_dtypes:
+        main_dtype, _ = float_dtypes.most_common(1)[0]
+        report.stats["dtype"] = main_dtype
+        for name, info in present.items():
+            try:
+                c = classify(name)
+            except M1Error:
+                continue
+            if c.companion or c.rule.role == Role.ROUTER or info.dtype not in FLOAT_DTYPES:
+                continue
+            if cfg.quantization_config and c.rule.role == Role.EXPERT:
+                continue
+            if info.dtype != main_dtype:
+                report.add("dtype", f"dtype {info.dtype} where the rest of the checkpoint is {main_dtype}",
+                           info.file, name)
+
+
+def _check_plain(spec: TensorSpec, info: Any, file: str | None, report: IntegrityReport,
+                 float_dtypes: Counter[str]) -> None:
+    if info is None:
+        return  # index-mismatch or missing-shard already reported
+    if tuple(info.shape) != spec.shape:
+        report.add("shape", f"shape {list(info.shape)}, the config implies {list(spec.shape)}", file, spec.name)
+    if info.dtype not in FLOAT_DTYPES:
+        report.add("dtype", f"dtype {info.dtype}, expected a float dtype (release: {spec.dtype})", file, spec.name)
+    elif spec.role != Role.ROUTER:
+        float_dtypes[info.dtype] += 1
+
+
+def _check_manifest(root: Path, report: IntegrityReport) -> None:
+    try:
+        manifest = read_manifest(root)
+    except M1Error as exc:
+        report.add("manifest", exc.message, exc.file)
+        return
+    if manifest is None:
+        report.stats["manifest"] = False
+        return
+    report.stats["manifest"] = True
+    for file, record in manifest.get("shards", {}).items():
+        path = root / file
+        if not path.exists():
+            report.add("missing-shard", "listed in the manifest but not on disk", file)
+            continue
+        if path.stat().st_size != record.get("size"):
+            report.add("sha256", f"size {path.stat().st_size}, the manifest recorded {record.get('size')}", file)
+            continue
+        if file_sha256(path).hexdigest() != record.get("sha256"):
+            report.add("sha256", "sha256 differs from the manifest: the file changed after it was written", file)
+
+
+def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport, show_progress: bool) -> None:
+    from m1.progress import byte_progress
+
+    infos = [t for h in headers.values() for t in h.tensors.values() if t.dtype in FLOAT_DTYPES]
+    with byte_progress(sum(t.nbytes for t in infos), "deep check", show_progress) as advance:
+        for info in infos:
+            dtype = TORCH_DTYPES[info.dtype]
+            bad = 0
+            for _, chunk in ckpt.iter_chunks(info.name, 32 << 20):
+                values = torch.frombuffer(chunk, dtype=dtype) if len(chunk) else torch.empty(0)
+                bad += int((~torch.isfinite(values)).sum())
+                advance(len(chunk))
+            if bad:
+                report.add("not-finite", f"{bad} NaN/Inf values", info.file, info.name)
+
+
+def dump_json(report: IntegrityReport) -> str:
+    return json.dumps(report.to_json(), indent=2)
+
