@@ -1,0 +1,33 @@
+# Two entry points (see README): `make demo` runs the main job end to end on the bundled tiny M1,
+# `make test` runs the tests. Both set up .venv first; torch 2.13.0 goes in before the project so pip
+# never pulls a multi-GB CUDA build on a CPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo
+
+.PHONY: setup demo test bench lint clean
+
+$(BIN)/m1: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(BIN)/m1
+
+setup: $(BIN)/m1
+
+demo: setup
+	bash scripts/demo.sh $(DEMO)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

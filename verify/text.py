@@ -1,0 +1,122 @@
+"""Evaluation text: the bundled MR-NIAH corpus, a text file, or pre-tokenized ids; and the windows.
+
+Tokenizer: the checkpoint's `tokenizer.json` via the `tokenizers` package; a byte-level tokenizer for
+the tiny models (their tokenizer_config.json says `m1_byte_level`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from m1.errors import UsageError
+
+CORPORA = {
+    "mr-niah": "mr-niah-en-2048.jsonl",
+    "mr-niah-10240": "mr-niah-en-10240.jsonl",
+}
+
+
+def corpus_dir() -> Path:
+    """The bundled corpus: in the source tree (tests/data/corpus), or installed package data."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here / "tests" / "data" / "corpus", here / "m1" / "data" / "corpus"):
+        if candidate.is_dir():
+            return candidate
+    raise UsageError("the bundled corpus is not available in this installation", hint="pass --text FILE")
+
+
+def corpus_text(name: str, holdout: bool = True) -> str:
+    """The dialogue text of a bundled corpus; holdout=True gives the last 10% (never used in training)."""
+    if name not in CORPORA:
+        raise UsageError(f"unknown corpus {name!r}", hint=f"choose one of {', '.join(CORPORA)}")
+    lines = (corpus_dir() / CORPORA[name]).read_text(encoding="utf-8").splitlines()
+    text = "\n\n".join(
+        m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"] if m.get("content")
+    )
+    cut = int(len(text) * 0.9)
+    return text[cut:] if holdout else text[:cut]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255 (the tiny models' vocabulary)."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class HFTokenizer:
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+
+def load_tokenizer(checkpoint_dir: str | Path) -> ByteTokenizer | HFTokenizer:
+    root = Path(checkpoint_dir)
+    config = root / "tokenizer_config.json"
+    if config.exists():
+        try:
+            if json.loads(config.read_text()).get("m1_byte_level"):
+                return ByteTokenizer()
+        except ValueError:
+            pass
+    if (root / "tokenizer.json").exists():
+        return HFTokenizer(root / "tokenizer.json")
+    raise UsageError("no tokenizer.json (and not a byte-level tiny model)", file=str(root),
+                     hint="pass --token-ids FILE with pre-tokenized ids")
+
+
+def load_token_ids(path: str | Path) -> list[int]:
+    """A JSON list of ints or a .npy array of ids."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            ids = np.load(path, allow_pickle=False).reshape(-1).tolist()
+        else:
+            ids = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read token ids ({exc})", file=str(path),
+                         hint="give a JSON list of ints or a .npy array") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise UsageError("token ids must be non-negative integers", file=str(path))
+    return ids
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Non-overlapping windows of `ctx` tokens; `first_scored` positions of each are context only."""
+
+    tokens: torch.Tensor  # [n_windows, ctx] int64
+    first_scored: int
+
+    @property
+    def scored_per_window(self) -> int:
+        return self.tokens.shape[1] - 1 - self.first_scored
+
+    def targets(self) -> torch.Tensor:
+        """The next-token ids of every scored position, flattened window by window."""
+        return self.tokens[:, self.first_scored + 1 :].reshape(-1)
+
+
+def make_windows(ids: list[int], ctx: int, max_tokens: int | None, second_half: bool = False) -> Windows:
+    """Split into whole windows; `second_half` scores only the second half (llama.cpp's convention)."""
+    if ctx < 2:
+        raise UsageError(f"--ctx must be at least 2, got {ctx}")
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // ctx
+    if n == 0:
+        raise UsageError(f"the text has {len(ids)} tokens, fewer than one window of --ctx {ctx}",
+                         hint="lower --ctx or give more text")
+    tokens = torch.tensor(ids[: n * ctx], dtype=torch.int64).reshape(n, ctx)
+    return Windows(tokens, ctx // 2 if second_half else 0)
