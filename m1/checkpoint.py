@@ -134,8 +134,8 @@ class Checkpoint:
             if file.endswith(".bin"):
                 tensors = _load_bin(self.local_path(file))
                 self._bin[file] = tensors
-                infos = {n: TensorInfo(n, _dtype_name(t, file, n), tuple(t.shape), file, 0, t.numel() * t.element_size())
-                         for n, t in tensors.items()}
+                infos = {n: TensorInfo(n, _dtype_name(t, file, n), tuple(t.shape), file, 0,
+                                       t.numel() * t.element_size()) for n, t in tensors.items()}
                 self._headers[file] = Header(file, infos, {}, 0, 0)
             else:
                 self._headers[file] = read_header(self.local_path(file), f"{self.root}/{file}")

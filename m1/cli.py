@@ -37,10 +37,8 @@ def _register() -> None:
     register_convert(app)
     register_quantize(app)
     register_verify(app)
-    try:
-        from m1.hub_cli import register as register_hub
-    except ImportError:  # the Hub commands need nothing beyond huggingface_hub, but stay optional
-        return
+    from m1.hub_cli import register as register_hub
+
     register_hub(app)
 
 

@@ -23,7 +23,11 @@ Flavour = Literal["release", "hf"]
 LayerKind = Literal["lightning", "softmax"]
 
 RELEASE_MODEL_TYPES = {
-    "minimax_m1": ("MiniMaxM1ForCausalLM", "configuration_minimax_m1.MiniMaxM1Config", "modeling_minimax_m1.MiniMaxM1ForCausalLM"),
+    "minimax_m1": (
+        "MiniMaxM1ForCausalLM",
+        "configuration_minimax_m1.MiniMaxM1Config",
+        "modeling_minimax_m1.MiniMaxM1ForCausalLM",
+    ),
     "minimax_text_01": (
         "MiniMaxText01ForCausalLM",
         "configuration_minimax_text_01.MiniMaxText01Config",
@@ -164,7 +168,8 @@ class M1Config:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads", file=source)
         rotary_dim = raw.get("rotary_dim", head_dim)
         if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim > head_dim or rotary_dim % 2:
-            raise ConfigError(f"rotary_dim must be an even integer in 2..head_dim={head_dim}, got {rotary_dim!r}", file=source)
+            raise ConfigError(f"rotary_dim must be an even integer in 2..head_dim={head_dim}, got {rotary_dim!r}",
+                              file=source)
         if raw["num_experts_per_tok"] > raw["num_local_experts"]:
             raise ConfigError("num_experts_per_tok exceeds num_local_experts", file=source)
 
@@ -201,7 +206,9 @@ class M1Config:
         """The config.json for `flavour` (default: the one it was read as), unknown keys preserved."""
         flavour = flavour or self.flavour
         out = copy.deepcopy(self.raw)
-        for key in ("attn_type_list", "layer_types", "auto_map", "block_size", *NORM_FACTOR_KEYS, *NORM_FACTOR_KEYS.values()):
+        flavour_keys = ("attn_type_list", "layer_types", "auto_map", "block_size", *NORM_FACTOR_KEYS,
+                        *NORM_FACTOR_KEYS.values())
+        for key in flavour_keys:
             out.pop(key, None)
         factors = {
             "layernorm_full_attention_alpha": self.full_attn_alpha,
@@ -220,10 +227,14 @@ class M1Config:
             out["attn_type_list"] = [0 if k == "lightning" else 1 for k in self.layer_kinds]
             out.update(factors)
             out["postnorm"] = self.postnorm
+            if self.block_size != 256:  # the release code's default; keep any other value (make-tiny uses 16)
+                out["block_size"] = self.block_size
         else:
             out["model_type"] = HF_MODEL_TYPE
             out["architectures"] = [HF_ARCHITECTURE]
-            out["layer_types"] = ["linear_attention" if k == "lightning" else "full_attention" for k in self.layer_kinds]
+            out["layer_types"] = [
+                "linear_attention" if k == "lightning" else "full_attention" for k in self.layer_kinds
+            ]
             out.update({NORM_FACTOR_KEYS[k]: v for k, v in factors.items()})
             out["block_size"] = self.block_size
             out["postnorm"] = self.postnorm

@@ -69,7 +69,7 @@ def open_remote(repo_id: str, revision: str | None = None):  # -> Checkpoint
     meta = _call(repo_id, revision, lambda: api.get_safetensors_metadata(repo_id, revision=revision))
     index_file = "model.safetensors.index.json" if meta.sharded else None
     weight_map = dict(meta.weight_map)
-    for tensor, file in weight_map.items():
+    for file in weight_map.values():
         safe_relative(file, f"{repo_id}/{index_file}")
     index_meta: dict = {}
     if index_file:

@@ -228,7 +228,8 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except ValueError:
-        raise CheckpointError("manifest is not valid JSON", file=str(path), hint="delete it or re-run the job") from None
+        raise CheckpointError("manifest is not valid JSON", file=str(path),
+                              hint="delete it or re-run the job") from None
 
 
 def iter_plan_lines(plan: WritePlan) -> Iterable[str]:

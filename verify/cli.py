@@ -16,6 +16,9 @@ def integrity_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder (or Hub repo id: headers only).")],
     deep: Annotated[bool, typer.Option("--deep", help="Also read every tensor and check it is finite.")] = False,
     no_hash: Annotated[bool, typer.Option("--no-hash", help="Skip the manifest sha256 check.")] = False,
+    layers: Annotated[
+        str | None, typer.Option("--layers", help="Only these layers, e.g. 0-3,79 (a folder from m1 pull --layers).")
+    ] = None,
     revision: RevisionOpt = None,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -25,10 +28,17 @@ def integrity_cmd(
     Exit 0 when sound, 1 with a list of findings, 2 on usage errors.
     Example: m1 verify integrity out-hf/ --deep --json
     """
+    from m1.hub import parse_layers
     from verify.integrity import check_integrity
 
     report = check_integrity(source, deep=deep, check_hashes=not no_hash, revision=revision,
-                             show_progress=not quiet and not json_out)
+                             show_progress=not quiet and not json_out,
+                             layers=parse_layers(layers) if layers else None)
+    print_report(report, source, deep, json_out)
+
+
+def print_report(report, source: str, deep: bool, json_out: bool) -> None:  # noqa: ANN001
+    """Findings one per line (or JSON), a verdict line, and exit 1 when there are findings."""
     if json_out:
         print_json(report.to_json())
     else:
@@ -43,7 +53,7 @@ def integrity_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    for module in ("verify.metrics_cli",):  # more verify commands register on verify_app when they exist
+    for module in ("verify.metrics_cli", "m1.hub_cli"):  # more verify commands register on verify_app when they exist
         try:
             __import__(module)
         except ModuleNotFoundError as exc:

@@ -64,7 +64,9 @@ def expected_quantized(ckpt: Checkpoint, spec: TensorSpec) -> dict[str, tuple[st
 
 
 def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, revision: str | None = None,
-                    show_progress: bool = False) -> IntegrityReport:
+                    show_progress: bool = False, layers: list[int] | None = None) -> IntegrityReport:
+    """All checks on a local folder (or a Hub repo id, headers only). `layers`: only those layers' tensors
+    and the shards that hold them (a partial download made by `m1 pull --layers`)."""
     report = IntegrityReport(source)
     try:
         ckpt = Checkpoint.open(source, revision=revision)
@@ -73,20 +75,44 @@ def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, 
     except M1Error as exc:
         report.add("unreadable", exc.message, exc.file, exc.tensor)
         return report
-
-    headers = _check_shards(ckpt, report)
-    _check_index(ckpt, headers, report)
-    _check_spec(ckpt, headers, report)
-    if check_hashes and not ckpt.remote:
+    headers = check_checkpoint(ckpt, report, layers)
+    if check_hashes and not ckpt.remote and layers is None:
         _check_manifest(Path(ckpt.root), report)
     if deep:
-        _check_finite(ckpt, headers, report, show_progress)
+        _check_finite(ckpt, headers, report, show_progress, layers)
+    return report
+
+
+def check_checkpoint(ckpt: Checkpoint, report: IntegrityReport, layers: list[int] | None = None) -> dict[str, Header]:
+    """Shards, index and spec checks from headers; returns the headers that could be read."""
+    if layers is not None:
+        ckpt = _restrict(ckpt, layers, report)
+    headers = _check_shards(ckpt, report)
+    _check_index(ckpt, headers, report, partial=layers is not None)
+    _check_spec(ckpt, headers, report, layers)
     report.stats.update(
         tensors=len(ckpt.weight_map), shards=len(ckpt.files()),
         bytes=sum(t.nbytes for h in headers.values() for t in h.tensors.values()),
         flavour=ckpt.config.flavour, layers=ckpt.config.num_hidden_layers,
     )
-    return report
+    return headers
+
+
+def _restrict(ckpt: Checkpoint, layers: list[int], report: IntegrityReport) -> Checkpoint:
+    import dataclasses
+
+    wanted = set(layers)
+    keep = {}
+    for name, file in ckpt.weight_map.items():
+        try:
+            layer = classify(name, file).layer
+        except M1Error as exc:
+            report.add("unknown-tensor", exc.message, file, name)
+            continue
+        if layer in wanted:
+            keep[name] = file
+    report.stats["checked_layers"] = sorted(wanted)
+    return dataclasses.replace(ckpt, weight_map=keep, _headers=ckpt._headers)
 
 
 def _check_shards(ckpt: Checkpoint, report: IntegrityReport) -> dict[str, Header]:
@@ -100,32 +126,35 @@ def _check_shards(ckpt: Checkpoint, report: IntegrityReport) -> dict[str, Header
     return headers
 
 
-def _check_index(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport) -> None:
+def _check_index(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport, partial: bool = False) -> None:
     for name, file in ckpt.weight_map.items():
         header = headers.get(file)
         if header is not None and name not in header.tensors:
             report.add("index-mismatch", "the index names this tensor but the shard lacks it", file, name)
     for file, header in headers.items():
         for name in header.tensors:
+            if partial and name not in ckpt.weight_map:
+                continue  # another layer's tensor in a shared shard
             if ckpt.weight_map.get(name) != file:
                 where = ckpt.weight_map.get(name)
                 message = (f"the shard holds this tensor but the index maps it to {where}" if where
                            else "the shard holds a tensor the index lacks")
                 report.add("index-mismatch", message, file, name)
     total = ckpt.index_metadata.get("total_size")
-    if total is not None and len(headers) == len(ckpt.files()):
+    if total is not None and not partial and len(headers) == len(ckpt.files()):
         actual = sum(t.nbytes for h in headers.values() for t in h.tensors.values())
         if int(total) != actual:
             report.add("total-size", f"index total_size {total} but the shards hold {actual} bytes of tensors",
                        ckpt.index_file)
 
 
-def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport) -> None:
+def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport,
+                layers: list[int] | None = None) -> None:
     cfg = ckpt.config
-    expected = {t.name: t for t in inventory(cfg)}
+    expected = {t.name: t for t in inventory(cfg) if layers is None or t.layer in layers}
     present: dict[str, Any] = {}
     for h in headers.values():
-        present.update(h.tensors)
+        present.update(h.tensors if layers is None else {n: t for n, t in h.tensors.items() if n in ckpt.weight_map})
     names = set(ckpt.weight_map) | set(present)
     covered: set[str] = set()
     float_dtypes: Counter[str] = Counter()
@@ -227,10 +256,12 @@ def _check_manifest(root: Path, report: IntegrityReport) -> None:
             report.add("sha256", "sha256 differs from the manifest: the file changed after it was written", file)
 
 
-def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport, show_progress: bool) -> None:
+def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport, show_progress: bool,
+                  layers: list[int] | None = None) -> None:
     from m1.progress import byte_progress
 
-    infos = [t for h in headers.values() for t in h.tensors.values() if t.dtype in FLOAT_DTYPES]
+    infos = [t for h in headers.values() for t in h.tensors.values() if t.dtype in FLOAT_DTYPES
+             and (layers is None or _layer_of(t.name) in layers)]
     with byte_progress(sum(t.nbytes for t in infos), "deep check", show_progress) as advance:
         for info in infos:
             dtype = TORCH_DTYPES[info.dtype]
@@ -246,3 +277,9 @@ def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: Integrit
 def dump_json(report: IntegrityReport) -> str:
     return json.dumps(report.to_json(), indent=2)
 
+
+def _layer_of(name: str) -> int | None:
+    try:
+        return classify(name).layer
+    except M1Error:
+        return None
