@@ -257,20 +257,23 @@ def _expected_hashes(api: Any, repo_id: str, revision: str | None, against: Path
     if against is not None:
         if not against.is_dir():
             raise UsageError("--against must be a local checkpoint folder", file=str(against))
-        manifest = read_manifest(against)
-        if manifest:
-            return {f: r["sha256"] for f, r in manifest.get("shards", {}).items()}
-        shards = [f for f in remote if f.endswith((".safetensors", ".bin")) and (against / f).exists()]
-        if not shards:
+        # Local files are hashed (the real check); a shard not on disk is taken from the local manifest.
+        recorded = {f: r["sha256"] for f, r in ((read_manifest(against) or {}).get("shards", {})).items()}
+        shards = [f for f in remote if f.endswith((".safetensors", ".bin"))]
+        out = {f: file_sha256(against / f).hexdigest() for f in shards if (against / f).exists()}
+        out.update({f: sha for f, sha in recorded.items() if f not in out})
+        if not out:
             report.add("sha256", "no local shard or manifest to compare with", str(against))
-        return {f: file_sha256(against / f).hexdigest() for f in shards}
+        return out
     if MANIFEST in remote:
         from huggingface_hub import hf_hub_download
 
         with hub_errors(repo_id, revision, MANIFEST):
             path = hf_hub_download(repo_id, MANIFEST, revision=revision)
-        manifest = read_manifest(Path(path).parent) if Path(path).name == MANIFEST else None
-        if manifest is None:
+        try:
             manifest = json.loads(Path(path).read_text())
+        except ValueError:
+            report.add("manifest", "the pushed m1-manifest.json is not valid JSON", MANIFEST)
+            return {}
         return {f: r["sha256"] for f, r in manifest.get("shards", {}).items()}
     return {}
