@@ -29,12 +29,12 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHUNK_BYTES = 64 << 20
 
 
-def safe_relative(name: str, index_file: str) -> str:
+def safe_relative(name: str, index_file: str, tensor: str | None = None) -> str:
     """A weight_map file name must stay inside the checkpoint: no '..', no absolute path."""
     p = PurePosixPath(name)
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name.startswith("~"):
         raise CheckpointError(f"weight_map names the file {name!r}, which is outside the checkpoint", file=index_file,
-                              hint="refusing it; fix the index so it names files inside the folder")
+                              tensor=tensor, hint="refusing it; fix the index so it names files inside the folder")
     return name
 
 
@@ -54,6 +54,7 @@ class Checkpoint:
     _headers: dict[str, Header] = field(default_factory=dict, repr=False)
     _bin: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _local_files: dict[str, Path] = field(default_factory=dict, repr=False)
+    _remote_sizes: dict[str, int | None] = field(default_factory=dict, repr=False)
 
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -86,7 +87,7 @@ class Checkpoint:
                 for tensor, file in weight_map.items():
                     if not isinstance(file, str):
                         raise CheckpointError("weight_map value is not a file name", file=str(path), tensor=tensor)
-                    safe_relative(file, str(path))
+                    safe_relative(file, str(path), tensor)
                 return dict(weight_map), name, obj.get("metadata") or {}
         for name in SINGLE_NAMES:
             path = root / name
@@ -137,6 +138,10 @@ class Checkpoint:
                 infos = {n: TensorInfo(n, _dtype_name(t, file, n), tuple(t.shape), file, 0,
                                        t.numel() * t.element_size()) for n, t in tensors.items()}
                 self._headers[file] = Header(file, infos, {}, 0, 0)
+            elif self.remote:
+                from m1.hub_read import remote_header
+
+                self._headers[file] = remote_header(self.root, file, self.revision, self._remote_sizes.get(file))
             else:
                 self._headers[file] = read_header(self.local_path(file), f"{self.root}/{file}")
         return self._headers[file]

@@ -56,6 +56,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _warning_line
     try:
         result = app(args=list(argv) if argv is not None else None, standalone_mode=False, prog_name="m1")
+        if result == 130:  # typer turns KeyboardInterrupt into a silent exit code 130
+            print("error: interrupted; run the same command with --resume to finish", file=sys.stderr)
         return result if isinstance(result, int) else 0
     except M1Error as exc:
         if debug:

@@ -144,6 +144,8 @@ def _load_progress(dest: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
             manifest = json.loads((dest / MANIFEST).read_text())
             if manifest.get("fingerprint") == fingerprint:
                 return manifest.get("shards", {})
+            raise DestinationError("--resume with a different plan than the run that wrote this destination",
+                                   file=str(dest), hint="use the same options as before, or --overwrite to start again")
         if any(p.name.endswith(".safetensors") for p in dest.iterdir()):
             raise DestinationError("nothing to resume: no progress record from an m1 run", file=str(dest),
                                    hint="use --overwrite to replace its contents")
@@ -167,6 +169,11 @@ def execute(
     on_shard_done: Callable[[ShardPlan], None] | None = None,
 ) -> dict[str, Any]:
     """Write `plan` into `dest`; returns the manifest."""
+    if source_root is not None:  # --overwrite would delete the source, and writing into it would mix the two
+        src, out = Path(source_root).resolve(), dest.resolve()
+        if out == src or out in src.parents:
+            raise DestinationError("destination is the source checkpoint or a folder that holds it", file=str(dest),
+                                   hint="write to another folder")
     prepare_destination(dest, resume, overwrite)
     fingerprint = plan.fingerprint()
     done = _load_progress(dest, fingerprint) if resume else {}
