@@ -126,7 +126,7 @@ class Checkpoint:
             path = download_file(self.root, file, self.revision)
             self._local_files[file] = path
             # Hub headers carry offsets relative to the data section; re-read the real one.
-            self._headers[file] = read_header(path, f"{self.root}/{file}")
+            self._headers[file] = read_header(path, f"{self.root}/{file}", relative=file)
             return path
         return Path(self.root) / file
 
@@ -143,7 +143,7 @@ class Checkpoint:
 
                 self._headers[file] = remote_header(self.root, file, self.revision, self._remote_sizes.get(file))
             else:
-                self._headers[file] = read_header(self.local_path(file), f"{self.root}/{file}")
+                self._headers[file] = read_header(self.local_path(file), f"{self.root}/{file}", relative=file)
         return self._headers[file]
 
     def info(self, name: str) -> TensorInfo:
@@ -189,17 +189,17 @@ class Checkpoint:
         row_bytes = max(1, info.nbytes // info.shape[0]) if info.shape and info.shape[0] else max(1, info.nbytes)
         rows_per_chunk = max(1, chunk_bytes // row_bytes)
         step = rows_per_chunk * row_bytes
-        buf = bytearray(min(step, info.nbytes))
-        view = memoryview(buf)
         with open(self.local_path(info.file), "rb", buffering=0) as f:
             f.seek(info.start)
             done = 0
             while done < info.nbytes:
                 want = min(step, info.nbytes - done)
-                got = f.readinto(view[:want])
+                # A fresh buffer per chunk: the writer hashes and writes it on other threads.
+                buf = bytearray(want)
+                got = f.readinto(buf)
                 if got != want:
                     raise CheckpointError("truncated while reading", file=info.file, tensor=name, hint="re-download it")
-                yield done // row_bytes, view[:want]
+                yield done // row_bytes, memoryview(buf)
                 done += want
 
     def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:

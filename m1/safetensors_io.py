@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -75,8 +78,12 @@ class Header:
         return max((t.end for t in self.tensors.values()), default=self.data_start)
 
 
-def parse_header(raw: bytes, file: str, file_size: int) -> Header:
-    """Parse a header from the first bytes of a file (at least 8 + its declared length)."""
+def parse_header(raw: bytes, file: str, file_size: int, relative: str | None = None) -> Header:
+    """Parse a header from the first bytes of a file (at least 8 + its declared length).
+
+    `file` names the file in errors; `relative` (default: `file`) is the shard's path relative to the
+    checkpoint root, recorded in each TensorInfo so that the reader can open it again.
+    """
     if file_size < 8 or len(raw) < 8:
         raise CheckpointError("truncated: shorter than the 8-byte header length", file=file, hint="re-download it")
     (n,) = struct.unpack("<Q", raw[:8])
@@ -109,7 +116,7 @@ def parse_header(raw: bytes, file: str, file_size: int) -> Header:
         if end - begin != numel * DTYPE_BYTES[dtype] or begin < 0:
             raise CheckpointError(f"corrupt header: offsets {begin}..{end} do not fit {dtype}{list(shape)}",
                                   file=file, tensor=name, hint="re-download it")
-        tensors[name] = TensorInfo(name, dtype, shape, file, data_start + begin, data_start + end)
+        tensors[name] = TensorInfo(name, dtype, shape, relative or file, data_start + begin, data_start + end)
     header = Header(file, tensors, metadata, data_start, file_size)
     if header.data_end > file_size:
         raise CheckpointError(
@@ -119,7 +126,7 @@ def parse_header(raw: bytes, file: str, file_size: int) -> Header:
     return header
 
 
-def read_header(path: Path, display: str | None = None) -> Header:
+def read_header(path: Path, display: str | None = None, relative: str | None = None) -> Header:
     display = display or str(path)
     try:
         size = path.stat().st_size
@@ -130,7 +137,7 @@ def read_header(path: Path, display: str | None = None) -> Header:
                 head += f.read(min(n, MAX_HEADER_BYTES))
     except FileNotFoundError:
         raise CheckpointError("missing shard", file=display, hint="download it again, or run `m1 pull`") from None
-    return parse_header(head, display, size)
+    return parse_header(head, display, size, relative)
 
 
 def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None,
@@ -200,13 +207,12 @@ def write_shard(
                 reserve = len(guess) - 8 + 256 * len(planned)
                 f.write(b"\0" * (8 + reserve))
             actual: list[tuple[str, str, tuple[int, ...], int]] = []
+            sink = _ChunkSink(f, sha if exact else None)
             for name, dtype, shape, nbytes, is_exact in planned:
                 out = produce(name)
                 written = 0
                 for chunk in out.chunks:
-                    f.write(chunk)
-                    if exact:
-                        sha.update(chunk)
+                    sink.put(chunk)
                     written += len(chunk)
                     if on_bytes:
                         on_bytes(len(chunk))
@@ -215,6 +221,7 @@ def write_shard(
                         f"produced {out.dtype}{list(out.shape)} ({written} bytes), planned {dtype}{list(shape)} "
                         f"({nbytes} bytes)", file=path.name, tensor=name, hint="this is a bug in m1; please report it")
                 actual.append((name, out.dtype, tuple(out.shape), written))
+            sink.close()
             if not exact:
                 header = encode_header(actual, metadata, min_length=reserve)
                 if len(header) != 8 + reserve:
@@ -235,10 +242,67 @@ def write_shard(
                                 hint="free space, then run the same command with --resume") from None
         raise
     except BaseException:
+        if "sink" in locals():
+            sink.abort()
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return sha.hexdigest(), size
+
+
+class _ChunkSink:
+    """Writes and hashes chunks on two threads while the caller reads the next one.
+
+    Reading, hashing and writing then overlap (file I/O and hashlib release the GIL), which is what
+    brings a copy close to `cp`. Chunks must not be modified after `put` (readers yield fresh buffers);
+    the queues are short, so at most a few chunks are in flight.
+    """
+
+    def __init__(self, f: BinaryIO, sha: hashlib._Hash | None, depth: int = 2) -> None:
+        self._error: BaseException | None = None
+        self._queues: list[queue.Queue] = []
+        self._threads: list[threading.Thread] = []
+        self._start(f.write, depth)
+        if sha is not None:
+            self._start(sha.update, depth)
+
+    def _start(self, consume: Callable[[bytes], object], depth: int) -> None:
+        q: queue.Queue = queue.Queue(maxsize=depth)
+
+        def loop() -> None:
+            while (chunk := q.get()) is not None:
+                if self._error is None:
+                    try:
+                        consume(chunk)
+                    except BaseException as exc:  # handed to the caller at the next put/close
+                        self._error = exc
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        self._queues.append(q)
+        self._threads.append(thread)
+
+    def put(self, chunk: memoryview | bytes) -> None:
+        if self._error is not None:
+            self.close()
+        for q in self._queues:
+            q.put(chunk)
+
+    def close(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._queues = []
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def abort(self) -> None:
+        try:
+            self.close()
+        except BaseException:  # the original error is already on its way up
+            pass
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> hashlib._Hash:
