@@ -45,6 +45,22 @@ def _register() -> None:
 _register()
 
 
+def _click_flavours() -> list:
+    """click itself and the copy that typer (>= 0.2x) vendors as typer._click: their exceptions differ."""
+    mods = [click]
+    try:
+        from typer import _click as vendored
+    except ImportError:
+        return mods
+    return [*mods, vendored]
+
+
+_CLICK = _click_flavours()
+_CLICK_ERRORS = tuple(m.exceptions.ClickException for m in _CLICK)
+_CLICK_EXITS = (click.exceptions.Exit, typer.Exit)
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     print(f"warning: {message}", file=sys.stderr)
 
@@ -64,16 +80,20 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _CLICK_EXITS as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         print("error: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
+    except _CLICK_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `m1` or `m1 verify` alone: the help, already shown
+            if exc.format_message().strip():
+                print(exc.format_message())
+            return 2
         if debug:
             raise
         print(f"error: {exc.format_message()} (see m1 --help)", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2) or 2
     except KeyboardInterrupt:
         print("error: interrupted; run the same command with --resume to finish", file=sys.stderr)
         return 130

@@ -235,16 +235,13 @@ def write_shard(
             sha = file_sha256(tmp)
         size = tmp.stat().st_size
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(exc):
-            raise DiskFullError("disk full while writing", file=str(path),
-                                hint="free space, then run the same command with --resume") from None
-        raise
-    except BaseException:
-        if "sink" in locals():
+    except BaseException as exc:
+        if "sink" in locals():  # stop its threads on any error (an OSError from the producer included)
             sink.abort()
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and _is_disk_full(exc):
+            raise DiskFullError("disk full while writing", file=str(path),
+                                hint="free space, then run the same command with --resume") from None
         raise
     fsync_dir(path.parent)
     return sha.hexdigest(), size

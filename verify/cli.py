@@ -8,7 +8,10 @@ import typer
 
 from m1.cli_options import JsonOpt, QuietOpt, RevisionOpt, print_json
 
-verify_app = typer.Typer(help="Check checkpoints: integrity, agreement, perplexity.", no_args_is_help=True)
+verify_app = typer.Typer(
+    help="Check checkpoints: integrity, agreement, perplexity.\n\nExample: m1 verify integrity out-hf/ --deep",
+    no_args_is_help=True,
+)
 
 
 @verify_app.command("integrity")

@@ -122,7 +122,9 @@ def _check_shards(ckpt: Checkpoint, report: IntegrityReport) -> dict[str, Header
             headers[file] = ckpt.header(file)
         except M1Error as exc:
             code = "missing-shard" if "missing" in exc.message else "corrupt-shard"
-            report.add(code, exc.message + (f" ({exc.hint})" if exc.hint else ""), file, exc.tensor)
+            lost = [name for name, f in ckpt.weight_map.items() if f == file]
+            held = f"; the index maps {len(lost)} tensors to it, e.g. {lost[0]}" if lost and exc.tensor is None else ""
+            report.add(code, exc.message + held + (f" ({exc.hint})" if exc.hint else ""), file, exc.tensor)
     return headers
 
 
