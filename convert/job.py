@@ -18,7 +18,7 @@ import torch
 from m1.checkpoint import Checkpoint
 from m1.config import Flavour
 from m1.errors import UsageError
-from m1.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, TORCH_DTYPES, Produced, tensor_bytes
+from m1.safetensors_io import DTYPE_NAMES, FLOAT_DTYPES, TORCH_DTYPES, Produced, file_ranges, tensor_bytes
 from m1.spec import DTYPE_BYTES, QUANT_COMPANIONS, Role, classify, inventory
 from m1.writer import OutTensor, WritePlan, execute, plan_shards
 
@@ -126,6 +126,9 @@ def make_producer(ckpt: Checkpoint, plan: WritePlan, how: dict[str, tuple[str, s
         source, mode = how[name]
         out = targets[name]
         if mode == "copy":
+            info = ckpt.info(source)
+            if info.file.endswith(".safetensors"):  # byte ranges: copied in the kernel, like cp
+                return Produced(out.dtype, out.shape, file_ranges(ckpt.local_path(info.file), info.start, info.nbytes))
             return Produced(out.dtype, out.shape, (chunk for _, chunk in ckpt.iter_chunks(source)))
         if mode == "cast":
             src = TORCH_DTYPES[ckpt.info(source).dtype]

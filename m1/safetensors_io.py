@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import struct
@@ -17,7 +18,6 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -156,6 +156,67 @@ def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...], int]], meta
     return struct.pack("<Q", length) + body.ljust(length, b" ")
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes of a source file, copied in the kernel (copy_file_range, as `cp` does) and hashed via mmap."""
+
+    path: Path
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def file_ranges(path: Path, offset: int, length: int, piece: int = 256 << 20) -> list[FileRange]:
+    """A byte range in pieces, so progress moves and little is in flight."""
+    return [FileRange(path, offset + o, min(piece, length - o)) for o in range(0, length, piece)]
+
+
+def _write_all(fd: int, chunk: memoryview | bytes | FileRange) -> None:
+    if isinstance(chunk, FileRange):
+        with open(chunk.path, "rb", buffering=0) as src:
+            done = 0
+            while done < chunk.length:
+                try:
+                    n = os.copy_file_range(src.fileno(), fd, chunk.length - done, chunk.offset + done)
+                except OSError as exc:
+                    if exc.errno not in (18, 38, 22, 95):  # EXDEV, ENOSYS, EINVAL, EOPNOTSUPP: fall back
+                        raise
+                    n = 0
+                if n == 0:  # unsupported here, or a short source: plain reads show which
+                    data = os.pread(src.fileno(), min(64 << 20, chunk.length - done), chunk.offset + done)
+                    if not data:
+                        raise CheckpointError("truncated while reading", file=str(chunk.path),
+                                              hint="re-download it")
+                    _write_all(fd, data)
+                    n = len(data)
+                done += n
+        return
+    view = memoryview(chunk).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _hash_into(sha: hashlib._Hash, chunk: memoryview | bytes | FileRange) -> None:
+    if not isinstance(chunk, FileRange):
+        sha.update(chunk)
+        return
+    if chunk.length == 0:
+        return
+    start = chunk.offset - chunk.offset % mmap.ALLOCATIONGRANULARITY
+    with open(chunk.path, "rb", buffering=0) as src, \
+            mmap.mmap(src.fileno(), chunk.offset + chunk.length - start, offset=start, access=mmap.ACCESS_READ) as m:
+        m.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(m)
+        try:
+            base = chunk.offset - start
+            for o in range(0, chunk.length, 16 << 20):
+                sha.update(view[base + o : base + min(o + (16 << 20), chunk.length)])
+        finally:
+            view.release()
+
+
 @dataclass
 class Produced:
     """What a producer yields for one planned tensor: its final dtype/shape and its bytes in chunks."""
@@ -197,17 +258,18 @@ def write_shard(
     exact = all(p[4] for p in planned)
     sha = hashlib.sha256()
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", buffering=0) as f:
+            fd = f.fileno()
             if exact:
                 header = encode_header([(n, d, s, b) for n, d, s, b, _ in planned], metadata)
-                f.write(header)
+                _write_all(fd, header)
                 sha.update(header)
             else:
                 guess = encode_header([(n, d, s, b) for n, d, s, b, _ in planned], metadata)
                 reserve = len(guess) - 8 + 256 * len(planned)
-                f.write(b"\0" * (8 + reserve))
+                _write_all(fd, b"\0" * (8 + reserve))
             actual: list[tuple[str, str, tuple[int, ...], int]] = []
-            sink = _ChunkSink(f, sha if exact else None)
+            sink = _ChunkSink(fd, sha if exact else None)
             for name, dtype, shape, nbytes, is_exact in planned:
                 out = produce(name)
                 written = 0
@@ -227,10 +289,8 @@ def write_shard(
                 if len(header) != 8 + reserve:
                     raise CheckpointError("reserved header space too small", file=path.name,
                                           hint="this is a bug in m1; please report it")
-                f.seek(0)
-                f.write(header)
-            f.flush()
-            os.fsync(f.fileno())
+                os.pwrite(fd, header, 0)
+            os.fsync(fd)
         if not exact:
             sha = file_sha256(tmp)
         size = tmp.stat().st_size
@@ -255,13 +315,13 @@ class _ChunkSink:
     the queues are short, so at most a few chunks are in flight.
     """
 
-    def __init__(self, f: BinaryIO, sha: hashlib._Hash | None, depth: int = 2) -> None:
+    def __init__(self, fd: int, sha: hashlib._Hash | None, depth: int = 2) -> None:
         self._error: BaseException | None = None
         self._queues: list[queue.Queue] = []
         self._threads: list[threading.Thread] = []
-        self._start(f.write, depth)
+        self._start(lambda chunk: _write_all(fd, chunk), depth)
         if sha is not None:
-            self._start(sha.update, depth)
+            self._start(lambda chunk: _hash_into(sha, chunk), depth)
 
     def _start(self, consume: Callable[[bytes], object], depth: int) -> None:
         q: queue.Queue = queue.Queue(maxsize=depth)
@@ -279,7 +339,7 @@ class _ChunkSink:
         self._queues.append(q)
         self._threads.append(thread)
 
-    def put(self, chunk: memoryview | bytes) -> None:
+    def put(self, chunk: memoryview | bytes | FileRange) -> None:
         if self._error is not None:
             self.close()
         for q in self._queues:

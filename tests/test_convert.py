@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -439,6 +440,19 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, file_name: str, room: int = 10
         return f
 
     monkeypatch.setattr(m1.safetensors_io, "open", full_open, raising=False)
+
+    # Shards are written through file descriptors (os.write / copy_file_range): fail those too.
+    real_write_all = m1.safetensors_io._write_all
+    left = {"room": room}
+
+    def full_write_all(fd: int, chunk) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(f".{file_name}.tmp"):
+            left["room"] -= len(chunk)
+            if left["room"] < 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, chunk)
+
+    monkeypatch.setattr(m1.safetensors_io, "_write_all", full_write_all)
 
 
 @pytest.mark.parametrize("target", ["model-00002-of-{n:05d}.safetensors", "model.safetensors.index.json"])
