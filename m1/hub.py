@@ -7,16 +7,23 @@ m1 never reads, prints or stores it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m1.errors import M1Error, UsageError
-from m1.hub_read import hub_errors
+from m1.errors import CheckpointError, M1Error, UsageError
+from m1.hub_read import HubError, _call, check_repo_id, hub_errors, quiet_hub_logs, with_retries
 from m1.spec import classify
 from m1.units import human_bytes
 
-PUSH_IGNORE = [".*", "**/.*", "__pycache__/*"]
+PUSH_IGNORE = (".*", "**/.*", "__pycache__/*", "*.tmp", "*.partial")
+# Remote files that a push replaces as a whole: weights left over from an older push would not match the index.
+PUSH_DELETE = ("*.safetensors", "*.bin", "*.gguf", "*.index.json", "m1-manifest.json")
+CARD_MARKER = "<!-- m1:model-card: m1 push rewrites this file while this line is here; delete it to keep your edits -->"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 # ---- layers ---------------------------------------------------------------------------------------
@@ -41,10 +48,15 @@ def parse_layers(text: str) -> list[int]:
 
 
 def shards_for_layers(weight_map: dict[str, str], layers: list[int], with_globals: bool) -> list[str]:
+    """The files that hold any tensor of `layers` (and of the embedding, final norm and head with `with_globals`).
+    Names the spec does not know are skipped here; `m1 verify integrity` reports them."""
     wanted = set(layers)
     files = set()
     for name, file in weight_map.items():
-        layer = classify(name, file).layer
+        try:
+            layer = classify(name, file).layer
+        except M1Error:
+            continue
         if (layer is None and with_globals) or (layer is not None and layer in wanted):
             files.add(file)
     return sorted(files)
@@ -55,53 +67,124 @@ def shards_for_layers(weight_map: dict[str, str], layers: list[int], with_global
 class PullResult:
     repo_id: str
     revision: str | None
+    commit: str | None
     dest: str
     shards: list[str]
     files: list[str] = field(default_factory=list)
+    bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return self.__dict__
+        return asdict(self)
 
 
 def pull(repo_id: str, dest: Path, layers: list[int] | None = None, with_globals: bool = False,
          revision: str | None = None) -> PullResult:
-    """Download config, tokenizer, index and only the shards that hold `layers` (all when None)."""
-    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    """Download config, tokenizer, index and only the shards that hold `layers` (all when None).
+
+    Everything is read at one commit (the one `revision` names now); snapshot_download keeps its
+    resume state in `dest`, so a re-run after an interruption fetches only what is missing.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     from m1.checkpoint import INDEX_NAMES, is_extra_file, safe_relative
-    from m1.config import M1Config
+    from m1.hub_read import model_info, remote_config
 
-    api = HfApi()
-    with hub_errors(repo_id, revision):
-        files = api.list_repo_files(repo_id, revision=revision)
-        index_name = next((n for n in INDEX_NAMES if n in files), None)
-        if "config.json" not in files:
-            raise M1Error(f"{repo_id} has no config.json", hint="is this a MiniMax-M1 checkpoint repo?")
-        M1Config.from_file(hf_hub_download(repo_id, "config.json", revision=revision))
+    if dest.exists() and not dest.is_dir():
+        raise UsageError("the destination is a file", file=str(dest), hint="give a folder")
+    with quiet_hub_logs():
+        info = model_info(repo_id, revision, files_metadata=True)
+        sha = info.sha or revision
+        sizes = {s.rfilename: s.size for s in info.siblings or []}
+        files = sorted(sizes)
+        if "config.json" not in sizes:
+            raise CheckpointError(f"{repo_id} has no config.json", hint="is this a MiniMax-M1 checkpoint repo?")
+        config = remote_config(repo_id, sha, revision)
+        index_name = next((n for n in INDEX_NAMES if n in sizes), None)
+        weight_map: dict[str, str] = {}
         if index_name:
-            index_path = hf_hub_download(repo_id, index_name, revision=revision)
-            weight_map = json.loads(Path(index_path).read_text())["weight_map"]
-            for file in weight_map.values():
-                safe_relative(file, f"{repo_id}/{index_name}")
-        else:
-            weight_map = {}
+            index_path = _call(repo_id, revision, lambda: hf_hub_download(repo_id, index_name, revision=sha),
+                               index_name)
+            try:
+                weight_map = dict(json.loads(Path(index_path).read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError("not a valid index (needs a weight_map object)",
+                                      file=f"{repo_id}/{index_name}") from None
+            for tensor, file in weight_map.items():
+                if not isinstance(file, str):
+                    raise CheckpointError("weight_map value is not a file name", file=f"{repo_id}/{index_name}",
+                                          tensor=tensor)
+                safe_relative(file, f"{repo_id}/{index_name}", tensor)
         if layers is None:
-            shards = sorted(set(weight_map.values())) or [f for f in files if f.endswith((".safetensors", ".bin"))]
+            shards = sorted(set(weight_map.values())) or [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
         else:
+            n_layers = config.num_hidden_layers
+            beyond = [i for i in layers if i >= n_layers]
+            if beyond:
+                raise UsageError(f"{repo_id} has {n_layers} layers (0-{n_layers - 1}); there is no layer "
+                                 f"{','.join(map(str, beyond))}", hint="check the layer numbers")
             if not weight_map:
                 raise UsageError(f"{repo_id} is not sharded: --layers needs an index", hint="pull without --layers")
             shards = shards_for_layers(weight_map, layers, with_globals)
             if not shards:
-                raise UsageError(f"no shard of {repo_id} holds layers {layers}", hint="check the layer numbers")
+                raise CheckpointError(f"the index of {repo_id} maps no tensor of layers {layers}",
+                                      hint="m1 verify remote shows what is wrong with it")
+        missing = [f for f in shards if f not in sizes]
+        if missing:
+            raise CheckpointError(f"the index names {len(missing)} shards the repo lacks, e.g. {missing[0]}",
+                                  file=f"{repo_id}/{index_name}", hint="m1 verify remote shows all; re-upload them")
         small = ["config.json", *([index_name] if index_name else []), "m1-manifest.json",
                  *[f for f in files if "/" not in f and is_extra_file(f)]]
-        allow = sorted({f for f in small if f in files} | set(shards))
-        snapshot_download(repo_id, revision=revision, local_dir=str(dest), allow_patterns=allow)
-    return PullResult(repo_id, revision, str(dest), shards, allow)
+        allow = sorted({f for f in small if f in sizes} | set(shards))
+        with hub_errors(repo_id, revision):
+            with_retries(lambda: snapshot_download(repo_id, revision=sha, local_dir=str(dest), allow_patterns=allow),
+                         f"download of {repo_id}")
+    return PullResult(repo_id, revision, sha, str(dest), shards, allow, sum(sizes.get(f) or 0 for f in allow))
 
 
 # ---- model card -----------------------------------------------------------------------------------
-def render_card(folder: Path, repo_id: str, report: dict[str, Any] | None = None) -> str:
+def base_model_of(manifest: dict[str, Any]) -> str | None:
+    """What the folder was made from: the manifest's job.base_model, else job.source when that was a Hub repo."""
+    from m1.checkpoint import REPO_ID
+
+    job = manifest.get("job") if isinstance(manifest.get("job"), dict) else {}
+    base = job.get("base_model")
+    if isinstance(base, str) and REPO_ID.match(base):
+        return base
+    source = job.get("source")
+    # A Hub source is recorded with the commit it was read at; a local folder has no revision.
+    if isinstance(source, str) and REPO_ID.match(source) and job.get("revision"):
+        return source
+    return None
+
+
+def _num(value: Any, fmt: str, scale: float = 1.0) -> str:
+    try:
+        x = float(value) * scale
+    except (TypeError, ValueError):
+        return "" if value is None else str(value)
+    return "" if math.isnan(x) else format(x, fmt)
+
+
+def _metric_rows(report: Any) -> list[str]:
+    """Rows of the verify-compare table; tolerant of what report.json holds."""
+    candidates = report.get("candidates", []) if isinstance(report, dict) else report
+    if isinstance(candidates, dict):
+        candidates = [{"name": k, **v} if isinstance(v, dict) else {"name": k} for k, v in candidates.items()]
+    rows = []
+    for cand in candidates if isinstance(candidates, list) else []:
+        if not isinstance(cand, dict):
+            continue
+        m = cand.get("metrics") if isinstance(cand.get("metrics"), dict) else cand
+        top1 = m.get("top1")
+        rows.append(f"| {cand.get('name', cand.get('path', ''))} | {_num(m.get('tokens'), ',.0f')} "
+                    f"| {_num(m.get('ppl_ratio'), '.4f')} | {_num(m.get('kl_mean'), '.5f')} "
+                    f"| {_num(m.get('kl_p99'), '.5f')} "
+                    f"| {_num(top1, '.2f', 100 if isinstance(top1, (int, float)) and top1 <= 1 else 1)}"
+                    f"{'%' if top1 is not None else ''} |")
+    return rows
+
+
+def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
     """README.md for the repo, with huggingface_hub's ModelCard / ModelCardData."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -110,44 +193,60 @@ def render_card(folder: Path, repo_id: str, report: dict[str, Any] | None = None
 
     info = inspect_checkpoint(str(folder))
     manifest = read_manifest(folder) or {}
-    job = manifest.get("job", {})
-    base_model = job.get("base_model")
-    if not base_model and isinstance(job.get("source"), str) and not Path(job["source"]).exists() \
-            and job["source"].count("/") == 1:
-        base_model = job["source"]
-    scheme = info["quantization"]
-    tags = ["minimax-m1", "moe", "m1"]
-    if scheme:
-        tags += ["bitsandbytes", "8-bit" if scheme == "int8" else "4-bit", scheme]
+    base_model = base_model_of(manifest)
+    scheme = info.get("quantization")
+    quantized = bool(scheme)
+    tags = ["minimax-m1", "minimax", "moe", "m1"]
+    if quantized:
+        tags += ["bitsandbytes", "8-bit" if scheme == "int8" else "4-bit", str(scheme)]
     data = ModelCardData(
-        license="apache-2.0", library_name="transformers", tags=tags,
-        base_model=base_model, base_model_relation="quantized" if (scheme and base_model) else None,
-        pipeline_tag="text-generation",
+        license="apache-2.0", library_name="transformers", tags=tags, pipeline_tag="text-generation",
+        base_model=base_model, base_model_relation="quantized" if (quantized and base_model) else None,
     )
-    rows = ["| part | tensors | parameters | bytes | stored as |", "|---|---:|---:|---:|---|"]
-    quantized_roles = {"expert"} if scheme else set()
-    for role, r in sorted(info["by_role"].items(), key=lambda kv: -kv[1]["bytes"]):
-        stored = f"{scheme} (bitsandbytes)" if role in quantized_roles else "kept"
+    rows = ["| part | tensors | parameters | size | stored as |", "|---|---:|---:|---:|---|"]
+    for role, r in sorted(info.get("by_role", {}).items(), key=lambda kv: -kv[1]["bytes"]):
+        stored = f"{scheme} (bitsandbytes)" if quantized and role == "expert" else "kept"
         rows.append(f"| {role} | {r['tensors']} | {r['params']:,} | {human_bytes(r['bytes'])} | {stored} |")
+    rows.append(f"| **total** | {info['tensors']} | {sum(r['params'] for r in info.get('by_role', {}).values()):,} "
+                f"| {human_bytes(info['bytes'])} | |")
+    dtypes = ", ".join(f"{d} {human_bytes(r['bytes'])}" for d, r in sorted(info.get("by_dtype", {}).items()))
     what = (f"The MoE experts are quantized to **{scheme}** with bitsandbytes; the lightning and softmax attention, "
             "the routers (fp32), the norms, the embedding and the head are kept in their source precision."
-            if scheme else "All tensors are stored unquantized.")
+            if quantized else "No tensor is quantized: every tensor is stored in its source precision.")
+    release = info.get("flavour") == "release"
+    gguf = sorted(p.name for p in folder.glob("*.gguf"))
     load = [
         "## How to load",
         "",
-        "- transformers 4.x with the release's remote code (release flavour):",
-        "  `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)`",
-        "- transformers 5.x (experts stay quantized): `import m1; model = m1.load_pretrained(local_dir)`",
-        "- llama.cpp: convert to GGUF first; stock Q4_K_M quantizes the attention too.",
+        "```bash",
+        f"m1 pull {repo_id} local-dir/            # or only some layers: --layers 0-3,79",
+        "m1 verify integrity local-dir/ --deep",
+        "```",
+        "",
+        *(["- **transformers 4.x** with the release's remote code: "
+            "`AutoModelForCausalLM.from_pretrained(local_dir, trust_remote_code=True)`",
+            "- **transformers' built-in MiniMax**: `m1 convert local-dir/ hf-dir/ --to hf` first"]
+          if release else
+          ["- **transformers** (built-in MiniMax): `AutoModelForCausalLM.from_pretrained(local_dir)`",
+           "- **transformers 4.x with the release's remote code**: `m1 convert local-dir/ release-dir/ --to release` "
+           "first"]),
+        *(["- **m1** (transformers 5.x, the experts stay quantized): "
+           "`import m1; model = m1.load_pretrained(local_dir)`"] if quantized else []),
+        f"- **llama.cpp**: `llama-cli -m {gguf[0]}`" if gguf else
+        "- **llama.cpp** reads GGUF files, not these safetensors; a stock Q4_K_M GGUF would also quantize the "
+        "attention, which this checkpoint keeps.",
     ]
     lines = [
-        f"# {repo_id}",
+        CARD_MARKER,
         "",
-        f"MiniMax-M1 checkpoint made with [m1](https://github.com/) ({manifest.get('tool', 'm1')}). {what}",
+        f"# {repo_id.split('/')[-1]}",
         "",
-        f"{info['layers']} layers ({info['lightning_layers']} lightning attention, {info['softmax_layers']} softmax), "
-        f"{info['experts']} experts top-{info['top_k']}; {info['tensors']} tensors in {info['shards']} shards, "
-        f"{human_bytes(info['bytes'])}.",
+        *([f"Made from [{base_model}](https://huggingface.co/{base_model}).", ""] if base_model else []),
+        f"MiniMax-M1 checkpoint written by m1 ({manifest.get('tool', 'm1')}). {what}",
+        "",
+        f"{info['layers']} layers ({info['lightning_layers']} lightning attention, {info['softmax_layers']} "
+        f"softmax), {info['experts']} experts, top-{info['top_k']}; {info['tensors']} tensors in {info['shards']} "
+        f"shards, {human_bytes(info['bytes'])} ({dtypes}). Layout: {info.get('flavour', '?')}.",
         "",
         "## What was quantized and what was kept",
         "",
@@ -155,118 +254,172 @@ def render_card(folder: Path, repo_id: str, report: dict[str, Any] | None = None
         "",
         *load,
     ]
-    if base_model:
-        lines[3:3] = [f"Base model: [{base_model}](https://huggingface.co/{base_model}).", ""]
-    if report:
+    metric_rows = _metric_rows(report) if report is not None else []
+    if metric_rows:
         lines += ["", "## Agreement with the original (m1 verify compare)", "",
-                  "| candidate | tokens | PPL ratio | KL mean | KL p99 | top-1 |", "|---|---:|---:|---:|---:|---:|"]
-        for cand in report.get("candidates", []):
-            m = cand.get("metrics", cand)
-            lines.append(f"| {cand.get('name', '')} | {m.get('tokens', '')} | {m.get('ppl_ratio', float('nan')):.4f} "
-                         f"| {m.get('kl_mean', float('nan')):.5f} | {m.get('kl_p99', float('nan')):.5f} "
-                         f"| {100 * m.get('top1', float('nan')):.2f}% |")
-    return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n").content
+                  "| candidate | tokens | PPL ratio | KL mean | KL p99 | top-1 |", "|---|---:|---:|---:|---:|---:|",
+                  *metric_rows]
+    job = manifest.get("job") if isinstance(manifest.get("job"), dict) else {}
+    if job:
+        lines += ["", "## How it was made", "", "```json", json.dumps(job, indent=2, default=str), "```"]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    return str(card)
+
+
+def _read_report(report_path: Path) -> Any:
+    path = report_path / "report.json" if report_path.is_dir() else report_path
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError("cannot read the verify report", file=str(path),
+                         hint="give the report/ folder (or report.json) that m1 verify compare wrote") from None
 
 
 # ---- push -----------------------------------------------------------------------------------------
 def push(folder: Path, repo_id: str, private: bool = False, revision: str | None = None, create_pr: bool = False,
          report_path: Path | None = None, message: str | None = None) -> dict[str, Any]:
+    """Check the folder, write its model card, and upload it in one commit (or pull request).
+
+    An interrupted push is resumed by running it again: files the Hub already holds (LFS objects
+    included) are not sent again. Weights, index and manifest left on the Hub by an older push and absent
+    from the folder are deleted in the same commit. (With hf_xet active, huggingface_hub's folder upload
+    may split a very large folder into several commits; without it, the upload is one commit.)
+    """
     from huggingface_hub import HfApi
 
     from m1.safetensors_io import write_bytes_atomic
     from verify.integrity import check_integrity
 
+    check_repo_id(repo_id)
+    if not folder.is_dir():
+        raise UsageError("not a checkpoint folder", file=str(folder), hint="give the folder an m1 job wrote")
+    if create_pr and revision not in (None, "main"):
+        raise UsageError("--create-pr opens a pull request against main; it does not go with --revision",
+                         hint="drop one of them (to add to an open PR use --revision refs/pr/N)")
+    if revision and COMMIT_SHA.match(revision):
+        raise UsageError("push --revision takes a branch name (or refs/pr/N), not a commit sha")
     integrity = check_integrity(str(folder))
     if not integrity.ok:
         first = integrity.findings[0].line()
         raise M1Error(f"refusing to push: m1 verify integrity found {len(integrity.findings)} problems, first: {first}",
-                      file=str(folder), hint="fix them (m1 verify integrity shows all) or re-run the job")
-    report = None
-    if report_path is not None:
-        path = report_path / "report.json" if report_path.is_dir() else report_path
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise UsageError("cannot read the verify report", file=str(path),
-                             hint="give the report.json that m1 verify compare wrote") from None
-    card = render_card(folder, repo_id, report)
-    write_bytes_atomic(folder / "README.md", card.encode())
+                      file=str(folder), hint="m1 verify integrity shows them all; fix them or re-run the job")
+    report = _read_report(report_path) if report_path is not None else None
+    readme = folder / "README.md"
+    card_written = not readme.exists() or CARD_MARKER in readme.read_text(errors="replace")
+    if card_written:
+        write_bytes_atomic(readme, render_card(folder, repo_id, report).encode())
     api = HfApi()
-    with hub_errors(repo_id, revision):
+    with hub_errors(repo_id, revision), quiet_hub_logs():
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision and revision != "main":
+        if revision and revision != "main" and not revision.startswith("refs/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        before = api.repo_info(repo_id, revision=revision if not create_pr else None).sha
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), revision=revision, create_pr=create_pr,
-            commit_message=message or f"Upload {folder.name} with m1", ignore_patterns=PUSH_IGNORE,
+            commit_message=message or f"Upload {folder.resolve().name} with m1",
+            ignore_patterns=list(PUSH_IGNORE), delete_patterns=list(PUSH_DELETE),
         )
-    return {"repo_id": repo_id, "url": str(url), "commit": commit.oid, "commit_url": commit.commit_url,
-            "pr_url": commit.pr_url}
+    changed = bool(commit.pr_url) or commit.oid != before
+    return {"repo_id": repo_id, "url": str(url), "revision": revision or "main", "commit": commit.oid,
+            "commit_url": commit.commit_url, "pr_url": commit.pr_url, "changed": changed,
+            "model_card": "written" if card_written else "kept (README.md has no m1 marker)"}
 
 
 # ---- verify remote --------------------------------------------------------------------------------
 def verify_remote(repo_id: str, revision: str | None = None, against: Path | None = None):  # -> IntegrityReport
-    """Headers over range requests checked against the spec and the index; LFS sha256 against a local copy
-    or manifest (`against`), or against the m1-manifest.json pushed with the repo."""
-    from huggingface_hub import HfApi
-
+    """Headers over range requests checked against the spec and the index (no tensor data); the Hub's LFS
+    sha256 of each shard against a local copy or manifest (`against`) and against the m1-manifest.json
+    pushed with the repo, when there is one."""
+    from m1.hub_read import fetch_headers, model_info, open_remote
     from verify.integrity import IntegrityReport, check_checkpoint
 
+    check_repo_id(repo_id)
+    if against is not None and not against.exists():
+        raise UsageError("--against must be a local checkpoint folder or an m1-manifest.json", file=str(against))
     report = IntegrityReport(repo_id)
-    from m1.checkpoint import Checkpoint
-
-    try:
-        ckpt = Checkpoint.open(repo_id, revision=revision)
-    except UsageError:
-        raise
-    except M1Error as exc:
-        report.add("unreadable", exc.message, exc.file, exc.tensor)
-        return report
-    api = HfApi()
-    with hub_errors(repo_id, revision):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    remote = {s.rfilename: s for s in info.siblings or []}
-    check_checkpoint(ckpt, report)  # headers over range requests; truncation shows against the Hub's sizes
-    expected_sha = _expected_hashes(api, repo_id, revision, against, remote, report)
-    for file, sha in expected_sha.items():
-        sibling = remote.get(file)
-        lfs = getattr(sibling, "lfs", None)
-        hub_sha = getattr(lfs, "sha256", None) if lfs is not None else None
-        if sibling is None:
-            report.add("missing-shard", "not in the Hub repo", file)
-        elif hub_sha is None:
-            report.add("sha256", "the Hub has no LFS sha256 for this file", file)
-        elif hub_sha != sha:
-            report.add("sha256", f"Hub LFS sha256 {hub_sha[:12]}... differs from {sha[:12]}...", file)
-    report.stats.update(revision=info.sha, hashes_compared=len(expected_sha))
+    with quiet_hub_logs():
+        try:
+            ckpt = open_remote(repo_id, revision)
+        except (UsageError, HubError):
+            raise
+        except M1Error as exc:
+            report.add("unreadable", exc.message + (f" ({exc.hint})" if exc.hint else ""), exc.file, exc.tensor)
+            return report
+        info = model_info(repo_id, ckpt.revision, files_metadata=True)
+        remote = {s.rfilename: s for s in info.siblings or []}
+        fetch_headers(ckpt)  # in parallel; a network error stops here instead of reading as a corrupt shard
+        check_checkpoint(ckpt, report)  # truncation shows against the Hub's sizes
+        compared = 0
+        for label, expected in _expected_hashes(repo_id, ckpt.revision, against, remote, report):
+            compared += len(expected)
+            _compare_hashes(label, expected, remote, report)
+    report.stats.update(revision=ckpt.revision, remote=True, hashes_compared=compared)
     return report
 
 
-def _expected_hashes(api: Any, repo_id: str, revision: str | None, against: Path | None, remote: dict[str, Any],
-                     report: Any) -> dict[str, str]:
+def _compare_hashes(label: str, expected: dict[str, tuple[str | None, int | None]], remote: dict[str, Any],
+                    report: Any) -> None:
+    for file, (sha, size) in sorted(expected.items()):
+        sibling = remote.get(file)
+        lfs = getattr(sibling, "lfs", None)
+        hub_sha = getattr(lfs, "sha256", None)
+        if sibling is None:
+            report.add("missing-shard", f"in the {label} but not in the Hub repo", file)
+        elif size is not None and sibling.size is not None and sibling.size != size:
+            report.add("sha256", f"the Hub has {sibling.size} bytes, the {label} {size}", file)
+        elif hub_sha is None:
+            report.add("sha256", f"the Hub has no LFS sha256 for this file to compare with the {label}", file)
+        elif sha is not None and hub_sha != sha:
+            report.add("sha256", f"the Hub's LFS sha256 {hub_sha[:12]}... differs from the {label}'s {sha[:12]}...",
+                       file)
+
+
+def _manifest_hashes(manifest: Any) -> dict[str, tuple[str | None, int | None]]:
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    out = {}
+    for file, record in (shards or {}).items():
+        if isinstance(record, dict):
+            out[file] = (record.get("sha256"), record.get("size"))
+    return out
+
+
+def _expected_hashes(repo_id: str, revision: str | None, against: Path | None, remote: dict[str, Any],
+                     report: Any) -> list[tuple[str, dict[str, tuple[str | None, int | None]]]]:
+    """(label, {file: (sha256, size)}) for each source of expected hashes."""
+    from huggingface_hub import hf_hub_download
+
     from m1.safetensors_io import file_sha256
     from m1.writer import MANIFEST, read_manifest
 
+    sources = []
     if against is not None:
-        if not against.is_dir():
-            raise UsageError("--against must be a local checkpoint folder", file=str(against))
-        # Local files are hashed (the real check); a shard not on disk is taken from the local manifest.
-        recorded = {f: r["sha256"] for f, r in ((read_manifest(against) or {}).get("shards", {})).items()}
-        shards = [f for f in remote if f.endswith((".safetensors", ".bin"))]
-        out = {f: file_sha256(against / f).hexdigest() for f in shards if (against / f).exists()}
-        out.update({f: sha for f, sha in recorded.items() if f not in out})
-        if not out:
-            report.add("sha256", "no local shard or manifest to compare with", str(against))
-        return out
+        if against.is_file():
+            try:
+                sources.append(("manifest", _manifest_hashes(json.loads(against.read_text()))))
+            except (OSError, ValueError):
+                raise UsageError("--against is not a readable m1-manifest.json", file=str(against)) from None
+        else:
+            # Local shards are hashed (the real check); a shard not on disk is taken from the local manifest.
+            local = {}
+            for path in sorted(against.iterdir()):
+                if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
+                    local[path.name] = (file_sha256(path).hexdigest(), path.stat().st_size)
+            try:
+                recorded = _manifest_hashes(read_manifest(against) or {})
+            except M1Error as exc:
+                report.add("manifest", exc.message, exc.file)
+                recorded = {}
+            if local:
+                sources.append(("local copy", local))
+            rest = {f: v for f, v in recorded.items() if f not in local}
+            if rest:
+                sources.append(("local manifest", rest))
+            if not local and not recorded:
+                report.add("sha256", "no local shard or manifest to compare with", str(against))
     if MANIFEST in remote:
-        from huggingface_hub import hf_hub_download
-
-        with hub_errors(repo_id, revision, MANIFEST):
-            path = hf_hub_download(repo_id, MANIFEST, revision=revision)
+        path = _call(repo_id, revision, lambda: hf_hub_download(repo_id, MANIFEST, revision=revision), MANIFEST)
         try:
-            manifest = json.loads(Path(path).read_text())
+            sources.append((f"pushed {MANIFEST}", _manifest_hashes(json.loads(Path(path).read_text()))))
         except ValueError:
-            report.add("manifest", "the pushed m1-manifest.json is not valid JSON", MANIFEST)
-            return {}
-        return {f: r["sha256"] for f, r in manifest.get("shards", {}).items()}
-    return {}
+            report.add("manifest", f"the pushed {MANIFEST} is not valid JSON", MANIFEST)
+    return sources

@@ -34,8 +34,13 @@ def push_cmd(
     result = push(folder, repo_id, private=private, revision=revision, create_pr=create_pr, report_path=report)
     if json_out:
         print_json(result)
+    elif not result["changed"]:
+        typer.echo(f"nothing to push: {repo_id}@{result['revision']} already holds {folder}"
+                   f"{' (no pull request opened)' if create_pr else ''}; {result['commit_url']}")
     else:
         typer.echo(f"pushed {folder} to {result['pr_url'] or result['commit_url']}")
+    if result["model_card"] != "written":
+        typer.echo("warning: kept your README.md (it has no m1 marker), so the model card was not written", err=True)
 
 
 def pull_cmd(
@@ -54,12 +59,14 @@ def pull_cmd(
     Example: m1 pull MiniMaxAI/MiniMax-M1-40k m1-40k/ --layers 0-3,79
     """
     from m1.hub import parse_layers, pull
+    from m1.units import human_bytes
 
     result = pull(repo_id, dest, parse_layers(layers) if layers else None, with_globals, revision)
     if json_out:
         print_json(result.to_json())
     else:
-        typer.echo(f"pulled {len(result.shards)} shards of {repo_id} into {dest}")
+        typer.echo(f"pulled {len(result.shards)} shards of {repo_id}@{(result.commit or '?')[:12]} into {dest} "
+                   f"({len(result.files)} files, {human_bytes(result.bytes)})")
 
 
 @verify_app.command("remote")
@@ -67,12 +74,14 @@ def remote_cmd(
     repo_id: RepoIdArg,
     revision: RevisionOpt = None,
     against: Annotated[
-        Path | None, typer.Option("--against", help="A local copy: compare its sha256 with the Hub's LFS sha256.")
+        Path | None,
+        typer.Option("--against", help="A local copy (folder) or its m1-manifest.json: compare sha256 with the Hub's."),
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Check a Hub repo without downloading tensor data: headers over range requests against the spec and index.
 
+    Also compares the Hub's LFS sha256 of each shard with --against and with the repo's own m1-manifest.json.
     Exit 0 when sound, 1 with findings, 2 on usage errors.
     Example: m1 verify remote MiniMaxAI/MiniMax-M1-40k --against m1-40k/ --json
     """
