@@ -43,9 +43,10 @@ def kl_from_top(ref: RefPositions, cand_logprobs: torch.Tensor) -> torch.Tensor:
     p_top = ref.top_logprobs.double().exp()
     cand_top = cand_logprobs.double().gather(-1, ref.top_ids)
     kl = (p_top * (ref.top_logprobs.double() - cand_top)).sum(-1)
+    # The rest of the vocabulary as one bucket; below float32 resolution (the top-k is all of it) it is 0.
     rest_ref = (1.0 - p_top.sum(-1)).clamp_min(0.0)
-    rest_cand = (1.0 - cand_top.exp().sum(-1)).clamp_min(1e-30)
-    tail = torch.where(rest_ref > 1e-12, rest_ref * (rest_ref.clamp_min(1e-30).log() - rest_cand.log()),
+    rest_cand = (1.0 - cand_top.exp().sum(-1)).clamp_min(1e-12)
+    tail = torch.where(rest_ref > 1e-6, rest_ref * (rest_ref.clamp_min(1e-12).log() - rest_cand.log()),
                        torch.zeros_like(rest_ref))
     return (kl + tail).clamp_min(0.0).float()
 
