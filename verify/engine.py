@@ -212,7 +212,7 @@ def moe_block(
         xe = flat[rows]
         h = F.silu(F.linear(xe, _w(weights, p + "w1.weight", x))) * F.linear(xe, _w(weights, p + "w3.weight", x))
         y = F.linear(h, _w(weights, p + "w2.weight", x)) * top_w[rows, slot, None].to(x.dtype)
-        out = out.index_add(0, rows, y)
+        out.index_add_(0, rows, y)  # in place: the out-of-place form copies `out` and is ~80x slower on CPU
     return out.view(shape)
 
 

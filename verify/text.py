@@ -35,11 +35,14 @@ def corpus_text(name: str, holdout: bool = True) -> str:
     if name not in CORPORA:
         raise UsageError(f"unknown corpus {name!r}", hint=f"choose one of {', '.join(CORPORA)}")
     lines = (corpus_dir() / CORPORA[name]).read_text(encoding="utf-8").splitlines()
-    text = "\n\n".join(
+    # The same text and the same byte cut as the tiny model's training recipe (m1/train_tiny.py).
+    data = "\n".join(
         m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"] if m.get("content")
-    )
-    cut = int(len(text) * 0.9)
-    return text[cut:] if holdout else text[:cut]
+    ).encode("utf-8")
+    cut = int(len(data) * 0.9)
+    while cut < len(data) and data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+        cut += 1
+    return (data[cut:] if holdout else data[:cut]).decode("utf-8")
 
 
 class ByteTokenizer:
