@@ -28,7 +28,7 @@ def convert_cmd(
     layout: LayoutOpt = "size",
     shard_size: ShardSizeOpt = "5GB",
     dtype: Annotated[str, typer.Option("--dtype", help="keep, bf16, fp16 or fp32 (dequantizes bnb experts).")] = "keep",
-    router_dtype: Annotated[str, typer.Option("--router-dtype", help="Router dtype; it stays fp32 unless asked.")] = "keep",
+    router_dtype: Annotated[str, typer.Option("--router-dtype", help="Router dtype (stays fp32 by default).")] = "keep",
     revision: RevisionOpt = None,
     dry_run: DryRunOpt = False,
     resume: ResumeOpt = False,
