@@ -247,7 +247,51 @@ def write_shard(
     metadata: dict[str, str] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> tuple[str, int]:
-    """Write one shard atomically; returns (sha256, size).
+    """Write one shard atomically; returns (sha256, size)."""
+    sha, size, pending = write_shard_unsynced(path, planned, produce, metadata, on_bytes)
+    pending.commit()
+    return sha, size
+
+
+@dataclass(frozen=True)
+class PendingShard:
+    """A shard written under its temporary name: `commit` makes it durable and visible, `discard` drops it.
+
+    Committing (fsync, rename) can run on another thread while the next shard is written, so the wait
+    for the disk overlaps with work instead of stalling it.
+    """
+
+    tmp: Path
+    path: Path
+
+    def commit(self) -> None:
+        try:
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.discard()
+            if _is_disk_full(exc):
+                raise DiskFullError("disk full while writing", file=str(self.path),
+                                    hint="free space, then run the same command with --resume") from None
+            raise
+        fsync_dir(self.path.parent)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_shard_unsynced(
+    path: Path,
+    planned: list[tuple[str, str, tuple[int, ...], int, bool]],
+    produce: Callable[[str], Produced],
+    metadata: dict[str, str] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[str, int, PendingShard]:
+    """Write one shard under a temporary name; returns (sha256, size, the pending shard to commit).
 
     `planned` is (name, dtype, shape, nbytes, exact) in data order. When every size is exact the header
     is written first and the hash is computed while streaming. Otherwise (quantized tensors whose small
@@ -290,11 +334,9 @@ def write_shard(
                     raise CheckpointError("reserved header space too small", file=path.name,
                                           hint="this is a bug in m1; please report it")
                 os.pwrite(fd, header, 0)
-            os.fsync(fd)
         if not exact:
             sha = file_sha256(tmp)
         size = tmp.stat().st_size
-        os.replace(tmp, path)
     except BaseException as exc:
         if "sink" in locals():  # stop its threads on any error (an OSError from the producer included)
             sink.abort()
@@ -303,8 +345,7 @@ def write_shard(
             raise DiskFullError("disk full while writing", file=str(path),
                                 hint="free space, then run the same command with --resume") from None
         raise
-    fsync_dir(path.parent)
-    return sha.hexdigest(), size
+    return sha.hexdigest(), size, PendingShard(tmp, path)
 
 
 class _ChunkSink:

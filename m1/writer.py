@@ -14,13 +14,21 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from m1 import __version__
 from m1.errors import CheckpointError, DestinationError, UsageError
-from m1.safetensors_io import Produced, file_sha256, write_bytes_atomic, write_json_atomic, write_shard
+from m1.safetensors_io import (
+    PendingShard,
+    Produced,
+    file_sha256,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_shard_unsynced,
+)
 
 MANIFEST = "m1-manifest.json"
 PROGRESS = ".m1-progress.json"
@@ -184,22 +192,48 @@ def execute(
         write_bytes_atomic(dest / name, Path(src).read_bytes())
 
     shards: dict[str, dict[str, Any]] = {}
-    for shard in plan.shards:
-        path = dest / shard.file
-        record = done.get(shard.file)
-        if record and path.exists() and path.stat().st_size == record["size"]:
-            shards[shard.file] = record
-            if progress:
-                progress(shard.nbytes)
-            continue
-        started = time.perf_counter()
-        sha, size = write_shard(
-            path, [(t.name, t.dtype, t.shape, t.nbytes, t.exact) for t in shard.tensors], produce, on_bytes=progress
-        )
-        shards[shard.file] = {"sha256": sha, "size": size, "seconds": round(time.perf_counter() - started, 3)}
+
+    def commit(pending: PendingShard, shard: ShardPlan, record: dict[str, Any]) -> None:
+        # fsync + rename of shard i runs while shard i+1 is written; progress only after the rename.
+        pending.commit()
+        shards[shard.file] = record
         write_json_atomic(dest / PROGRESS, {"fingerprint": fingerprint, "shards": shards})
         if on_shard_done:
             on_shard_done(shard)
+
+    with ThreadPoolExecutor(max_workers=1) as committer:
+        in_flight: Future | None = None
+        try:
+            for shard in plan.shards:
+                path = dest / shard.file
+                record = done.get(shard.file)
+                if record and path.exists() and path.stat().st_size == record["size"]:
+                    shards[shard.file] = record
+                    if progress:
+                        progress(shard.nbytes)
+                    continue
+                started = time.perf_counter()
+                sha, size, pending = write_shard_unsynced(
+                    path, [(t.name, t.dtype, t.shape, t.nbytes, t.exact) for t in shard.tensors], produce,
+                    on_bytes=progress,
+                )
+                if in_flight is not None:
+                    try:
+                        in_flight.result()  # at most one shard waits for the disk
+                    except BaseException:
+                        pending.discard()
+                        raise
+                in_flight = committer.submit(commit, pending, shard, {
+                    "sha256": sha, "size": size, "seconds": round(time.perf_counter() - started, 3)})
+            if in_flight is not None:
+                in_flight.result()
+        except BaseException:
+            if in_flight is not None:  # let the shard being committed finish (or fail) before leaving
+                try:
+                    in_flight.result()
+                except BaseException:
+                    pass
+            raise
 
     # Sizes of inexact tensors are only known now: the index takes them from the written headers.
     from m1.safetensors_io import read_header

@@ -281,8 +281,8 @@ def reference(tiny: Path, tmp_path: Path, convert_ok) -> Path:
 
 def count_writes(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None,
                  exc: BaseException | None = None) -> list[str]:
-    """Wrap the writer's write_shard: record the shards written; raise `exc` instead of writing number fail_after+1."""
-    real = m1.writer.write_shard
+    """Wrap the writer's shard writes: record the shards written; raise `exc` instead of writing number fail_after+1."""
+    real = m1.writer.write_shard_unsynced
     written: list[str] = []
 
     def wrapped(path: Path, *args, **kwargs):
@@ -292,7 +292,7 @@ def count_writes(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None,
         written.append(path.name)
         return out
 
-    monkeypatch.setattr(m1.writer, "write_shard", wrapped)
+    monkeypatch.setattr(m1.writer, "write_shard_unsynced", wrapped)
     return written
 
 
