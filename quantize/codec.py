@@ -1,0 +1,242 @@
+"""Quantize and dequantize one weight with bitsandbytes' own functions, in its own serialization.
+
+Nothing here does quantization arithmetic by hand: 4-bit goes through `bnb.functional.quantize_4bit`
+and `QuantState.as_dict(packed=True)` (what `Linear4bit._save_to_state_dict` writes), int8 through
+`int8_vectorwise_quant` on fp16 (what `Int8Params` does before `Linear8bitLt._save_to_state_dict`).
+Reading back rebuilds the state with `QuantState.from_dict` and calls `dequantize_4bit`, or
+`int8_vectorwise_dequant` (weight * SCB / 127).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from m1.errors import CheckpointError, UsageError
+from m1.spec import QUANT_COMPANIONS, TensorSpec
+from quantize.schemes import NESTED_BLOCKSIZE, Scheme
+
+
+def bnb_functional():  # -> the bitsandbytes.functional module
+    """bitsandbytes.functional, imported without its import-time noise on m1's stderr: a notice about an
+    optional CPU matmul kernel that quantizing never uses, and torch deprecation warnings."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import bitsandbytes.functional as F
+
+    return F
+
+# ---- devices ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when a GPU is visible, else cpu; 'cuda' without one is a usage error."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} but torch sees no CUDA GPU (torch.cuda.is_available() is False)",
+                         hint="use --device cpu (or auto), or install a CUDA build of torch")
+    return torch.device(device)
+
+
+def check_supported(scheme: Scheme, device: torch.device) -> None:
+    """Ask bitsandbytes itself whether it takes this blocksize on this device (one tiny quantization).
+
+    This also imports bitsandbytes (seconds) before any timing starts or worker process is forked."""
+    F = bnb_functional()
+    if not scheme.four_bit:
+        F.int8_vectorwise_quant(torch.ones(2, 64, dtype=torch.float16, device=device))
+        return
+    probe = torch.zeros(max(scheme.blocksize or 64, 64), dtype=torch.bfloat16, device=device)
+    try:
+        F.quantize_4bit(probe, blocksize=scheme.blocksize, compress_statistics=scheme.double_quant,
+                        quant_type=scheme.name)
+    except (ValueError, RuntimeError, AssertionError, NotImplementedError) as exc:
+        import bitsandbytes
+
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"bitsandbytes {bitsandbytes.__version__} on {device.type} does not support --blocksize "
+                         f"{scheme.blocksize} for {scheme.name} ({reason})",
+                         hint="use a power of two from 64 to 4096 (64 is the default)") from None
+
+
+# ---- quantizing -------------------------------------------------------------------------------------
+
+
+# bitsandbytes' CPU quantize_4bit makes several float32 copies of its input (~9x a bf16 tensor at peak);
+# quantizing a few million values at a time keeps a worker's peak near the tensor's own size.
+CHUNK_VALUES = 4 << 20
+_CHUNKING_CHECKED: dict[tuple[str, int | None, bool], bool] = {}
+
+
+def quantize_weight(scheme: Scheme, weight: torch.Tensor, device: torch.device,
+                    name: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(suffix after the module name, CPU tensor) in the order bitsandbytes' state dict lists them."""
+    F = bnb_functional()
+
+    w = weight.to(device, non_blocking=False)
+    rows = max(1, CHUNK_VALUES // max(1, w.shape[-1])) if w.device.type == "cpu" else w.shape[0]
+    if scheme.four_bit:
+        packed, state = quantize_4bit(scheme, w, rows)
+        scales = torch.cat([state.state2.absmax, state.offset.reshape(1)]) if state.nested else state.absmax
+        pieces = [("weight", packed)] + [("weight." + k, v) for k, v in state.as_dict(packed=True).items()]
+    else:
+        # Int8Params._quantize: fp16, then row-wise absmax scaling; no outlier columns held back (threshold 0).
+        # Rows are independent, so row chunks give the same bytes with a bounded fp16 copy.
+        parts = [F.int8_vectorwise_quant(w[i : i + rows].to(torch.float16))[:2] for i in range(0, w.shape[0], rows)]
+        cb = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        scb = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        scales = scb
+        pieces = [("weight", cb), ("SCB", scb), ("weight_format", torch.tensor(0, dtype=torch.uint8))]
+    # A NaN/Inf (or, for int8, a value beyond fp16's range) poisons a whole block's scale: refuse it.
+    if not bool(torch.isfinite(scales).all()):
+        why = "NaN/Inf in the weight" + (" or values beyond fp16's +-65504 (LLM.int8 goes through fp16)"
+                                         if not scheme.four_bit else "")
+        raise CheckpointError(f"cannot quantize: {why}", tensor=name or None,
+                              hint="check the source with m1 verify integrity --deep, or keep this tensor with --keep")
+    return [(suffix, t.detach().to("cpu").contiguous()) for suffix, t in pieces]
+
+
+def quantize_4bit(scheme: Scheme, w: torch.Tensor, rows: int):  # -> (packed, bitsandbytes QuantState)
+    """bnb.functional.quantize_4bit(w, ...), computed `rows` rows at a time when that gives the same result.
+
+    Blocks lie inside rows (Scheme.check_weight), so row chunks quantize to exactly the packed bytes and
+    absmax of the whole tensor; the double quant of the absmax is then the two calls quantize_4bit itself
+    makes (mean offset, quantize_blockwise with blocksize 256). Whether this composition still equals
+    bitsandbytes' own result is checked once per process on a small tensor; if not, no chunking.
+    """
+    F = bnb_functional()
+    kwargs = dict(blocksize=scheme.blocksize, quant_type=scheme.name, quant_storage=torch.uint8)
+    if rows >= w.shape[0] or w.shape[-1] % scheme.blocksize or not _chunking_matches(scheme):
+        return F.quantize_4bit(w, compress_statistics=scheme.double_quant, **kwargs)
+    parts = [F.quantize_4bit(w[i : i + rows], compress_statistics=False, **kwargs) for i in range(0, w.shape[0], rows)]
+    packed = torch.cat([p for p, _ in parts])
+    absmax = torch.cat([s.absmax for _, s in parts])
+    first = parts[0][1]
+    del parts
+    if not scheme.double_quant:
+        return packed, F.QuantState(absmax=absmax, shape=w.shape, code=first.code, blocksize=scheme.blocksize,
+                                    quant_type=scheme.name, dtype=w.dtype)
+    offset = absmax.mean()
+    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return packed, F.QuantState(absmax=qabsmax, shape=w.shape, code=first.code, blocksize=scheme.blocksize,
+                                quant_type=scheme.name, dtype=w.dtype, offset=offset, state2=state2)
+
+
+def _chunking_matches(scheme: Scheme) -> bool:
+    key = (scheme.name, scheme.blocksize, scheme.double_quant)
+    if key not in _CHUNKING_CHECKED:
+        F = bnb_functional()
+        sample = torch.randn(6, 2 * scheme.blocksize, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        _CHUNKING_CHECKED[key] = True  # so the call below takes the chunked path
+        ours = quantize_4bit(scheme, sample, 2)
+        theirs = F.quantize_4bit(sample, blocksize=scheme.blocksize, compress_statistics=scheme.double_quant,
+                                 quant_type=scheme.name, quant_storage=torch.uint8)
+        same = torch.equal(ours[0], theirs[0])
+        a, b = ours[1].as_dict(packed=True), theirs[1].as_dict(packed=True)
+        same = same and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        _CHUNKING_CHECKED[key] = same
+    return _CHUNKING_CHECKED[key]
+
+
+# ---- reading back -----------------------------------------------------------------------------------
+
+
+def module_of(weight_name: str) -> str:
+    if not weight_name.endswith(".weight"):
+        raise CheckpointError("not a weight name (must end in .weight)", tensor=weight_name)
+    return weight_name[: -len(".weight")]
+
+
+def is_quantized(weight_name: str, weight_map: dict[str, str]) -> bool:
+    """Whether the checkpoint stores this weight quantized: any bitsandbytes companion beside it."""
+    module = module_of(weight_name)
+    return any(f"{module}.{suffix}" in weight_map for suffix in QUANT_COMPANIONS)
+
+
+def read_pieces(ckpt, weight_name: str) -> dict[str, torch.Tensor]:  # ckpt: m1.checkpoint.Checkpoint
+    """The stored tensors of one quantized weight, keyed by suffix after the module name."""
+    module = module_of(weight_name)
+    out = {"weight": ckpt.get(weight_name)}
+    for suffix in QUANT_COMPANIONS:
+        name = f"{module}.{suffix}"
+        if name in ckpt.weight_map:
+            out[suffix] = ckpt.get(name)
+    return out
+
+
+def quant_state(pieces: dict[str, torch.Tensor], device: torch.device | str = "cpu", weight_name: str = ""):
+    """bitsandbytes' QuantState for a 4-bit weight, rebuilt by QuantState.from_dict."""
+    QuantState = bnb_functional().QuantState
+
+    qs_dict = {k[len("weight."):]: v for k, v in pieces.items() if k.startswith("weight.")}
+    try:
+        return QuantState.from_dict(qs_dict, device=torch.device(device))
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"bitsandbytes cannot rebuild the 4-bit quant state ({type(exc).__name__}: {exc})",
+                              tensor=weight_name, hint="the quantized tensors are damaged or incomplete") from None
+
+
+def dequantize_pieces(pieces: dict[str, torch.Tensor], device: torch.device | str = "cpu",
+                      weight_name: str = "") -> torch.Tensor:
+    """The weight back in floating point: the source dtype for 4-bit (it is in the state), float32 for int8."""
+    F = bnb_functional()
+
+    weight = pieces["weight"].to(device)
+    if "SCB" in pieces:
+        fmt = pieces.get("weight_format")
+        if fmt is not None and int(fmt.reshape(-1)[0]) != 0:
+            raise CheckpointError(f"int8 weight_format {int(fmt.reshape(-1)[0])} is not row-major (0)",
+                                  tensor=weight_name, hint="only row-major int8 (bitsandbytes >= 0.45) is supported")
+        return F.int8_vectorwise_dequant(weight, pieces["SCB"].to(device))
+    state = quant_state(pieces, device, weight_name)
+    return dequantize_flat(weight, state)
+
+
+def dequantize_flat(weight: torch.Tensor, state) -> torch.Tensor:  # state: bitsandbytes QuantState
+    """dequantize_4bit over the flattened tensor, reshaped back.
+
+    bitsandbytes quantizes the flattened tensor in blocks; its CPU dequantize kernel (0.50) instead
+    assumes blocks never straddle rows and returns wrong values for other checkpoints' shapes (rows
+    not a multiple of the blocksize). Asking for the 1-D shape is the same bitsandbytes call on every
+    backend and is right for any shape.
+    """
+    F = bnb_functional()
+    shape = state.shape
+    state.shape = torch.Size([shape.numel()])
+    try:
+        return F.dequantize_4bit(weight, state).reshape(shape)
+    finally:
+        state.shape = shape
+
+
+def dequantize_weight(ckpt, weight_name: str) -> torch.Tensor:  # ckpt: m1.checkpoint.Checkpoint
+    """One quantized weight of a checkpoint, dequantized on CPU (used by `m1 convert --dtype`)."""
+    if not is_quantized(weight_name, ckpt.weight_map):
+        return ckpt.get(weight_name)
+    return dequantize_pieces(read_pieces(ckpt, weight_name), "cpu", weight_name)
+
+
+# ---- what verify integrity expects ------------------------------------------------------------------
+
+
+def expected_tensors(qconfig: dict, spec: TensorSpec,
+                     weight_map: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...] | None]]:
+    """The tensors that stand for `spec` in a checkpoint quantized per `qconfig` (name -> dtype, shape).
+
+    {} when the weight is stored unquantized (kept by policy, e.g. the router or `--keep`). A shape of
+    None means "not predictable" (the JSON state's length; absmax counts when no blocksize was recorded).
+    """
+    if not spec.name.endswith(".weight") or len(spec.shape) != 2 or not is_quantized(spec.name, weight_map):
+        return {}
+    scheme = Scheme.from_quantization_config(qconfig)
+    module = module_of(spec.name)
+    out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for piece in scheme.pieces(spec.dtype if spec.dtype in ("BF16", "F16", "F32") else "BF16", spec.shape):
+        out[f"{module}.{piece.suffix}"] = (piece.dtype, piece.shape if piece.exact else None)
+    return out

@@ -1,0 +1,90 @@
+"""`m1 quantize`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from m1.cli_options import (
+    DryRunOpt,
+    JsonOpt,
+    LayoutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ResumeOpt,
+    RevisionOpt,
+    ShardSizeOpt,
+    check_layout,
+    print_json,
+)
+
+
+def quantize_cmd(
+    source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (bf16/fp16/fp32 experts).")],
+    dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
+    scheme: Annotated[str, typer.Option("--scheme", help="nf4, fp4 (4-bit, blockwise) or int8 (LLM.int8).")] = "nf4",
+    blocksize: Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (default 64).")] = None,
+    double_quant: Annotated[
+        bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too "
+                                  "(default on).")
+    ] = None,
+    keep: Annotated[list[str] | None, typer.Option("--keep", help="Leave matching tensors unquantized: a name or "
+                                                   "re:REGEX (repeatable).")] = None,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Quantize only matching expert weights: a name "
+                                                   "or re:REGEX (repeatable).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda: where bitsandbytes runs.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", help="Processes writing shards in parallel.")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", help="Torch threads per worker (default: CPUs / "
+                                                "workers).")] = None,
+    layout: LayoutOpt = "size",
+    shard_size: ShardSizeOpt = "5GB",
+    revision: RevisionOpt = None,
+    dry_run: DryRunOpt = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantize the experts with bitsandbytes (nf4/fp4 + double quant, or int8); everything else is kept as is.
+
+    Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
+    m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run
+    """
+    from m1.checkpoint import Checkpoint
+    from m1.writer import parse_size
+    from quantize.codec import check_supported, resolve_device
+    from quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
+    from quantize.policy import Policy
+    from quantize.schemes import Scheme
+
+    opts = QuantizeOptions(
+        scheme=Scheme.make(scheme, blocksize, double_quant),
+        policy=Policy.from_options(keep or [], only or []),
+        by_layer=check_layout(layout),
+        shard_size=parse_size(shard_size),
+    )
+    check_supported(opts.scheme, resolve_device(device))
+    ckpt = Checkpoint.open(source, revision=revision)
+    plan = plan_from_checkpoint(ckpt, opts)
+    if dry_run:
+        if json_out:
+            print_json({"dry_run": True, "dest": str(dest), **plan.summary(), "job": plan.write.job})
+        else:
+            typer.echo(f"plan for {dest} (dry run, nothing written):")
+            for line in plan.lines():
+                typer.echo("  " + line)
+        return
+    result = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
+                          overwrite=overwrite, show_progress=not quiet, plan=plan)
+    if json_out:
+        print_json(result)
+    else:
+        from m1.units import human_bytes, human_count
+
+        q = result["quantized"]
+        rate = f", {human_count(result['params_per_s'])} params/s" if result["params_per_s"] else ""
+        typer.echo(f"wrote {len(result['shards'])} shards ({human_bytes(result['bytes'])}) to {dest}: "
+                   f"{q['tensors']} expert weights {human_bytes(q['bytes_before'])} -> "
+                   f"{human_bytes(q['bytes_after'])} ({scheme}) in {result['seconds']:.1f} s{rate}")
