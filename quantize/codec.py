@@ -3,8 +3,9 @@
 Nothing here does quantization arithmetic by hand: 4-bit goes through `bnb.functional.quantize_4bit`
 and `QuantState.as_dict(packed=True)` (what `Linear4bit._save_to_state_dict` writes), int8 through
 `int8_vectorwise_quant` on fp16 (what `Int8Params` does before `Linear8bitLt._save_to_state_dict`).
-Reading back rebuilds the state with `QuantState.from_dict` and calls `dequantize_4bit`, or
-`int8_vectorwise_dequant` (weight * SCB / 127).
+On CPU a weight goes through bitsandbytes a few rows at a time (same bytes, checked; far less memory).
+Reading back rebuilds the state with `QuantState.from_dict` and calls `dequantize_4bit` over the
+flattened tensor, or `int8_vectorwise_dequant` (weight * SCB / 127).
 """
 
 from __future__ import annotations
@@ -15,19 +16,24 @@ from m1.errors import CheckpointError, UsageError
 from m1.spec import QUANT_COMPANIONS, TensorSpec
 from quantize.schemes import NESTED_BLOCKSIZE, Scheme
 
+_BNB: list = []
+
 
 def bnb_functional():  # -> the bitsandbytes.functional module
     """bitsandbytes.functional, imported without its import-time noise on m1's stderr: a notice about an
     optional CPU matmul kernel that quantizing never uses, and torch deprecation warnings."""
-    import logging
-    import warnings
+    if not _BNB:
+        import logging
+        import warnings
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import bitsandbytes.functional as F
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes.functional as F
 
-    return F
+        _BNB.append(F)
+    return _BNB[0]
+
 
 # ---- devices ---------------------------------------------------------------------------------------
 
@@ -62,7 +68,7 @@ def check_supported(scheme: Scheme, device: torch.device) -> None:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"bitsandbytes {bitsandbytes.__version__} on {device.type} does not support --blocksize "
                          f"{scheme.blocksize} for {scheme.name} ({reason})",
-                         hint="use a power of two from 64 to 4096 (64 is the default)") from None
+                         hint="use a power of two such as 64 (the default), 128 or 256") from None
 
 
 # ---- quantizing -------------------------------------------------------------------------------------

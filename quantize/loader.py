@@ -12,7 +12,6 @@ transformers' MiniMaxExperts: resident memory is the quantized size, not the bf1
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -201,5 +200,4 @@ def load_pretrained(path: str, *, dtype: torch.dtype = torch.bfloat16, device: s
 def bf16_expert_nbytes(path: str) -> int:
     """What the experts would take in bf16 (for comparing against `expert_nbytes`)."""
     cfg = Checkpoint.open(path).config
-    per_layer = cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-    return math.prod((cfg.num_hidden_layers, per_layer, 2))
+    return cfg.num_hidden_layers * cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size * 2
