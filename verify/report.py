@@ -56,6 +56,9 @@ def plot_layers(results: list[CandidateResult], path: Path) -> bool:
         ax.plot(xs, [row.drift_rel_l2 for row in r.layers], marker=".", linestyle="--", label=f"{r.name}: drift rel-L2")
         ax.plot(xs, [max(1 - row.isolated_cos, 1e-12) for row in r.layers], linestyle=":",
                 label=f"{r.name}: isolated 1-cos")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("error of the layer's output vs the reference")
