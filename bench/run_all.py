@@ -28,7 +28,7 @@ def main() -> None:
     results["engine"] = run([str(ROOT / "bench_engine.py")])
     quantize = ROOT / "bench_quantize.py"
     if quantize.exists():
-        results["quantize"] = run([str(quantize)])
+        results["quantize"] = run([str(quantize), "--json"])
     print(json.dumps(results, indent=2))
 
 
