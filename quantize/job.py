@@ -497,9 +497,10 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
                  threads: int | None = None, resume: bool = False, overwrite: bool = False,
                  show_progress: bool = True, plan: QuantPlan | None = None) -> dict[str, Any]:
     """Quantize `ckpt` into `dest`; returns what was written and how fast."""
+    from m1.devices import resolve_device
     from m1.progress import count_progress
     from m1.writer import _load_progress
-    from quantize.codec import check_supported, resolve_device
+    from quantize.codec import check_supported
 
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")

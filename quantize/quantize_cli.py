@@ -53,8 +53,9 @@ def quantize_cmd(
     m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run
     """
     from m1.checkpoint import Checkpoint
+    from m1.devices import resolve_device
     from m1.writer import parse_size
-    from quantize.codec import check_supported, resolve_device
+    from quantize.codec import check_supported
     from quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
     from quantize.policy import Policy
     from quantize.schemes import Scheme

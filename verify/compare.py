@@ -24,16 +24,6 @@ from verify.text import Windows
 DEFAULT_TOP_K = 256
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA GPU is available", hint="use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
-
-
 @dataclass
 class Model:
     name: str

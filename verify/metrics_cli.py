@@ -82,8 +82,9 @@ def perplexity_cmd(
 
     Example: m1 verify perplexity m1-40k/ --text wiki.txt --ctx 2048 --tokens 65536 --device cuda
     """
+    from m1.devices import resolve_device
     from m1.progress import count_progress
-    from verify.compare import model_perplexity, resolve_device
+    from verify.compare import model_perplexity
 
     model = _model(source)
     windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)
@@ -127,9 +128,10 @@ def compare_cmd(
     Exit 1 when a threshold fails (for CI).
     Example: m1 verify compare m1-40k/ m1-nf4/ --corpus mr-niah --tokens 32768 --report report/ --max-kl 0.05
     """
+    from m1.devices import resolve_device
     from m1.errors import UsageError
     from m1.progress import count_progress
-    from verify.compare import Thresholds, compare, compare_to_saved, load_reference, resolve_device
+    from verify.compare import Thresholds, compare, compare_to_saved, load_reference
     from verify.report import markdown_table, write_report
 
     thresholds = Thresholds(max_kl, min_top1, max_ppl_ratio)
@@ -188,8 +190,9 @@ def logits_cmd(
 
     Example: m1 verify logits m1-40k/ --save ref-logits.safetensors ; m1 verify compare --ref-logits ... m1-nf4/
     """
+    from m1.devices import resolve_device
     from m1.progress import count_progress
-    from verify.compare import reference_run, resolve_device, save_reference
+    from verify.compare import reference_run, save_reference
 
     model = _model(source)
     windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)
