@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import queue
@@ -59,10 +60,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -110,10 +108,7 @@ def parse_header(raw: bytes, file: str, file_size: int, relative: str | None = N
             raise CheckpointError("corrupt header entry", file=file, tensor=name, hint="re-download it") from None
         if dtype not in DTYPE_BYTES:
             raise CheckpointError(f"unknown dtype {dtype!r}", file=file, tensor=name)
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * DTYPE_BYTES[dtype] or begin < 0:
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or begin < 0:
             raise CheckpointError(f"corrupt header: offsets {begin}..{end} do not fit {dtype}{list(shape)}",
                                   file=file, tensor=name, hint="re-download it")
         tensors[name] = TensorInfo(name, dtype, shape, relative or file, data_start + begin, data_start + end)

@@ -14,6 +14,7 @@ RSS is bounded by the largest tensor (per worker), not by the model.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import time
@@ -59,10 +60,7 @@ class SrcTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
