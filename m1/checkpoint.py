@@ -55,6 +55,7 @@ class Checkpoint:
     _bin: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _local_files: dict[str, Path] = field(default_factory=dict, repr=False)
     _remote_sizes: dict[str, int | None] = field(default_factory=dict, repr=False)
+    _by_layer: tuple[int, dict[int | None, list[str]]] | None = field(default=None, repr=False)
 
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -107,11 +108,14 @@ class Checkpoint:
         return sorted(set(self.weight_map.values()))
 
     def by_layer(self) -> dict[int | None, list[str]]:
-        """Reverse index: layer -> tensor names (None for embedding, final norm, head)."""
-        out: dict[int | None, list[str]] = defaultdict(list)
-        for name, file in self.weight_map.items():
-            out[classify(name, file).layer].append(name)
-        return dict(out)
+        """Reverse index: layer -> tensor names (None for embedding, final norm, head); built once."""
+        key = len(self.weight_map)
+        if self._by_layer is None or self._by_layer[0] != key:
+            out: dict[int | None, list[str]] = defaultdict(list)
+            for name, file in self.weight_map.items():
+                out[classify(name, file).layer].append(name)
+            self._by_layer = (key, dict(out))
+        return self._by_layer[1]
 
     def names_in_layer(self, layer: int | None) -> list[str]:
         return self.by_layer().get(layer, [])

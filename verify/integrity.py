@@ -112,7 +112,7 @@ def _restrict(ckpt: Checkpoint, layers: list[int], report: IntegrityReport) -> C
         if layer in wanted:
             keep[name] = file
     report.stats["checked_layers"] = sorted(wanted)
-    return dataclasses.replace(ckpt, weight_map=keep, _headers=ckpt._headers)
+    return dataclasses.replace(ckpt, weight_map=keep, _headers=ckpt._headers, _by_layer=None)
 
 
 def _check_shards(ckpt: Checkpoint, report: IntegrityReport) -> dict[str, Header]:
