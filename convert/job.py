@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from m1.checkpoint import Checkpoint
 from m1.config import Flavour
 from m1.errors import UsageError
@@ -130,6 +128,8 @@ def make_producer(ckpt: Checkpoint, plan: WritePlan, how: dict[str, tuple[str, s
             if info.file.endswith(".safetensors"):  # byte ranges: copied in the kernel, like cp
                 return Produced(out.dtype, out.shape, file_ranges(ckpt.local_path(info.file), info.start, info.nbytes))
             return Produced(out.dtype, out.shape, (chunk for _, chunk in ckpt.iter_chunks(source)))
+        import torch
+
         if mode == "cast":
             src = TORCH_DTYPES[ckpt.info(source).dtype]
             dst = TORCH_DTYPES[out.dtype]

@@ -13,15 +13,17 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from m1.config import M1Config
 from m1.errors import CheckpointError, UsageError
 from m1.safetensors_io import TORCH_DTYPES, Header, TensorInfo, read_header
 from m1.spec import classify
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
@@ -163,6 +165,8 @@ class Checkpoint:
     # ---- data --------------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
         """The tensor, read with one copy into memory that the caller owns."""
+        import torch
+
         if self.remote:
             self.local_path(self.weight_map.get(name, ""))
         info = self.info(name)
@@ -245,6 +249,8 @@ def _dtype_name(t: torch.Tensor, file: str, name: str) -> str:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a bad pickle

@@ -16,32 +16,51 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from m1.errors import CheckpointError, DiskFullError
 from m1.spec import DTYPE_BYTES
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+class _TorchDtypes(Mapping):
+    """safetensors dtype name -> torch dtype, built on first use: commands that only move bytes (convert,
+    inspect, integrity) then never pay for importing torch."""
+
+    def __init__(self, reverse: bool = False) -> None:
+        self._reverse = reverse
+        self._table: dict | None = None
+
+    def _get(self) -> dict:
+        if self._table is None:
+            import torch
+
+            table = {
+                "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+            }
+            self._table = {v: k for k, v in table.items()} if self._reverse else table
+        return self._table
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+TORCH_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
+DTYPE_NAMES: Mapping[torch.dtype, str] = _TorchDtypes(reverse=True)
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -228,6 +247,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.cpu()
     if t.numel() == 0:
         return memoryview(b"")
+    import torch
+
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 

@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from m1.checkpoint import Checkpoint
 from m1.errors import M1Error, UsageError
 from m1.safetensors_io import FLOAT_DTYPES, TORCH_DTYPES, Header, file_sha256
@@ -260,6 +258,8 @@ def _check_manifest(root: Path, report: IntegrityReport) -> None:
 
 def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport, show_progress: bool,
                   layers: list[int] | None = None) -> None:
+    import torch
+
     from m1.progress import byte_progress
 
     infos = [t for h in headers.values() for t in h.tensors.values() if t.dtype in FLOAT_DTYPES
