@@ -287,10 +287,10 @@ def test_checkpoint_source_reads_the_release_layout(tmp_path) -> None:
     from safetensors.torch import load_file
 
     from m1.tiny import TinySpec, make_tiny
-    from verify.engine import CheckpointSource
+    from verify.sources import CheckpointWeights
 
     cfg = make_tiny(tmp_path / "tiny", TinySpec(block_size=8))
-    source = CheckpointSource.open(tmp_path / "tiny")
+    source = CheckpointWeights.open(str(tmp_path / "tiny"))
     # the same bf16 files read by the safetensors library itself, as an independent weight source
     direct = {}
     for shard in sorted((tmp_path / "tiny").glob("*.safetensors")):
@@ -301,22 +301,23 @@ def test_checkpoint_source_reads_the_release_layout(tmp_path) -> None:
     assert torch.equal(got, want)
 
 
-def test_checkpoint_source_refuses_quantized_weights() -> None:
-    from m1.errors import CheckpointError
-    from verify.engine import CheckpointSource
+def test_checkpoint_weights_dequantize_bitsandbytes_experts(tmp_path) -> None:
+    from m1.cli import run_cli
+    from m1.spec import inventory
+    from m1.tiny import TinySpec, make_tiny
+    from verify.sources import CheckpointWeights
 
-    class FakeReader:
-        config = tiny_config()
-
-        def names_in_layer(self, layer: int | None) -> list[str]:
-            weight = f"model.layers.{layer}.self_attn.out_proj.weight"
-            return [weight, weight + ".absmax"]
-
-        def get(self, name: str) -> torch.Tensor:
-            return torch.zeros(1)
-
-    with pytest.raises(CheckpointError, match="quantized"):
-        CheckpointSource(FakeReader()).layer_weights(0)
+    cfg = make_tiny(tmp_path / "tiny", TinySpec(intermediate=128))
+    assert run_cli(["quantize", str(tmp_path / "tiny"), str(tmp_path / "nf4"), "--scheme", "nf4", "-q"]) == 0
+    source = CheckpointWeights.open(str(tmp_path / "nf4"))
+    want = {t.name[len("model.layers.1."):]: t.shape for t in inventory(cfg) if t.layer == 1}
+    got = source.layer_weights(1)
+    assert {k: tuple(v.shape) for k, v in got.items()} == want  # companions folded in, spec shapes back
+    assert all(v.is_floating_point() for v in got.values())
+    plain = CheckpointWeights.open(str(tmp_path / "tiny")).layer_weights(1)
+    w = "block_sparse_moe.experts.0.w1.weight"
+    err = (got[w].float() - plain[w].float()).norm() / plain[w].float().norm()
+    assert 0 < float(err) < 0.15  # nf4 error: present, and small
 
 
 def test_shipped_tiny_trained_model_has_learned() -> None:
@@ -324,10 +325,10 @@ def test_shipped_tiny_trained_model_has_learned() -> None:
     import json
     from pathlib import Path
 
-    from verify.engine import CheckpointSource
+    from verify.sources import CheckpointWeights
 
     root = Path(__file__).parent / "data" / "tiny-trained"
-    source = CheckpointSource.open(root)
+    source = CheckpointWeights.open(str(root))
     assert json.loads((root / "tokenizer_config.json").read_text())["m1_byte_level"] is True
     text = "\n".join(
         m["content"]

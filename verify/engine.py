@@ -19,15 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from m1.config import M1Config
-from m1.errors import CheckpointError
-from m1.spec import classify
 from verify.lightning import layer_slopes, lightning_attention
 
 LIGHTNING_NORM_EPS = 1e-6  # the release builds the lightning output RMSNorm with its default eps
@@ -66,44 +63,6 @@ class DictSource:
 
     def global_weights(self) -> dict[str, torch.Tensor]:
         return {name: t for name, t in self.tensors.items() if not name.startswith("model.layers.")}
-
-
-class CheckpointSource:
-    """A `WeightSource` over `m1.checkpoint.Checkpoint` (or any reader with `.config`, `.names_in_layer(i)`,
-    `.get(name)`), with the layer -> names index built once instead of per layer.
-
-    The engine needs float weights: a checkpoint with bitsandbytes companions (absmax, quant_map, ...) is
-    refused here rather than fed in as packed integers; wrap it in a dequantizing source instead.
-    """
-
-    def __init__(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-        self.config: M1Config = checkpoint.config
-        by_layer = getattr(checkpoint, "by_layer", None)
-        self._by_layer: dict[int | None, list[str]] | None = by_layer() if callable(by_layer) else None
-
-    @classmethod
-    def open(cls, path: str | Path) -> CheckpointSource:
-        from m1.checkpoint import Checkpoint
-
-        return cls(Checkpoint.open(path))
-
-    def _names(self, layer: int | None) -> list[str]:
-        names = self._by_layer.get(layer, []) if self._by_layer is not None else self.checkpoint.names_in_layer(layer)
-        for name in names:
-            if classify(name).companion is not None:
-                raise CheckpointError(
-                    "quantized checkpoint: the reference engine needs float weights", tensor=name,
-                    hint="run it on the unquantized checkpoint, or through a dequantizing weight source",
-                )
-        return names
-
-    def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        prefix = _layer_prefix(layer)
-        return {name[len(prefix) :]: self.checkpoint.get(name) for name in self._names(layer)}
-
-    def global_weights(self) -> dict[str, torch.Tensor]:
-        return {name: self.checkpoint.get(name) for name in self._names(None)}
 
 
 # ---- building blocks ----------------------------------------------------------------------------------
