@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+def _scaled(n: float, units: tuple[str, ...], sep: str) -> str:
+    """n in steps of 1000 with two decimals, whole numbers below the first step."""
+    step = 0
+    while abs(n) >= 1000 and step < len(units) - 1:
         n /= 1000
-    return f"{n:.2f} TB"
+        step += 1
+    unit = units[step]
+    return f"{n:.0f}{sep}{unit}" if unit == units[0] else f"{n:.2f}{sep}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    return _scaled(n, ("B", "KB", "MB", "GB", "TB"), " ")
 
 
 def human_count(n: float) -> str:
-    for unit in ("", "K", "M", "B", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "" else f"{n:.2f}{unit}"
-        n /= 1000
-    return f"{n:.2f}T"
+    return _scaled(n, ("", "K", "M", "B", "T"), "")
