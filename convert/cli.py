@@ -42,7 +42,8 @@ def convert_cmd(
     """
     import warnings
 
-    from convert.job import ConvertOptions, RotaryWarning, plan_convert, rotary_warning, run_convert
+    from m1.convert.job import ConvertOptions, RotaryWarning, plan_convert, rotary_warning, run_convert
+
     from m1.checkpoint import Checkpoint
     from m1.errors import UsageError
     from m1.writer import iter_plan_lines, parse_size

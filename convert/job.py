@@ -136,7 +136,7 @@ def make_producer(ckpt: Checkpoint, plan: WritePlan, how: dict[str, tuple[str, s
             return Produced(out.dtype, out.shape,
                             (tensor_bytes(torch.frombuffer(chunk, dtype=src).to(dst))
                              for _, chunk in ckpt.iter_chunks(source, 32 << 20)))
-        from quantize.codec import dequantize_weight
+        from m1.quantize.codec import dequantize_weight
 
         weight = dequantize_weight(ckpt, source).to(TORCH_DTYPES[out.dtype])
         assert DTYPE_NAMES[weight.dtype] == out.dtype

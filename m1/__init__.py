@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 def load_pretrained(path: str, **kwargs: Any) -> Any:
     """A transformers MiniMaxForCausalLM whose experts run bitsandbytes-quantized (see quantize.loader)."""
-    from quantize.loader import load_pretrained as _load
+    from m1.quantize.loader import load_pretrained as _load
 
     return _load(path, **kwargs)

@@ -28,18 +28,17 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from convert.cli import register as register_convert
+    from m1.convert.cli import register as register_convert
     from m1.core_cli import register as register_core
-    from quantize.cli import register as register_quantize
-    from verify.cli import register as register_verify
+    from m1.hub_cli import register as register_hub
+    from m1.quantize.cli import register as register_quantize
+    from m1.verify.cli import register as register_verify
 
     register_core(app)
     register_convert(app)
     register_quantize(app)
-    register_verify(app)
-    from m1.hub_cli import register as register_hub
-
-    register_hub(app)
+    verify_app = register_verify(app)
+    register_hub(app, verify_app)
 
 
 _register()

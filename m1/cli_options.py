@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from m1.integrity import IntegrityReport
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 RevisionOpt = Annotated[
@@ -33,3 +36,20 @@ def check_layout(layout: str) -> bool:
     if layout not in ("size", "by-layer"):
         raise UsageError(f"--layout must be 'size' or 'by-layer', got {layout!r}")
     return layout == "by-layer"
+
+
+def print_report(report: IntegrityReport, source: str, deep: bool, json_out: bool) -> None:
+    """Findings one per line (or JSON), a verdict line, and exit 1 when there are findings."""
+    if json_out:
+        print_json(report.to_json())
+    else:
+        for finding in report.findings:
+            typer.echo(finding.line())
+        stats = report.stats
+        verdict = "sound" if report.ok else f"{len(report.findings)} findings"
+        typer.echo(f"{source}: {verdict} ({stats.get('tensors', '?')} tensors in {stats.get('shards', '?')} shards"
+                   f"{', deep' if deep else ''})")
+    if not report.ok:
+        raise typer.Exit(1)
+
+

@@ -287,8 +287,8 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     """
     from huggingface_hub import HfApi
 
+    from m1.integrity import check_integrity
     from m1.safetensors_io import write_bytes_atomic
-    from verify.integrity import check_integrity
 
     check_repo_id(repo_id)
     if not folder.is_dir():
@@ -331,7 +331,7 @@ def verify_remote(repo_id: str, revision: str | None = None, against: Path | Non
     sha256 of each shard against a local copy or manifest (`against`) and against the m1-manifest.json
     pushed with the repo, when there is one."""
     from m1.hub_read import fetch_headers, model_info, open_remote
-    from verify.integrity import IntegrityReport, check_checkpoint
+    from m1.integrity import IntegrityReport, check_checkpoint
 
     check_repo_id(repo_id)
     if against is not None and not against.exists():

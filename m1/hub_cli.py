@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from m1.cli_options import JsonOpt, RevisionOpt, print_json
-from verify.cli import print_report, verify_app
+from m1.cli_options import JsonOpt, RevisionOpt, print_json, print_report
 
 RepoIdArg = Annotated[str, typer.Argument(help="Hub repo id, owner/name.")]
 
@@ -69,7 +68,6 @@ def pull_cmd(
                    f"({len(result.files)} files, {human_bytes(result.bytes)})")
 
 
-@verify_app.command("remote")
 def remote_cmd(
     repo_id: RepoIdArg,
     revision: RevisionOpt = None,
@@ -91,6 +89,7 @@ def remote_cmd(
     print_report(report, repo_id, False, json_out)
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, verify_app: typer.Typer) -> None:
     app.command("push")(push_cmd)
     app.command("pull")(pull_cmd)
+    verify_app.command("remote")(remote_cmd)

@@ -1,4 +1,4 @@
-"""`m1 quantize` (registered by quantize.quantize_cli once the quantize job exists)."""
+"""`m1 quantize`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    try:
-        from quantize.quantize_cli import quantize_cmd
-    except ModuleNotFoundError as exc:
-        if exc.name != "quantize.quantize_cli":
-            raise
-        return
+    from m1.quantize.quantize_cli import quantize_cmd
+
     app.command("quantize")(quantize_cmd)

@@ -11,10 +11,10 @@ flattened tensor, or `int8_vectorwise_dequant` (weight * SCB / 127).
 from __future__ import annotations
 
 import torch
+from m1.quantize.schemes import NESTED_BLOCKSIZE, Scheme
 
 from m1.errors import CheckpointError, UsageError
 from m1.spec import QUANT_COMPANIONS, TensorSpec
-from quantize.schemes import NESTED_BLOCKSIZE, Scheme
 
 _BNB: list = []
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from m1.quantize.policy import Policy, skip_modules
+from m1.quantize.schemes import Scheme
 
 from m1 import safetensors_io
 from m1.checkpoint import Checkpoint
@@ -37,8 +39,6 @@ from m1.safetensors_io import DTYPE_NAMES, Produced, tensor_bytes, write_json_at
 from m1.spec import DTYPE_BYTES, Role, classify, spec_by_name
 from m1.units import human_bytes, human_count
 from m1.writer import PROGRESS, OutTensor, ShardPlan, WritePlan, execute, plan_shards, prepare_destination, shard_name
-from quantize.policy import Policy, skip_modules
-from quantize.schemes import Scheme
 
 
 class RowBlockWarning(UserWarning):
@@ -69,7 +69,7 @@ class SrcTensor:
 
 def checkpoint_tensors(ckpt: Checkpoint) -> list[SrcTensor]:
     """Every tensor of a checkpoint from its headers, in spec order (an unknown name is an error)."""
-    from convert.job import ordered_names
+    from m1.convert.job import ordered_names
 
     out = []
     for name in ordered_names(ckpt):
@@ -250,7 +250,7 @@ def _pack(groups: list[list[OutTensor]], shard_size: int, by_layer: bool) -> lis
 
 
 def plan_from_checkpoint(ckpt: Checkpoint, opts: QuantizeOptions) -> QuantPlan:
-    from convert.job import base_model_of
+    from m1.convert.job import base_model_of
 
     return plan_quantize(ckpt.config, checkpoint_tensors(ckpt), opts, source=str(ckpt.root),
                          extra_files=ckpt.extra_files(), base_model=base_model_of(ckpt), revision=ckpt.revision)
@@ -340,7 +340,7 @@ class _Producer:
         self.reader.shutdown(wait=True, cancel_futures=True)
 
     def _quantize(self, weight: torch.Tensor, name: str) -> list[tuple[str, torch.Tensor]]:
-        from quantize.codec import quantize_weight
+        from m1.quantize.codec import quantize_weight
 
         return quantize_weight(self.ctx.plan.scheme, weight, self.device, name)
 
@@ -495,10 +495,11 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
                  threads: int | None = None, resume: bool = False, overwrite: bool = False,
                  show_progress: bool = True, plan: QuantPlan | None = None) -> dict[str, Any]:
     """Quantize `ckpt` into `dest`; returns what was written and how fast."""
+    from m1.quantize.codec import check_supported
+
     from m1.devices import resolve_device
     from m1.progress import count_progress
     from m1.writer import _load_progress
-    from quantize.codec import check_supported
 
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")

@@ -16,12 +16,12 @@ import warnings
 from typing import Any
 
 import torch
+from m1.quantize.codec import bnb_functional, dequantize_flat, is_quantized, quant_state, read_pieces
 from torch import nn
 
 from m1.checkpoint import Checkpoint
 from m1.errors import CheckpointError, UsageError
 from m1.spec import Role, classify
-from quantize.codec import bnb_functional, dequantize_flat, is_quantized, quant_state, read_pieces
 
 PROJECTIONS = ("w1", "w3", "w2")  # gate, up, down: transformers' gate_up_proj[e] = [w1; w3], down_proj[e] = w2
 
@@ -128,15 +128,14 @@ def load_pretrained(path: str, *, dtype: torch.dtype = torch.bfloat16, device: s
     Quantized experts stay quantized on `device` and are dequantized per use; every other tensor is
     loaded in `dtype` (transformers' MiniMax needs one dtype: the router is cast too).
     """
+    from m1.convert.job import RotaryWarning, rotary_warning
     from transformers import MiniMaxConfig, MiniMaxForCausalLM
     from transformers.models.minimax import modeling_minimax as mm
-
-    from convert.job import RotaryWarning, rotary_warning
 
     ckpt = Checkpoint.open(path, revision=revision)
     cfg = ckpt.config
     if cfg.quantization_config is not None:
-        from quantize.schemes import Scheme
+        from m1.quantize.schemes import Scheme
 
         Scheme.from_quantization_config(cfg.quantization_config, f"{path}/config.json")  # a bnb config, or an error
     message = rotary_warning(ckpt, "hf")

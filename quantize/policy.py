@@ -81,6 +81,6 @@ def _pattern_hint(pattern: Pattern) -> str:
 
 def skip_modules(kept_experts: Iterable[str]) -> list[str]:
     """llm_int8_skip_modules: the non-expert leaf names, plus full module names of experts kept unquantized."""
-    from quantize.schemes import SKIP_MODULES
+    from m1.quantize.schemes import SKIP_MODULES
 
     return [*SKIP_MODULES, *(name[: -len(".weight")] for name in kept_experts)]

@@ -52,13 +52,14 @@ def quantize_cmd(
     Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
     m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run
     """
+    from m1.quantize.codec import check_supported
+    from m1.quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
+    from m1.quantize.policy import Policy
+    from m1.quantize.schemes import Scheme
+
     from m1.checkpoint import Checkpoint
     from m1.devices import resolve_device
     from m1.writer import parse_size
-    from quantize.codec import check_supported
-    from quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
-    from quantize.policy import Policy
-    from quantize.schemes import Scheme
 
     opts = QuantizeOptions(
         scheme=Scheme.make(scheme, blocksize, double_quant),

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from m1.verify.metrics import RefPositions, kl_from_top, perplexity
 from safetensors.torch import load_file, save_file
 
 from m1.tiny import TinySpec, make_tiny
-from verify.metrics import RefPositions, kl_from_top, perplexity
 
 TOKENS = ["--tokens", "1024", "--ctx", "128", "--device", "cpu", "-q"]
 
@@ -108,7 +108,7 @@ def test_stored_reference_gives_the_same_agreement(ref_model: Path, run, tmp_pat
 
 
 def test_token_ids_input_matches_text(ref_model: Path, run, tmp_path: Path) -> None:
-    from verify.text import corpus_text
+    from m1.verify.text import corpus_text
 
     ids = list(corpus_text("mr-niah").encode("utf-8"))[:1024]
     path = tmp_path / "ids.json"
@@ -129,7 +129,7 @@ def test_perplexity_matches_transformers(tmp_path: Path, run) -> None:
                          "--json")
     assert code == 0, err
     ours = json.loads(out)
-    from verify.text import corpus_text
+    from m1.verify.text import corpus_text
 
     ids = torch.tensor(list(corpus_text("mr-niah").encode("utf-8"))[:512]).reshape(4, 128)
     model = transformers.MiniMaxForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()

@@ -12,12 +12,12 @@ import re
 import shutil
 from pathlib import Path
 
+import m1.convert.job
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import convert.job
 import m1.safetensors_io
 import m1.writer
 
@@ -329,7 +329,7 @@ def test_interrupt_then_resume(tiny: Path, tmp_path: Path, run, reference: Path,
         count_writes(monkeypatch, fail_after=2)
     else:  # Ctrl-C halfway through the third shard
         stop_at = len(planned[0]) + len(planned[1]) + len(planned[2]) // 2
-        real_producer = convert.job.make_producer
+        real_producer = m1.convert.job.make_producer
 
         def interrupting_producer(*args, **kwargs):
             produce = real_producer(*args, **kwargs)
@@ -343,7 +343,7 @@ def test_interrupt_then_resume(tiny: Path, tmp_path: Path, run, reference: Path,
 
             return produce_then_stop
 
-        monkeypatch.setattr(convert.job, "make_producer", interrupting_producer)
+        monkeypatch.setattr(m1.convert.job, "make_producer", interrupting_producer)
     code, _, err = run("convert", tiny, dest, *ARGS, "-q")
     monkeypatch.undo()
     assert code == 130

@@ -11,10 +11,7 @@ import math
 
 import pytest
 import torch
-
-from m1.config import M1Config
-from m1.spec import inventory
-from verify.engine import (
+from m1.verify.engine import (
     DictSource,
     EngineOutput,
     forward_layer,
@@ -23,7 +20,10 @@ from verify.engine import (
     run,
     run_layer,
 )
-from verify.lightning import alibi_slopes, layer_slopes, lightning_attention
+from m1.verify.lightning import alibi_slopes, layer_slopes, lightning_attention
+
+from m1.config import M1Config
+from m1.spec import inventory
 
 try:  # the repo root on sys.path (python -m pytest), or tests/ made a package
     from tests.reference_m1 import recurrent_lightning, reference_logits, release_slopes
@@ -261,7 +261,7 @@ def test_forward_is_differentiable_and_bf16_is_close() -> None:
     weights = {k: v.clone().requires_grad_(True) for k, v in random_weights(cfg, seed=16).items()}
     source = DictSource(weights)
     tokens = random_tokens(24, seed=17, batch=2)
-    from verify.engine import embed
+    from m1.verify.engine import embed
 
     hidden = embed(source.global_weights(), tokens)
     for layer in range(cfg.num_hidden_layers):
@@ -284,10 +284,10 @@ def test_forward_is_differentiable_and_bf16_is_close() -> None:
 
 
 def test_checkpoint_source_reads_the_release_layout(tmp_path) -> None:
+    from m1.verify.sources import CheckpointWeights
     from safetensors.torch import load_file
 
     from m1.tiny import TinySpec, make_tiny
-    from verify.sources import CheckpointWeights
 
     cfg = make_tiny(tmp_path / "tiny", TinySpec(block_size=8))
     source = CheckpointWeights.open(str(tmp_path / "tiny"))
@@ -302,10 +302,11 @@ def test_checkpoint_source_reads_the_release_layout(tmp_path) -> None:
 
 
 def test_checkpoint_weights_dequantize_bitsandbytes_experts(tmp_path) -> None:
+    from m1.verify.sources import CheckpointWeights
+
     from m1.cli import run_cli
     from m1.spec import inventory
     from m1.tiny import TinySpec, make_tiny
-    from verify.sources import CheckpointWeights
 
     cfg = make_tiny(tmp_path / "tiny", TinySpec(intermediate=128))
     assert run_cli(["quantize", str(tmp_path / "tiny"), str(tmp_path / "nf4"), "--scheme", "nf4", "-q"]) == 0
@@ -321,11 +322,11 @@ def test_checkpoint_weights_dequantize_bitsandbytes_experts(tmp_path) -> None:
 
 
 def test_shipped_tiny_trained_model_has_learned() -> None:
-    """tests/data/tiny-trained (m1/train_tiny.py) predicts its held-out bytes far better than chance."""
+    """tests/data/tiny-trained (scripts/train_tiny.py) predicts its held-out bytes far better than chance."""
     import json
     from pathlib import Path
 
-    from verify.sources import CheckpointWeights
+    from m1.verify.sources import CheckpointWeights
 
     root = Path(__file__).parent / "data" / "tiny-trained"
     source = CheckpointWeights.open(str(root))

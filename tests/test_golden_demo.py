@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from golden import tree_digests
 
 DATA = Path(__file__).parent / "data"

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from m1.quantize.codec import bnb_functional, expected_tensors
+from m1.quantize.job import QuantizeOptions, index_tensors, plan_quantize
+from m1.quantize.policy import Policy
+from m1.quantize.schemes import SKIP_MODULES, Scheme
 from safetensors import safe_open
 
 from m1.cli import run_cli
 from m1.config import M1Config
 from m1.spec import Role, classify, spec_by_name
 from m1.tiny import TinySpec, make_tiny
-from quantize.codec import bnb_functional, expected_tensors
-from quantize.job import QuantizeOptions, index_tensors, plan_quantize
-from quantize.policy import Policy
-from quantize.schemes import SKIP_MODULES, Scheme
 
 RELEASE = Path(__file__).parent / "data" / "m1-release"
 SCHEMES = {"nf4": [], "fp4": [], "nf4-no-dq": ["--no-double-quant"], "int8": []}
@@ -86,7 +86,7 @@ def outputs(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     root = tmp_path_factory.mktemp("quantized")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("quantize.codec.CHUNK_VALUES", 1000)  # quantize a few rows at a time, as for full-size experts
+        mp.setattr("m1.quantize.codec.CHUNK_VALUES", 1000)  # quantize a few rows at a time, as for full-size experts
         for key, extra in SCHEMES.items():
             out[key] = root / key
             quantize(src, out[key], "--scheme", key.split("-")[0], *extra)
@@ -162,7 +162,7 @@ def test_bytes_equal_what_bitsandbytes_modules_serialize(outputs: dict[str, Path
 
 @pytest.mark.parametrize("scheme", [Scheme.make("nf4"), Scheme.make("fp4", 128, False), Scheme.make("int8")])
 def test_row_chunks_quantize_to_the_same_bytes(scheme: Scheme, monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantize import codec
+    from m1.quantize import codec
 
     w = (torch.randn(300, 256, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
     whole = codec.quantize_weight(scheme, w, torch.device("cpu"))
@@ -193,7 +193,7 @@ def test_bitsandbytes_linear4bit_loads_our_tensors(outputs: dict[str, Path]) -> 
 @pytest.mark.parametrize("key", ["nf4", "int8"])
 def test_config_integrity_inspect(src: Path, outputs: dict[str, Path], key: str) -> None:
     from m1.inspect import inspect_checkpoint
-    from verify.integrity import check_integrity
+    from m1.integrity import check_integrity
 
     config = json.loads((outputs[key] / "config.json").read_text())
     qc = config["quantization_config"]
@@ -220,7 +220,7 @@ def test_config_integrity_inspect(src: Path, outputs: dict[str, Path], key: str)
 
 @pytest.mark.parametrize("key", ["nf4", "int8"])
 def test_convert_dequantizes_to_plain_bf16(outputs: dict[str, Path], tmp_path: Path, key: str) -> None:
-    from verify.integrity import check_integrity
+    from m1.integrity import check_integrity
 
     dest = tmp_path / "bf16"
     assert run_cli(["convert", str(outputs[key]), str(dest), "--dtype", "bf16", "--quiet"]) == 0
@@ -252,7 +252,7 @@ def test_expected_tensors_for_a_kept_weight_is_empty() -> None:
 
 
 def test_keep_and_only(src: Path, tmp_path: Path) -> None:
-    from verify.integrity import check_integrity
+    from m1.integrity import check_integrity
 
     dest = tmp_path / "mixed"
     quantize(src, dest, "--scheme", "nf4", "--keep", r"re:layers\.0\.", "--only", r"re:experts\.[01]\.")
@@ -338,7 +338,7 @@ def test_two_workers_write_the_same_bytes(src: Path, tmp_path: Path) -> None:
 def test_disk_full_mid_run_then_resume(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
     from m1 import safetensors_io
-    from verify.integrity import check_integrity
+    from m1.integrity import check_integrity
 
     real = safetensors_io.write_shard
     calls = {"shards": 0}

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from m1.cli_options import JsonOpt, QuietOpt, RevisionOpt, print_json
+from m1.cli_options import JsonOpt, QuietOpt, RevisionOpt
 
 verify_app = typer.Typer(
     help="Check checkpoints: integrity, agreement, perplexity.\n\nExample: m1 verify integrity out-hf/ --deep",
@@ -31,8 +31,9 @@ def integrity_cmd(
     Exit 0 when sound, 1 with a list of findings, 2 on usage errors.
     Example: m1 verify integrity out-hf/ --deep --json
     """
+    from m1.cli_options import print_report
     from m1.hub import parse_layers
-    from verify.integrity import check_integrity
+    from m1.integrity import check_integrity
 
     report = check_integrity(source, deep=deep, check_hashes=not no_hash, revision=revision,
                              show_progress=not quiet and not json_out,
@@ -40,26 +41,10 @@ def integrity_cmd(
     print_report(report, source, deep, json_out)
 
 
-def print_report(report, source: str, deep: bool, json_out: bool) -> None:  # noqa: ANN001
-    """Findings one per line (or JSON), a verdict line, and exit 1 when there are findings."""
-    if json_out:
-        print_json(report.to_json())
-    else:
-        for finding in report.findings:
-            typer.echo(finding.line())
-        stats = report.stats
-        verdict = "sound" if report.ok else f"{len(report.findings)} findings"
-        typer.echo(f"{source}: {verdict} ({stats.get('tensors', '?')} tensors in {stats.get('shards', '?')} shards"
-                   f"{', deep' if deep else ''})")
-    if not report.ok:
-        raise typer.Exit(1)
+def register(app: typer.Typer) -> typer.Typer:
+    """Adds `m1 verify` to `app`; returns the group, so that other modules add their checks to it."""
+    from m1.verify.metrics_cli import register as register_metrics
 
-
-def register(app: typer.Typer) -> None:
-    for module in ("verify.metrics_cli", "m1.hub_cli"):  # more verify commands register on verify_app when they exist
-        try:
-            __import__(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    register_metrics(verify_app)
     app.add_typer(verify_app, name="verify")
+    return verify_app

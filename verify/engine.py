@@ -10,7 +10,7 @@ layer plus the activations. Everything is computed in `dtype` (fp32 by default),
 and the router, RoPE tables, lightning state and lm_head are always fp32.
 
 The building blocks (`forward_layer`, `embed`, `head`) are plain differentiable torch functions over a dict
-of tensors, so they serve training (m1/train_tiny.py) and per-layer error metrics alike: "isolated" mode
+of tensors, so they serve training (scripts/train_tiny.py) and per-layer error metrics alike: "isolated" mode
 feeds a candidate layer the reference's layer input with `forward_layer` / `run_layer`.
 """
 
@@ -23,9 +23,9 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+from m1.verify.lightning import layer_slopes, lightning_attention
 
 from m1.config import M1Config
-from verify.lightning import layer_slopes, lightning_attention
 
 LIGHTNING_NORM_EPS = 1e-6  # the release builds the lightning output RMSNorm with its default eps
 

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from m1.cli_options import JsonOpt, QuietOpt, print_json
-from verify.cli import verify_app
 
 TextOpt = Annotated[Path | None, typer.Option("--text", help="A UTF-8 text file to evaluate on.")]
 CorpusOpt = Annotated[str, typer.Option("--corpus", help="Bundled text: mr-niah (held-out part) or mr-niah-10240.")]
@@ -35,8 +34,9 @@ def _compute_dtype(name: str):  # noqa: ANN202
 
 def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: Path | None, ctx: int, tokens: int,
              second_half: bool):  # noqa: ANN202
+    from m1.verify.text import corpus_text, load_token_ids, load_tokenizer, make_windows
+
     from m1.errors import UsageError
-    from verify.text import corpus_text, load_token_ids, load_tokenizer, make_windows
 
     if token_ids is not None:
         ids, what = load_token_ids(token_ids), str(token_ids)
@@ -57,13 +57,12 @@ def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: P
 
 
 def _model(source: str):  # noqa: ANN202
-    from verify.compare import Model
-    from verify.sources import CheckpointWeights
+    from m1.verify.compare import Model
+    from m1.verify.sources import CheckpointWeights
 
     return Model(source, CheckpointWeights.open(source))
 
 
-@verify_app.command("perplexity")
 def perplexity_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder.")],
     text: TextOpt = None,
@@ -82,9 +81,10 @@ def perplexity_cmd(
 
     Example: m1 verify perplexity m1-40k/ --text wiki.txt --ctx 2048 --tokens 65536 --device cuda
     """
+    from m1.verify.compare import model_perplexity
+
     from m1.devices import resolve_device
     from m1.progress import count_progress
-    from verify.compare import model_perplexity
 
     model = _model(source)
     windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)
@@ -98,7 +98,6 @@ def perplexity_cmd(
                    f"{result['tokens_scored']} tokens ({result['windows']} windows of {result['ctx']}, {what})")
 
 
-@verify_app.command("compare")
 def compare_cmd(
     models: Annotated[list[str], typer.Argument(help="REF CAND [CAND ...], or only candidates with --ref-logits.")],
     ref_logits: Annotated[
@@ -128,11 +127,12 @@ def compare_cmd(
     Exit 1 when a threshold fails (for CI).
     Example: m1 verify compare m1-40k/ m1-nf4/ --corpus mr-niah --tokens 32768 --report report/ --max-kl 0.05
     """
+    from m1.verify.compare import Thresholds, compare, compare_to_saved, load_reference
+    from m1.verify.report import markdown_table, write_report
+
     from m1.devices import resolve_device
     from m1.errors import UsageError
     from m1.progress import count_progress
-    from verify.compare import Thresholds, compare, compare_to_saved, load_reference
-    from verify.report import markdown_table, write_report
 
     thresholds = Thresholds(max_kl, min_top1, max_ppl_ratio)
     dev, cdtype = resolve_device(device), _compute_dtype(dtype)
@@ -169,7 +169,6 @@ def compare_cmd(
         raise typer.Exit(1)
 
 
-@verify_app.command("logits")
 def logits_cmd(
     source: Annotated[str, typer.Argument(help="The reference checkpoint folder.")],
     save: Annotated[Path, typer.Option("--save", help="Where to write the reference (.safetensors).")],
@@ -190,9 +189,10 @@ def logits_cmd(
 
     Example: m1 verify logits m1-40k/ --save ref-logits.safetensors ; m1 verify compare --ref-logits ... m1-nf4/
     """
+    from m1.verify.compare import reference_run, save_reference
+
     from m1.devices import resolve_device
     from m1.progress import count_progress
-    from verify.compare import reference_run, save_reference
 
     model = _model(source)
     windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)
@@ -204,3 +204,9 @@ def logits_cmd(
         print_json(result)
     else:
         typer.echo(f"saved {result['positions']} positions (top-{result['top_k']}) of {source} to {save}")
+
+
+def register(verify_app: typer.Typer) -> None:
+    verify_app.command("perplexity")(perplexity_cmd)
+    verify_app.command("compare")(compare_cmd)
+    verify_app.command("logits")(logits_cmd)

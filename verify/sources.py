@@ -30,7 +30,7 @@ class CheckpointWeights:
         info = self.ckpt.info(name)
         if info.dtype in FLOAT_DTYPES:
             return self.ckpt.get(name)
-        from quantize.codec import dequantize_weight
+        from m1.quantize.codec import dequantize_weight
 
         return dequantize_weight(self.ckpt, name)
 

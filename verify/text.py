@@ -35,7 +35,7 @@ def corpus_text(name: str, holdout: bool = True) -> str:
     if name not in CORPORA:
         raise UsageError(f"unknown corpus {name!r}", hint=f"choose one of {', '.join(CORPORA)}")
     lines = (corpus_dir() / CORPORA[name]).read_text(encoding="utf-8").splitlines()
-    # The same text and the same byte cut as the tiny model's training recipe (m1/train_tiny.py).
+    # The same text and the same byte cut as the tiny model's training recipe (scripts/train_tiny.py).
     data = "\n".join(
         m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"] if m.get("content")
     ).encode("utf-8")

@@ -56,7 +56,7 @@ def expected_quantized(ckpt: Checkpoint, spec: TensorSpec) -> dict[str, tuple[st
     qconfig = ckpt.config.quantization_config
     if qconfig is None:
         return None
-    from quantize.codec import expected_tensors
+    from m1.quantize.codec import expected_tensors
 
     return expected_tensors(qconfig, spec, ckpt.weight_map)
 
@@ -285,3 +285,4 @@ def _layer_of(name: str) -> int | None:
         return classify(name).layer
     except M1Error:
         return None
+

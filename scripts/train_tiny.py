@@ -1,6 +1,6 @@
 """Train a tiny byte-level MiniMax-M1 that has learned something, and save it in the release layout.
 
-    python -m m1.train_tiny OUTDIR [--steps N] [--seed S] [--overwrite]
+    python scripts/train_tiny.py OUTDIR [--steps N] [--seed S] [--overwrite]
 
 Why: random tiny models say nothing about whether a conversion or quantization kept the model's
 behaviour (their next-byte distributions are near uniform). A trained one has peaked distributions and a
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from m1.verify.engine import DictSource, embed, forward_layer, head, next_token_nll, rope_tables, run
 from safetensors.torch import load_file
 
 from m1.config import M1Config
 from m1.spec import Role, inventory
 from m1.tiny import TinySpec, save_release, tiny_config
 from m1.writer import prepare_destination
-from verify.engine import DictSource, embed, forward_layer, head, next_token_nll, rope_tables, run
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "corpus" / "mr-niah-en-2048.jsonl"
 
@@ -188,7 +188,7 @@ def readme(command: str, report: dict[str, float], r: Recipe, corpus_bytes: int,
     return f"""# tiny-trained: a byte-level MiniMax-M1 that has learned something
 
 Made by `{command}`
-(recipe: `m1/train_tiny.py`; seed {r.seed}; {r.steps} AdamW steps of {r.batch} x {r.seq_len} bytes;
+(recipe: `scripts/train_tiny.py`; seed {r.seed}; {r.steps} AdamW steps of {r.batch} x {r.seq_len} bytes;
 {report["train_seconds"]} s wall time with 2 CPU threads). The run is seeded, but torch CPU training is not
 bitwise portable across CPU types or torch versions: a rerun gives a model of the same quality, not the same bytes.
 
@@ -216,7 +216,7 @@ to unseen English.
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m m1.train_tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/train_tiny.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--steps", type=int, default=Recipe.steps)
     parser.add_argument("--seed", type=int, default=Recipe.seed)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "files_bytes": sum(f.stat().st_size for f in args.outdir.iterdir() if f.is_file()),
     }
     print(json.dumps(report, indent=2))
-    command = "python -m m1.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python scripts/train_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (args.outdir / "README.md").write_text(readme(command, report, recipe, len(data), len(train_ids)))
     return 0
 
