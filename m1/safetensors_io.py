@@ -95,9 +95,85 @@ class Header:
         return max((t.end for t in self.tensors.values()), default=self.data_start)
 
 
+def _header_ints(value: Any, length: int | None = None) -> tuple[int, ...] | None:
+    """A JSON list of integers >= 0 that fit in 64 bits (no floats, bools or strings), as the safetensors
+    library requires; None if it is anything else."""
+    if not isinstance(value, list) or length is not None and len(value) != length:
+        return None
+    if not all(type(v) is int and 0 <= v < 1 << 64 for v in value):
+        return None
+    return tuple(value)
+
+
+def _header_metadata(value: Any, file: str) -> dict[str, str]:
+    """`__metadata__`: absent, null or a string -> string map, nothing else (the library's rule)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise CheckpointError(f"corrupt header: __metadata__ must map strings to strings, got {json.dumps(value)[:80]}",
+                              file=file, hint="re-download or re-convert this shard")
+    return value
+
+
+def _header_entry(name: str, entry: Any, file: str) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one tensor entry, every field checked for its JSON type."""
+    hint = "re-download or re-convert this shard"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"corrupt header entry: {json.dumps(entry)[:80]} is not an object", file=file,
+                              tensor=name, hint=hint)
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise CheckpointError(f"corrupt header entry: no {key!r}", file=file, tensor=name, hint=hint)
+    dtype = entry["dtype"]
+    shape = _header_ints(entry["shape"])
+    offsets = _header_ints(entry["data_offsets"], 2)
+    if shape is None:
+        raise CheckpointError(f"corrupt header entry: shape {json.dumps(entry['shape'])[:80]} is not a list of "
+                              "non-negative integers", file=file, tensor=name, hint=hint)
+    if offsets is None:
+        raise CheckpointError(f"corrupt header entry: data_offsets {json.dumps(entry['data_offsets'])[:80]} is not "
+                              "two non-negative integers", file=file, tensor=name, hint=hint)
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise CheckpointError(f"unknown dtype {json.dumps(dtype)[:40]} (m1 reads {', '.join(DTYPE_BYTES)})",
+                              file=file, tensor=name, hint=hint)
+    begin, end = offsets
+    if end < begin or end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
+        raise CheckpointError(f"corrupt header: offsets {begin}..{end} do not fit {dtype}{list(shape)}",
+                              file=file, tensor=name, hint=hint)
+    return dtype, shape, begin, end
+
+
+def _check_data_layout(tensors: Iterable[TensorInfo], data_start: int, file_size: int, file: str) -> None:
+    """The data section is covered exactly, as the safetensors library requires: sorted by offsets, the
+    tensors start at its first byte, each begins where the previous one ends (no overlap, no gap), and
+    the last ends at the end of the file."""
+    hint = "re-download or re-convert this shard"
+    spans = sorted((t.start, t.end, t.name) for t in tensors)
+    last = max(spans, key=lambda s: s[1], default=None)
+    if last is not None and last[1] > file_size:
+        raise CheckpointError(f"truncated: data ends at byte {last[1]} but the file has {file_size}", file=file,
+                              tensor=last[2], hint=hint)
+    position, previous = data_start, None
+    for begin, end, name in spans:
+        offsets = f"{begin - data_start}..{end - data_start}"
+        if begin < position:
+            raise CheckpointError(f"corrupt header: data_offsets {offsets} overlap the bytes of tensor {previous[2]} "
+                                  f"({previous[0] - data_start}..{previous[1] - data_start})", file=file, tensor=name,
+                                  hint=hint)
+        if begin > position:
+            raise CheckpointError(f"corrupt header: the {begin - position} bytes before its data_offsets {offsets} "
+                                  "belong to no tensor", file=file, tensor=name, hint=hint)
+        position, previous = end, (begin, end, name)
+    if position != file_size:
+        raise CheckpointError(f"corrupt header: the {file_size - position} bytes after the last tensor's data belong "
+                              "to no tensor", file=file, tensor=previous[2] if previous else None, hint=hint)
+
+
 def parse_header(raw: bytes, file: str, file_size: int, relative: str | None = None) -> Header:
     """Parse a header from the first bytes of a file (at least 8 + its declared length).
 
+    As strict as the safetensors library: integer offsets and dims, known dtypes, a string map for
+    `__metadata__`, and a data section covered exactly by the tensors (no overlap, gap or trailing bytes).
     `file` names the file in errors; `relative` (default: `file`) is the shard's path relative to the
     checkpoint root, recorded in each TensorInfo so that the reader can open it again.
     """
@@ -115,29 +191,14 @@ def parse_header(raw: bytes, file: str, file_size: int, relative: str | None = N
             raise ValueError("not an object")
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"corrupt header: not valid JSON ({exc})", file=file, hint="re-download it") from None
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = _header_metadata(obj.pop("__metadata__", None), file)
     data_start = 8 + n
     tensors: dict[str, TensorInfo] = {}
     for name, entry in obj.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError("corrupt header entry", file=file, tensor=name, hint="re-download it") from None
-        if dtype not in DTYPE_BYTES:
-            raise CheckpointError(f"unknown dtype {dtype!r}", file=file, tensor=name)
-        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or begin < 0:
-            raise CheckpointError(f"corrupt header: offsets {begin}..{end} do not fit {dtype}{list(shape)}",
-                                  file=file, tensor=name, hint="re-download it")
+        dtype, shape, begin, end = _header_entry(name, entry, file)
         tensors[name] = TensorInfo(name, dtype, shape, relative or file, data_start + begin, data_start + end)
-    header = Header(file, tensors, metadata, data_start, file_size)
-    if header.data_end > file_size:
-        raise CheckpointError(
-            f"truncated: data ends at byte {header.data_end} but the file has {file_size}", file=file,
-            tensor=max(tensors.values(), key=lambda t: t.end).name, hint="re-download or re-convert this shard",
-        )
-    return header
+    _check_data_layout(tensors.values(), data_start, file_size, file)
+    return Header(file, tensors, metadata, data_start, file_size)
 
 
 def read_header(path: Path, display: str | None = None, relative: str | None = None) -> Header:
