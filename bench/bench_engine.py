@@ -96,10 +96,10 @@ def bench_cpu(workdir: Path, batch: int, seq: int, repeats: int) -> dict:
 def bench_layer_gpu(seq: int = 8192) -> dict:
     """One full-size M1 layer (random weights, real shapes) over `seq` tokens on CUDA: time and peak memory."""
     import torch
-    from m1.verify.engine import forward_layer, rope_tables
 
     from m1.config import M1Config
     from m1.spec import inventory
+    from m1.verify.engine import forward_layer, rope_tables
 
     raw = json.loads((ROOT / "tests/data/m1-release/config.json").read_text())
     cfg = M1Config.from_dict(raw)

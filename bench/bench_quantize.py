@@ -92,9 +92,8 @@ def build_source(dest: Path, size: str, experts: int | None) -> tuple[M1Config, 
 
 def raw_quantize(src: Path, experts: list[str], device: str, threads: int | None) -> dict:
     """bitsandbytes' quantize_4bit alone, on the same tensors (read first, not timed)."""
-    from m1.quantize.codec import bnb_functional
-
     from m1.checkpoint import Checkpoint
+    from m1.schemes.bnb_codec import bnb_functional
 
     F = bnb_functional()
     before = torch.get_num_threads()

@@ -16,21 +16,28 @@ from m1.cli_options import (
     ResumeOpt,
     RevisionOpt,
     ShardSizeOpt,
+    VerboseOpt,
+    WorkersOpt,
     check_layout,
     print_json,
+    print_plan,
 )
+from m1.errors import UsageError
 
 
 def convert_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id.")],
     dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
-    to: Annotated[str | None, typer.Option("--to", help="'hf' (transformers' minimax) or 'release'.")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Output format: 'hf' (transformers' minimax) or 'release'.")
+                  ] = None,
     layout: LayoutOpt = "size",
     shard_size: ShardSizeOpt = "5GB",
     dtype: Annotated[str, typer.Option("--dtype", help="keep, bf16, fp16 or fp32 (dequantizes bnb experts).")] = "keep",
     router_dtype: Annotated[str, typer.Option("--router-dtype", help="Router dtype (stays fp32 by default).")] = "keep",
     revision: RevisionOpt = None,
     dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+    workers: WorkersOpt = 1,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -40,32 +47,23 @@ def convert_cmd(
 
     Example: m1 convert tiny-m1/ out-hf/ --to hf ;  m1 convert out-hf/ back/ --to release --layout by-layer --dtype bf16
     """
-    import warnings
-
-    from m1.convert.job import ConvertOptions, RotaryWarning, plan_convert, rotary_warning, run_convert
-
     from m1.checkpoint import Checkpoint
-    from m1.errors import UsageError
-    from m1.writer import iter_plan_lines, parse_size
+    from m1.convert.job import ConvertOptions, plan_convert, run_convert, warn_plan
+    from m1.formats import format_names
+    from m1.units import parse_size
 
-    if to not in (None, "hf", "release"):
-        raise UsageError(f"--to must be 'hf' or 'release', got {to!r}")
+    if to is not None and to not in format_names():
+        raise UsageError(f"--to must be one of {', '.join(repr(f) for f in format_names())}, got {to!r}")
     opts = ConvertOptions(to=to, by_layer=check_layout(layout), shard_size=parse_size(shard_size), dtype=dtype,
                           router_dtype=router_dtype)
     ckpt = Checkpoint.open(source, revision=revision)
+    plan = plan_convert(ckpt, opts)
     if dry_run:
-        plan, _ = plan_convert(ckpt, opts)
-        message = rotary_warning(ckpt, opts.to)
-        if message:
-            warnings.warn(message, RotaryWarning, stacklevel=1)
-        if json_out:
-            print_json({"dry_run": True, "dest": str(dest), **plan.summary(), "job": plan.job})
-        else:
-            typer.echo(f"plan for {dest} (dry run, nothing written):")
-            for line in iter_plan_lines(plan):
-                typer.echo("  " + line)
+        warn_plan(plan)
+        print_plan(plan, dest, json_out, verbose)
         return
-    manifest = run_convert(ckpt, dest, opts, resume=resume, overwrite=overwrite, show_progress=not quiet)
+    manifest = run_convert(ckpt, dest, opts, resume=resume, overwrite=overwrite, show_progress=not quiet,
+                           workers=workers, plan=plan)
     if json_out:
         print_json({"dest": str(dest), "shards": manifest["shards"]})
     else:

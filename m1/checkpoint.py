@@ -11,33 +11,25 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from m1.config import M1Config
-from m1.errors import CheckpointError, UsageError
-from m1.safetensors_io import TORCH_DTYPES, Header, TensorInfo, read_header
+from m1.dtypes import dtype_name, torch_dtype
+from m1.errors import CheckpointError, ConfigError, UsageError
+from m1.index import INDEX_NAMES, SINGLE_NAMES, Index, parse_index
+from m1.safetensors_io import Header, TensorInfo
 from m1.spec import classify
+from m1.storage import LocalStorage, Storage
 
 if TYPE_CHECKING:
     import torch
 
-INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHUNK_BYTES = 64 << 20
-
-
-def safe_relative(name: str, index_file: str, tensor: str | None = None) -> str:
-    """A weight_map file name must stay inside the checkpoint: no '..', no absolute path."""
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name.startswith("~"):
-        raise CheckpointError(f"weight_map names the file {name!r}, which is outside the checkpoint", file=index_file,
-                              tensor=tensor, hint="refusing it; fix the index so it names files inside the folder")
-    return name
 
 
 def is_repo_id(source: str) -> bool:
@@ -46,61 +38,84 @@ def is_repo_id(source: str) -> bool:
 
 @dataclass
 class Checkpoint:
-    root: str  # local folder, or repo id for a Hub checkpoint
+    storage: Storage
     config: M1Config
     weight_map: dict[str, str]  # tensor name -> file relative to root
     index_file: str | None
     index_metadata: dict[str, Any] = field(default_factory=dict)
-    revision: str | None = None
-    remote: bool = False
     _headers: dict[str, Header] = field(default_factory=dict, repr=False)
     _bin: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _local_files: dict[str, Path] = field(default_factory=dict, repr=False)
-    _remote_sizes: dict[str, int | None] = field(default_factory=dict, repr=False)
     _by_layer: tuple[int, dict[int | None, list[str]]] | None = field(default=None, repr=False)
+
+    @property
+    def root(self) -> str:
+        return self.storage.root
+
+    @property
+    def remote(self) -> bool:
+        return self.storage.remote
+
+    @property
+    def revision(self) -> str | None:
+        return self.storage.revision
 
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, source: str | Path, revision: str | None = None) -> Checkpoint:
         source = str(source)
         if is_repo_id(source):
-            from m1.hub_read import open_remote
+            from m1.hub_read import HubStorage
 
-            return open_remote(source, revision)
-        root = Path(source)
-        if not root.is_dir():
+            return cls.from_storage(HubStorage.open(source, revision))
+        if not Path(source).is_dir():
             raise UsageError("not a checkpoint folder or Hub repo id", file=source,
                              hint="give a folder holding config.json and safetensors shards, or owner/name")
-        config = M1Config.from_file(root / "config.json")
-        weight_map, index_file, meta = cls._read_index(root)
-        return cls(str(root), config, weight_map, index_file, meta)
+        return cls.from_storage(LocalStorage(source))
 
-    @staticmethod
-    def _read_index(root: Path) -> tuple[dict[str, str], str | None, dict[str, Any]]:
+    @classmethod
+    def from_storage(cls, storage: Storage) -> Checkpoint:
+        display = storage.display("config.json")
+        if not storage.exists("config.json"):
+            raise ConfigError("config.json not found", file=display, hint="point at a checkpoint directory")
+        try:
+            raw = json.loads(storage.read_bytes("config.json"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON ({exc.msg} at line {exc.lineno})", file=display) from None
+        except UnicodeDecodeError:
+            raise ConfigError("not valid JSON (not UTF-8 text)", file=display) from None
+        config = M1Config.from_dict(raw, source=display)
+        ckpt = cls(storage, config, {}, None)
+        index = ckpt._read_index()
+        ckpt.weight_map, ckpt.index_file, ckpt.index_metadata = index.weight_map, index.file, index.metadata
+        return ckpt
+
+    def _read_index(self) -> Index:
         for name in INDEX_NAMES:
-            path = root / name
-            if path.exists():
-                try:
-                    obj = json.loads(path.read_text())
-                    weight_map = obj["weight_map"]
-                    if not isinstance(weight_map, dict):
-                        raise TypeError
-                except (ValueError, KeyError, TypeError):
-                    raise CheckpointError("not a valid index (needs a weight_map object)", file=str(path)) from None
-                for tensor, file in weight_map.items():
-                    if not isinstance(file, str):
-                        raise CheckpointError("weight_map value is not a file name", file=str(path), tensor=tensor)
-                    safe_relative(file, str(path), tensor)
-                return dict(weight_map), name, obj.get("metadata") or {}
+            if self.storage.exists(name):
+                return parse_index(self.storage.read_bytes(name), self.storage.display(name), name)
         for name in SINGLE_NAMES:
-            path = root / name
-            if path.exists():
+            if self.storage.exists(name):
                 if name.endswith(".safetensors"):
-                    header = read_header(path, str(path))
-                    return {t: name for t in header.tensors}, None, {}
-                return {t: name for t in _load_bin(path)}, None, {}
-        raise CheckpointError("no model.safetensors(.index.json) or pytorch_model.bin(.index.json)", file=str(root),
+                    header = self.header(name)
+                    return Index({t: name for t in header.tensors})
+                return Index({t: name for t in _load_bin(self.local_path(name))})
+        raise CheckpointError("no model.safetensors(.index.json) or pytorch_model.bin(.index.json)", file=self.root,
                               hint="is this a checkpoint folder?")
+
+    def restricted(self, names: list[str]) -> Checkpoint:
+        """The same checkpoint seen through a subset of its tensors (headers shared, nothing re-read)."""
+        return replace(self, weight_map={n: self.weight_map[n] for n in names}, _by_layer=None)
+
+    def identity(self) -> dict[str, Any]:
+        """What a plan read: the storage's identity of config, index and shards (for --resume)."""
+        names = ["config.json", *([self.index_file] if self.index_file else []), *self.files()]
+        return {"revision": self.revision, "files": self.storage.identity(names)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_bin"] = {}  # a worker process reloads .bin tensors lazily instead of unpickling them
+        state["_headers"] = {k: v for k, v in self._headers.items() if not k.endswith(".bin")}
+        return state
 
     # ---- names -------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -124,17 +139,7 @@ class Checkpoint:
 
     # ---- headers -----------------------------------------------------------------------------------
     def local_path(self, file: str) -> Path:
-        if file in self._local_files:
-            return self._local_files[file]
-        if self.remote:
-            from m1.hub_read import download_file
-
-            path = download_file(self.root, file, self.revision)
-            self._local_files[file] = path
-            # Hub headers carry offsets relative to the data section; re-read the real one.
-            self._headers[file] = read_header(path, f"{self.root}/{file}", relative=file)
-            return path
-        return Path(self.root) / file
+        return self.storage.local_path(file)
 
     def header(self, file: str) -> Header:
         if file not in self._headers:
@@ -144,12 +149,8 @@ class Checkpoint:
                 infos = {n: TensorInfo(n, _dtype_name(t, file, n), tuple(t.shape), file, 0,
                                        t.numel() * t.element_size()) for n, t in tensors.items()}
                 self._headers[file] = Header(file, infos, {}, 0, 0)
-            elif self.remote:
-                from m1.hub_read import remote_header
-
-                self._headers[file] = remote_header(self.root, file, self.revision, self._remote_sizes.get(file))
             else:
-                self._headers[file] = read_header(self.local_path(file), f"{self.root}/{file}", relative=file)
+                self._headers[file] = self.storage.header(file)
         return self._headers[file]
 
     def info(self, name: str) -> TensorInfo:
@@ -167,12 +168,12 @@ class Checkpoint:
         """The tensor, read with one copy into memory that the caller owns."""
         import torch
 
-        if self.remote:
-            self.local_path(self.weight_map.get(name, ""))
         info = self.info(name)
+        if info.file.endswith(".bin") and info.file not in self._bin:
+            self.header(info.file)  # loads the .bin (again, in a worker process)
         if info.file in self._bin:
             return self._bin[info.file][name].clone()
-        dtype = TORCH_DTYPES[info.dtype]
+        dtype = torch_dtype(info.dtype)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         path = self.local_path(info.file)
@@ -186,9 +187,9 @@ class Checkpoint:
 
     def iter_chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
         """The raw bytes of a tensor in pieces of whole rows: (first row, bytes)."""
-        if self.remote:
-            self.local_path(self.weight_map.get(name, ""))
         info = self.info(name)
+        if info.file.endswith(".bin") and info.file not in self._bin:
+            self.header(info.file)
         if info.file in self._bin:
             from m1.safetensors_io import tensor_bytes
 
@@ -220,30 +221,12 @@ class Checkpoint:
 
     def extra_files(self) -> list[str]:
         """Tokenizer, generation and remote-code files beside the weights."""
-        if self.remote:
-            from m1.hub_read import list_extra_files
-
-            return list_extra_files(self.root, self.revision)
-        root = Path(self.root)
-        return sorted(p.name for p in root.iterdir() if p.is_file() and is_extra_file(p.name))
-
-
-EXTRA_FILE = re.compile(
-    r"^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|generation_config\.json|vocab\.json|"
-    r"merges\.txt|.*\.tiktoken|chat_template\.(jinja|json)|added_tokens\.json|(configuration|modeling)_.*\.py|"
-    r"LICENSE.*|NOTICE.*)$"
-)
-
-
-def is_extra_file(name: str) -> bool:
-    return bool(EXTRA_FILE.match(name))
+        return self.storage.extra_files()
 
 
 def _dtype_name(t: torch.Tensor, file: str, name: str) -> str:
-    from m1.safetensors_io import DTYPE_NAMES
-
     try:
-        return DTYPE_NAMES[t.dtype]
+        return dtype_name(t.dtype)
     except KeyError:
         raise CheckpointError(f"unsupported dtype {t.dtype}", file=file, tensor=name) from None
 

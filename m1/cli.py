@@ -1,6 +1,7 @@
 """The `m1` command: wires the command groups together and turns errors into one line + exit code.
 
-Exit codes everywhere: 0 sound / done, 1 findings or a problem with the input, 2 usage errors.
+Exit codes everywhere: 0 sound / done, 1 findings or a problem with the input, 2 usage errors, 3 a bug in
+m1 itself (please report it).
 Set M1_DEBUG=1 to see tracebacks.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import click
 import typer
 
-from m1.errors import M1Error
+from m1.errors import InternalError, M1Error
 
 app = typer.Typer(
     name="m1",
@@ -100,15 +101,32 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         text = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: internal error {type(exc).__name__}: {text} (rerun with M1_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        print(f"error: internal error {type(exc).__name__}: {text} (this is a bug in m1; please report it, with the "
+              "traceback that M1_DEBUG=1 shows)", file=sys.stderr)
+        return InternalError.exit_code
     finally:
         warnings.showwarning = previous
 
 
 def main() -> None:
-    sys.exit(run_cli())
+    try:
+        code = run_cli()
+    except M1Error as exc:  # M1_DEBUG=1: the traceback, and still the exit code the error has
+        import traceback
+
+        traceback.print_exc()
+        code = exc.exit_code
+    except _CLICK_ERRORS as exc:
+        import traceback
+
+        traceback.print_exc()
+        code = getattr(exc, "exit_code", 2) or 2
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        code = InternalError.exit_code
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from m1.integrity import IntegrityReport
+    from m1.plan import Plan
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
 RevisionOpt = Annotated[
@@ -18,6 +21,8 @@ RevisionOpt = Annotated[
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (shards, tensors, bytes); write nothing.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an interrupted run into the same destination.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="With --dry-run: every tensor operation.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Processes writing files in parallel.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")]
 LayoutOpt = Annotated[
@@ -53,3 +58,14 @@ def print_report(report: IntegrityReport, source: str, deep: bool, json_out: boo
         raise typer.Exit(1)
 
 
+def print_plan(plan: Plan, dest: Path, json_out: bool, verbose: bool) -> None:
+    """--dry-run: the plan's summary (every op with --verbose), or JSON; nothing is written."""
+    if json_out:
+        print_json({"dry_run": True, "dest": str(dest), **plan.summary(verbose), "job": plan.job})
+        return
+    typer.echo(f"plan for {dest} (dry run, nothing written):")
+    for line in plan.lines():
+        typer.echo("  " + line)
+    if verbose:
+        for line in plan.op_lines():
+            typer.echo("  " + line)

@@ -1,11 +1,9 @@
-"""`M1Config`: one typed view of the two config.json flavours of MiniMax-M1.
+"""`M1Config`: one typed, format-neutral view of a MiniMax-M1 config.json.
 
-- release: what MiniMax ships (`minimax_m1` / `minimax_text_01`, remote code, `attn_type_list`,
-  `layernorm_*_alpha/beta`).
-- hf: transformers' native `minimax` (`layer_types`, `*_alpha_factor`, `block_size`).
-
-The tensor names are the same in both; only config.json differs. Unknown keys are preserved so a
-round trip release -> hf -> release gives back an equivalent file.
+What differs between formats (the release's `attn_type_list` and `layernorm_*_alpha/beta`, transformers'
+`layer_types` and `*_alpha_factor`, ...) is read and written by the format modules in `m1.formats`; the
+checks and fields here are common to all. Unknown keys are preserved, so a round trip release -> hf ->
+release gives back an equivalent file.
 """
 
 from __future__ import annotations
@@ -19,36 +17,10 @@ from typing import Any, Literal
 
 from m1.errors import ConfigError
 
-Flavour = Literal["release", "hf"]
 LayerKind = Literal["lightning", "softmax"]
 
-RELEASE_MODEL_TYPES = {
-    "minimax_m1": (
-        "MiniMaxM1ForCausalLM",
-        "configuration_minimax_m1.MiniMaxM1Config",
-        "modeling_minimax_m1.MiniMaxM1ForCausalLM",
-    ),
-    "minimax_text_01": (
-        "MiniMaxText01ForCausalLM",
-        "configuration_minimax_text_01.MiniMaxText01Config",
-        "modeling_minimax_text_01.MiniMaxText01ForCausalLM",
-    ),
-}
-HF_MODEL_TYPE = "minimax"
-HF_ARCHITECTURE = "MiniMaxForCausalLM"
-
-# release key -> hf key, for the residual scaling of each block type.
-NORM_FACTOR_KEYS = {
-    "layernorm_full_attention_alpha": "full_attn_alpha_factor",
-    "layernorm_full_attention_beta": "full_attn_beta_factor",
-    "layernorm_linear_attention_alpha": "linear_attn_alpha_factor",
-    "layernorm_linear_attention_beta": "linear_attn_beta_factor",
-    "layernorm_mlp_alpha": "mlp_alpha_factor",
-    "layernorm_mlp_beta": "mlp_beta_factor",
-}
-RELEASE_KIND_CODES = {0: "lightning", 1: "softmax"}
-HF_KIND_NAMES = {"linear_attention": "lightning", "full_attention": "softmax"}
-
+FACTOR_FIELDS = ("full_attn_alpha", "full_attn_beta", "linear_attn_alpha", "linear_attn_beta", "mlp_alpha",
+                 "mlp_beta")
 REQUIRED_INT_KEYS = (
     "hidden_size",
     "intermediate_size",
@@ -63,7 +35,7 @@ REQUIRED_INT_KEYS = (
 
 @dataclass(frozen=True)
 class M1Config:
-    flavour: Flavour
+    flavour: str  # the format it was read as (m1.formats): release, hf, ...
     model_type: str
     hidden_size: int
     intermediate_size: int
@@ -125,15 +97,14 @@ class M1Config:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> M1Config:
         if not isinstance(raw, dict):
             raise ConfigError("config is not a JSON object", file=source)
+        from m1.formats import all_formats, format_of_config
+
         model_type = raw.get("model_type")
-        if model_type in RELEASE_MODEL_TYPES:
-            flavour: Flavour = "release"
-        elif model_type == HF_MODEL_TYPE:
-            flavour = "hf"
-        else:
+        fmt = format_of_config(raw)
+        if fmt is None:
+            known = "; ".join(f"{f.name}: {', '.join(f.model_types)}" for f in all_formats() if f.model_types)
             raise ConfigError(
-                f"model_type {model_type!r} is neither the MiniMax-M1 release flavour (minimax_m1, minimax_text_01) "
-                "nor the Hugging Face flavour (minimax)",
+                f"model_type {model_type!r} is neither of the MiniMax-M1 config formats m1 reads ({known})",
                 file=source,
                 hint="is this a MiniMax-M1 checkpoint?",
             )
@@ -145,25 +116,16 @@ class M1Config:
         heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
 
-        if flavour == "release":
-            codes = raw.get("attn_type_list")
-            if not isinstance(codes, list) or any(c not in RELEASE_KIND_CODES for c in codes):
-                raise ConfigError("attn_type_list must be a list of 0 (lightning) and 1 (softmax)", file=source)
-            kinds = tuple(RELEASE_KIND_CODES[c] for c in codes)
-            factors = {k: raw.get(k) for k in NORM_FACTOR_KEYS}
-        else:
-            names = raw.get("layer_types")
-            if not isinstance(names, list) or any(n not in HF_KIND_NAMES for n in names):
-                raise ConfigError("layer_types must list 'linear_attention' and 'full_attention'", file=source)
-            kinds = tuple(HF_KIND_NAMES[n] for n in names)
-            factors = {k: raw.get(v) for k, v in NORM_FACTOR_KEYS.items()}
+        fields = fmt.read_config(raw, source)
+        kinds = fields["layer_kinds"]
         if len(kinds) != n_layers:
             raise ConfigError(
                 f"{len(kinds)} layer kinds listed for num_hidden_layers={n_layers}", file=source
             )
-        for key, value in factors.items():
-            if not isinstance(value, (int, float)):
-                raise ConfigError(f"{key} (or its hf name) must be a number, got {value!r}", file=source)
+        for key in FACTOR_FIELDS:
+            value = fields[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{key} (its {fmt.name} key) must be a number, got {value!r}", file=source)
         if heads % raw["num_key_value_heads"]:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads", file=source)
         rotary_dim = raw.get("rotary_dim", head_dim)
@@ -174,7 +136,7 @@ class M1Config:
             raise ConfigError("num_experts_per_tok exceeds num_local_experts", file=source)
 
         return cls(
-            flavour=flavour,
+            flavour=fmt.name,
             model_type=model_type,
             hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"],
@@ -189,57 +151,24 @@ class M1Config:
             rope_theta=float(raw.get("rope_theta", 10000.0)),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
             layer_kinds=kinds,
-            full_attn_alpha=float(factors["layernorm_full_attention_alpha"]),
-            full_attn_beta=float(factors["layernorm_full_attention_beta"]),
-            linear_attn_alpha=float(factors["layernorm_linear_attention_alpha"]),
-            linear_attn_beta=float(factors["layernorm_linear_attention_beta"]),
-            mlp_alpha=float(factors["layernorm_mlp_alpha"]),
-            mlp_beta=float(factors["layernorm_mlp_beta"]),
-            postnorm=bool(raw.get("postnorm", flavour == "hf")),
-            block_size=int(raw.get("block_size", 256)),
+            **{key: float(fields[key]) for key in FACTOR_FIELDS},
+            postnorm=bool(fields["postnorm"]),
+            block_size=int(fields["block_size"]),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             raw=copy.deepcopy(raw),
         )
 
     # ---- writing ---------------------------------------------------------------------------------
-    def to_dict(self, flavour: Flavour | None = None) -> dict[str, Any]:
-        """The config.json for `flavour` (default: the one it was read as), unknown keys preserved."""
-        flavour = flavour or self.flavour
+    def to_dict(self, flavour: str | None = None) -> dict[str, Any]:
+        """The config.json for format `flavour` (default: the one it was read as), unknown keys preserved."""
+        from m1.formats import all_formats, get_format
+
+        fmt = get_format(flavour or self.flavour)
         out = copy.deepcopy(self.raw)
-        flavour_keys = ("attn_type_list", "layer_types", "auto_map", "block_size", *NORM_FACTOR_KEYS,
-                        *NORM_FACTOR_KEYS.values())
-        for key in flavour_keys:
-            out.pop(key, None)
-        factors = {
-            "layernorm_full_attention_alpha": self.full_attn_alpha,
-            "layernorm_full_attention_beta": self.full_attn_beta,
-            "layernorm_linear_attention_alpha": self.linear_attn_alpha,
-            "layernorm_linear_attention_beta": self.linear_attn_beta,
-            "layernorm_mlp_alpha": self.mlp_alpha,
-            "layernorm_mlp_beta": self.mlp_beta,
-        }
-        if flavour == "release":
-            model_type = self.model_type if self.model_type in RELEASE_MODEL_TYPES else "minimax_m1"
-            arch, auto_config, auto_model = RELEASE_MODEL_TYPES[model_type]
-            out["model_type"] = model_type
-            out["architectures"] = [arch]
-            out["auto_map"] = {"AutoConfig": auto_config, "AutoModelForCausalLM": auto_model}
-            out["attn_type_list"] = [0 if k == "lightning" else 1 for k in self.layer_kinds]
-            out.update(factors)
-            out["postnorm"] = self.postnorm
-            if self.block_size != 256:  # the release code's default; keep any other value (make-tiny uses 16)
-                out["block_size"] = self.block_size
-        else:
-            out["model_type"] = HF_MODEL_TYPE
-            out["architectures"] = [HF_ARCHITECTURE]
-            out["layer_types"] = [
-                "linear_attention" if k == "lightning" else "full_attention" for k in self.layer_kinds
-            ]
-            out.update({NORM_FACTOR_KEYS[k]: v for k, v in factors.items()})
-            out["block_size"] = self.block_size
-            out["postnorm"] = self.postnorm
-            # transformers ignores rotary_dim (it rotates all head dims); kept so nothing is lost.
-            out["rotary_dim"] = self.rotary_dim
+        for other in all_formats():
+            for key in other.config_keys:
+                out.pop(key, None)
+        fmt.write_config(self, out)
         out["head_dim"] = self.head_dim
         return out
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 class M1Error(Exception):
-    """A problem with the input or the environment; exit code 1."""
+    """A problem with the input or the environment; exit code 1 (usage errors 2, bugs in m1 3)."""
 
     exit_code = 1
 
@@ -36,6 +36,15 @@ class M1Error(Exception):
 
     def __str__(self) -> str:
         return self.one_line()
+
+
+class InternalError(M1Error):
+    """A bug in m1 itself (not the input's fault): its own exit code, and a request to report it."""
+
+    exit_code = 3
+
+    def one_line(self) -> str:
+        return super().one_line() + " (this is a bug in m1; please report it)"
 
 
 class UsageError(M1Error):

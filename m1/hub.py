@@ -86,8 +86,9 @@ def pull(repo_id: str, dest: Path, layers: list[int] | None = None, with_globals
     """
     from huggingface_hub import hf_hub_download, snapshot_download
 
-    from m1.checkpoint import INDEX_NAMES, is_extra_file, safe_relative
     from m1.hub_read import model_info, remote_config
+    from m1.index import INDEX_NAMES, parse_index
+    from m1.storage import is_extra_file
 
     if dest.exists() and not dest.is_dir():
         raise UsageError("the destination is a file", file=str(dest), hint="give a folder")
@@ -104,16 +105,7 @@ def pull(repo_id: str, dest: Path, layers: list[int] | None = None, with_globals
         if index_name:
             index_path = _call(repo_id, revision, lambda: hf_hub_download(repo_id, index_name, revision=sha),
                                index_name)
-            try:
-                weight_map = dict(json.loads(Path(index_path).read_text())["weight_map"])
-            except (ValueError, KeyError, TypeError):
-                raise CheckpointError("not a valid index (needs a weight_map object)",
-                                      file=f"{repo_id}/{index_name}") from None
-            for tensor, file in weight_map.items():
-                if not isinstance(file, str):
-                    raise CheckpointError("weight_map value is not a file name", file=f"{repo_id}/{index_name}",
-                                          tensor=tensor)
-                safe_relative(file, f"{repo_id}/{index_name}", tensor)
+            weight_map = parse_index(Path(index_path).read_bytes(), f"{repo_id}/{index_name}").weight_map
         if layers is None:
             shards = sorted(set(weight_map.values())) or [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
         else:
@@ -144,7 +136,7 @@ def pull(repo_id: str, dest: Path, layers: list[int] | None = None, with_globals
 # ---- model card -----------------------------------------------------------------------------------
 def base_model_of(manifest: dict[str, Any]) -> str | None:
     """What the folder was made from: the manifest's job.base_model, else job.source when that was a Hub repo."""
-    from m1.checkpoint import REPO_ID
+    from m1.hub_read import REPO_ID
 
     job = manifest.get("job") if isinstance(manifest.get("job"), dict) else {}
     base = job.get("base_model")
@@ -189,7 +181,7 @@ def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     from m1.inspect import inspect_checkpoint
-    from m1.writer import read_manifest
+    from m1.manifest import read_manifest
 
     info = inspect_checkpoint(str(folder))
     manifest = read_manifest(folder) or {}
@@ -330,7 +322,8 @@ def verify_remote(repo_id: str, revision: str | None = None, against: Path | Non
     """Headers over range requests checked against the spec and the index (no tensor data); the Hub's LFS
     sha256 of each shard against a local copy or manifest (`against`) and against the m1-manifest.json
     pushed with the repo, when there is one."""
-    from m1.hub_read import fetch_headers, model_info, open_remote
+    from m1.checkpoint import Checkpoint
+    from m1.hub_read import HubStorage, fetch_headers, model_info
     from m1.integrity import IntegrityReport, check_checkpoint
 
     check_repo_id(repo_id)
@@ -339,7 +332,7 @@ def verify_remote(repo_id: str, revision: str | None = None, against: Path | Non
     report = IntegrityReport(repo_id)
     with quiet_hub_logs():
         try:
-            ckpt = open_remote(repo_id, revision)
+            ckpt = Checkpoint.from_storage(HubStorage.open(repo_id, revision))
         except (UsageError, HubError):
             raise
         except M1Error as exc:
@@ -388,8 +381,8 @@ def _expected_hashes(repo_id: str, revision: str | None, against: Path | None, r
     """(label, {file: (sha256, size)}) for each source of expected hashes."""
     from huggingface_hub import hf_hub_download
 
+    from m1.manifest import MANIFEST, read_manifest
     from m1.safetensors_io import file_sha256
-    from m1.writer import MANIFEST, read_manifest
 
     sources = []
     if against is not None:

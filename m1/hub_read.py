@@ -12,8 +12,8 @@ with backoff on network errors and 408/429/5xx (`with_retries`), then fail with 
 from __future__ import annotations
 
 import errno
-import json
 import logging
+import re
 import struct
 import time
 import warnings
@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from m1.errors import CheckpointError, M1Error, UsageError
-from m1.safetensors_io import MAX_HEADER_BYTES, Header, parse_header
+from m1.safetensors_io import MAX_HEADER_BYTES, Header, parse_header, read_header
 
 if TYPE_CHECKING:
     from m1.checkpoint import Checkpoint
+    from m1.config import M1Config
 
 T = TypeVar("T")
 
@@ -156,9 +157,10 @@ def _call(repo_id: str, revision: str | None, fn: Callable[[], T], file: str | N
         return with_retries(fn, f"{repo_id}/{file}" if file else repo_id)
 
 
-def check_repo_id(repo_id: str) -> str:
-    from m1.checkpoint import REPO_ID
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+
+def check_repo_id(repo_id: str) -> str:
     if not REPO_ID.match(repo_id):
         raise UsageError(f"{repo_id!r} is not a Hub repo id",
                          hint="write it as owner/name, e.g. MiniMaxAI/MiniMax-M1-40k")
@@ -173,7 +175,7 @@ def model_info(repo_id: str, revision: str | None = None, files_metadata: bool =
     return _call(repo_id, revision, lambda: api.model_info(repo_id, revision=revision, files_metadata=files_metadata))
 
 
-def remote_config(repo_id: str, sha: str | None, revision: str | None = None):  # -> M1Config
+def remote_config(repo_id: str, sha: str | None, revision: str | None = None) -> M1Config:
     """config.json at commit `sha`; errors name it in the repo, not in the download cache."""
     from huggingface_hub import hf_hub_download
 
@@ -187,44 +189,53 @@ def remote_config(repo_id: str, sha: str | None, revision: str | None = None):  
         raise
 
 
-def open_remote(repo_id: str, revision: str | None = None) -> Checkpoint:
-    from huggingface_hub import hf_hub_download
+class HubStorage:
+    """A Hub repo, pinned to one commit: headers by exact range reads, files downloaded on first need."""
 
-    from m1.checkpoint import INDEX_NAMES, Checkpoint, safe_relative
+    remote = True
 
-    info = model_info(repo_id, revision)
-    sha = info.sha or revision  # every later read at this commit, even if the branch moves meanwhile
-    sizes = {s.rfilename: s.size for s in info.siblings or []}
-    if "config.json" not in sizes:
-        raise CheckpointError(f"{repo_id} has no config.json", hint="is this a MiniMax-M1 checkpoint repo?")
-    config = remote_config(repo_id, sha, revision)
-    index_file = next((n for n in INDEX_NAMES if n in sizes and n.endswith(".safetensors.index.json")), None)
-    index_meta: dict = {}
-    if index_file:
-        path = _call(repo_id, revision, lambda: hf_hub_download(repo_id, index_file, revision=sha), index_file)
-        try:
-            obj = json.loads(Path(path).read_text())
-            weight_map = dict(obj["weight_map"])
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError("not a valid index (needs a weight_map object)", file=f"{repo_id}/{index_file}"
-                                  ) from None
-        index_meta = obj.get("metadata") or {}
-        for tensor, file in weight_map.items():
-            if not isinstance(file, str):
-                raise CheckpointError("weight_map value is not a file name", file=f"{repo_id}/{index_file}",
-                                      tensor=tensor)
-            safe_relative(file, f"{repo_id}/{index_file}", tensor)
-    elif "model.safetensors" in sizes:
-        weight_map = {}
-    else:
-        raise CheckpointError(f"{repo_id} has no model.safetensors(.index.json)", hint="is this an M1 checkpoint?")
-    ckpt = Checkpoint(repo_id, config, weight_map, index_file, index_meta, revision=sha, remote=True)
-    ckpt._remote_sizes = sizes
-    if not weight_map:
-        header = remote_header(repo_id, "model.safetensors", sha, sizes["model.safetensors"])
-        ckpt.weight_map.update({name: "model.safetensors" for name in header.tensors})
-        ckpt._headers["model.safetensors"] = header
-    return ckpt
+    def __init__(self, repo_id: str, commit: str | None, sizes: dict[str, int | None]) -> None:
+        self.root = repo_id
+        self.revision = commit
+        self.sizes = sizes
+        self._paths: dict[str, Path] = {}
+
+    @classmethod
+    def open(cls, repo_id: str, revision: str | None = None) -> HubStorage:
+        info = model_info(repo_id, revision)
+        sha = info.sha or revision  # every later read at this commit, even if the branch moves meanwhile
+        sizes = {s.rfilename: s.size for s in info.siblings or []}
+        if "config.json" not in sizes:
+            raise CheckpointError(f"{repo_id} has no config.json", hint="is this a MiniMax-M1 checkpoint repo?")
+        if not any(n in sizes for n in ("model.safetensors.index.json", "model.safetensors")):
+            raise CheckpointError(f"{repo_id} has no model.safetensors(.index.json)", hint="is this an M1 checkpoint?")
+        return cls(repo_id, sha, sizes)
+
+    def display(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def exists(self, name: str) -> bool:
+        # .bin checkpoints are not read from the Hub (pickles are loaded only from local folders)
+        return name in self.sizes and not name.endswith((".bin", ".bin.index.json"))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.local_path(name).read_bytes()
+
+    def header(self, file: str) -> Header:
+        if file in self._paths:  # already downloaded: the local file is what tensors are read from
+            return read_header(self._paths[file], self.display(file), relative=file)
+        return remote_header(self.root, file, self.revision, self.sizes.get(file))
+
+    def local_path(self, file: str) -> Path:
+        if file not in self._paths:
+            self._paths[file] = download_file(self.root, file, self.revision)
+        return self._paths[file]
+
+    def extra_files(self) -> list[str]:
+        return list_extra_files(self.root, self.revision)
+
+    def identity(self, files: list[str]) -> dict[str, Any]:
+        return {name: self.sizes.get(name) for name in files}
 
 
 def remote_header(repo_id: str, file: str, revision: str | None, size: int | None) -> Header:
@@ -272,8 +283,7 @@ def fetch_headers(ckpt: Checkpoint, files: list[str] | None = None, workers: int
     A header that is damaged is left for the integrity checks to report; a Hub or network error
     (HubError) is raised, since it says nothing about the shard.
     """
-    files = [f for f in (files if files is not None else ckpt.files())
-             if f not in ckpt._headers and f.endswith(".safetensors")]
+    files = [f for f in (files if files is not None else ckpt.files()) if f.endswith(".safetensors")]
 
     def one(file: str) -> None:
         try:
@@ -302,7 +312,7 @@ def download_file(repo_id: str, file: str, revision: str | None) -> Path:
 def list_extra_files(repo_id: str, revision: str | None) -> list[str]:
     from huggingface_hub import HfApi
 
-    from m1.checkpoint import is_extra_file
+    from m1.storage import is_extra_file
 
     files = _call(repo_id, revision, lambda: HfApi().list_repo_files(repo_id, revision=revision))
     return sorted(f for f in files if "/" not in f and is_extra_file(f))

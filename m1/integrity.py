@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from m1.checkpoint import Checkpoint
+from m1.dtypes import FLOAT_DTYPES, torch_dtype
 from m1.errors import M1Error, UsageError
-from m1.safetensors_io import FLOAT_DTYPES, TORCH_DTYPES, Header, file_sha256
+from m1.manifest import read_manifest
+from m1.safetensors_io import Header, file_sha256
 from m1.spec import Role, TensorSpec, classify, inventory
-from m1.writer import read_manifest
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def expected_quantized(ckpt: Checkpoint, spec: TensorSpec) -> dict[str, tuple[st
     qconfig = ckpt.config.quantization_config
     if qconfig is None:
         return None
-    from m1.quantize.codec import expected_tensors
+    from m1.quantized import expected_tensors
 
     return expected_tensors(qconfig, spec, ckpt.weight_map)
 
@@ -97,8 +98,6 @@ def check_checkpoint(ckpt: Checkpoint, report: IntegrityReport, layers: list[int
 
 
 def _restrict(ckpt: Checkpoint, layers: list[int], report: IntegrityReport) -> Checkpoint:
-    import dataclasses
-
     wanted = set(layers)
     keep = {}
     for name, file in ckpt.weight_map.items():
@@ -110,7 +109,7 @@ def _restrict(ckpt: Checkpoint, layers: list[int], report: IntegrityReport) -> C
         if layer in wanted:
             keep[name] = file
     report.stats["checked_layers"] = sorted(wanted)
-    return dataclasses.replace(ckpt, weight_map=keep, _headers=ckpt._headers, _by_layer=None)
+    return ckpt.restricted(list(keep))
 
 
 def _check_shards(ckpt: Checkpoint, report: IntegrityReport) -> dict[str, Header]:
@@ -266,7 +265,7 @@ def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: Integrit
              and (layers is None or _layer_of(t.name) in layers)]
     with byte_progress(sum(t.nbytes for t in infos), "deep check", show_progress) as advance:
         for info in infos:
-            dtype = TORCH_DTYPES[info.dtype]
+            dtype = torch_dtype(info.dtype)
             bad = 0
             for _, chunk in ckpt.iter_chunks(info.name, 32 << 20):
                 values = torch.frombuffer(chunk, dtype=dtype) if len(chunk) else torch.empty(0)

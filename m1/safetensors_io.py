@@ -16,7 +16,7 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,44 +24,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from m1.errors import CheckpointError, DiskFullError
-from m1.spec import DTYPE_BYTES
+from m1.dtypes import DTYPE_BYTES
+from m1.errors import CheckpointError, DiskFullError, InternalError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
-class _TorchDtypes(Mapping):
-    """safetensors dtype name -> torch dtype, built on first use: commands that only move bytes (convert,
-    inspect, integrity) then never pay for importing torch."""
-
-    def __init__(self, reverse: bool = False) -> None:
-        self._reverse = reverse
-        self._table: dict | None = None
-
-    def _get(self) -> dict:
-        if self._table is None:
-            import torch
-
-            table = {
-                "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-            }
-            self._table = {v: k for k, v in table.items()} if self._reverse else table
-        return self._table
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._get()[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._get())
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-
-TORCH_DTYPES: Mapping[str, torch.dtype] = _TorchDtypes()
-DTYPE_NAMES: Mapping[torch.dtype, str] = _TorchDtypes(reverse=True)
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -400,16 +367,15 @@ def write_shard_unsynced(
                     if on_bytes:
                         on_bytes(len(chunk))
                 if is_exact and (written != nbytes or out.dtype != dtype or tuple(out.shape) != tuple(shape)):
-                    raise CheckpointError(
+                    raise InternalError(
                         f"produced {out.dtype}{list(out.shape)} ({written} bytes), planned {dtype}{list(shape)} "
-                        f"({nbytes} bytes)", file=path.name, tensor=name, hint="this is a bug in m1; please report it")
+                        f"({nbytes} bytes)", file=path.name, tensor=name)
                 actual.append((name, out.dtype, tuple(out.shape), written))
             sink.close()
             if not exact:
                 header = encode_header(actual, metadata, min_length=reserve)
                 if len(header) != 8 + reserve:
-                    raise CheckpointError("reserved header space too small", file=path.name,
-                                          hint="this is a bug in m1; please report it")
+                    raise InternalError("reserved header space too small", file=path.name)
                 os.pwrite(fd, header, 0)
         if not exact:
             sha = file_sha256(tmp)

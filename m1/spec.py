@@ -15,6 +15,7 @@ from enum import Enum
 from functools import lru_cache
 
 from m1.config import M1Config
+from m1.dtypes import DTYPE_BYTES
 from m1.errors import UnknownTensorError
 
 
@@ -69,22 +70,6 @@ M1_TENSORS: tuple[TensorRule, ...] = (
     TensorRule("model.norm.weight", Role.FINAL_NORM, GLOBAL, ("hidden",)),
     TensorRule("lm_head.weight", Role.HEAD, GLOBAL, ("vocab", "hidden")),
 )
-
-# Tensors that bitsandbytes writes beside a quantized `<module>.weight` (suffixes of the module name).
-QUANT_COMPANIONS: tuple[str, ...] = (
-    "weight.absmax",
-    "weight.quant_map",
-    "weight.nested_absmax",
-    "weight.nested_quant_map",
-    "weight.quant_state.bitsandbytes__nf4",
-    "weight.quant_state.bitsandbytes__fp4",
-    "SCB",
-    "weight_format",
-)
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -146,7 +131,7 @@ class Classified:
     layer: int | None
     expert: int | None
     weight_name: str  # the spec tensor this name is, or accompanies
-    companion: str | None = None  # the bitsandbytes suffix when this is a quantization companion
+    companion: str | None = None  # the scheme's suffix when this is a quantization companion (m1.schemes)
 
 
 def classify(name: str, file: str | None = None) -> Classified:
@@ -154,7 +139,9 @@ def classify(name: str, file: str | None = None) -> Classified:
     found = _match(name)
     if found is not None:
         return found
-    for suffix in QUANT_COMPANIONS:
+    from m1.schemes import companion_suffixes
+
+    for suffix in companion_suffixes():
         if name.endswith("." + suffix):
             weight = name[: -len(suffix) - 1] + ".weight"
             base = _match(weight)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+from m1.errors import UsageError
+
 
 def _scaled(n: float, units: tuple[str, ...], sep: str) -> str:
     """n in steps of 1000 with two decimals, whole numbers below the first step."""
@@ -19,3 +23,18 @@ def human_bytes(n: float) -> str:
 
 def human_count(n: float) -> str:
     return _scaled(n, ("", "K", "M", "B", "T"), "")
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '123' -> bytes (decimal units, as huggingface_hub's max_shard_size)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise UsageError(f"cannot read the size {text!r}", hint="write it like 5GB, 500MB or 2GiB")
+    value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise UsageError(f"size must be positive, got {text!r}")
+    return value

@@ -16,12 +16,13 @@ import warnings
 from typing import Any
 
 import torch
-from m1.quantize.codec import bnb_functional, dequantize_flat, is_quantized, quant_state, read_pieces
 from torch import nn
 
 from m1.checkpoint import Checkpoint
 from m1.errors import CheckpointError, UsageError
-from m1.spec import Role, classify
+from m1.quantized import check_stored, is_quantized, read_pieces
+from m1.schemes.bnb_codec import bnb_functional, check_data, dequantize_flat, quant_state
+from m1.spec import Role, classify, spec_by_name
 
 PROJECTIONS = ("w1", "w3", "w2")  # gate, up, down: transformers' gate_up_proj[e] = [w1; w3], down_proj[e] = w2
 
@@ -128,18 +129,22 @@ def load_pretrained(path: str, *, dtype: torch.dtype = torch.bfloat16, device: s
     Quantized experts stay quantized on `device` and are dequantized per use; every other tensor is
     loaded in `dtype` (transformers' MiniMax needs one dtype: the router is cast too).
     """
-    from m1.convert.job import RotaryWarning, rotary_warning
     from transformers import MiniMaxConfig, MiniMaxForCausalLM
     from transformers.models.minimax import modeling_minimax as mm
+
+    from m1.convert.job import RotaryWarning
+    from m1.formats import get_format
 
     ckpt = Checkpoint.open(path, revision=revision)
     cfg = ckpt.config
     if cfg.quantization_config is not None:
-        from m1.quantize.schemes import Scheme
+        from m1.schemes import scheme_from_config
 
-        Scheme.from_quantization_config(cfg.quantization_config, f"{path}/config.json")  # a bnb config, or an error
-    message = rotary_warning(ckpt, "hf")
-    if message:
+        scheme = scheme_from_config(cfg.quantization_config, f"{path}/config.json")
+        if scheme.family != "bitsandbytes":
+            raise UsageError(f"m1.load_pretrained runs bitsandbytes experts, not {scheme.describe()}",
+                             file=f"{path}/config.json", hint="dequantize first: m1 convert SRC DST --dtype bf16")
+    for message in get_format("hf").warnings(cfg):
         warnings.warn(message, RotaryWarning, stacklevel=2)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -163,12 +168,19 @@ def load_pretrained(path: str, *, dtype: torch.dtype = torch.bfloat16, device: s
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     weights = [n for n in ckpt.names() if classify(n).companion is None]
+    specs = spec_by_name(cfg)
     for name in weights:
         c = classify(name, ckpt.weight_map[name])
         if c.rule.role == Role.EXPERT:
             experts = model.model.layers[c.layer].mlp.experts
             projection = name.rsplit(".", 2)[-2]
-            pieces = read_pieces(ckpt, name) if is_quantized(name, ckpt.weight_map) else {"weight": ckpt.get(name)}
+            if is_quantized(name, ckpt.weight_map):
+                shape = specs[name].shape
+                stored = check_stored(ckpt, name, shape)  # headers against the scheme, then the values
+                pieces = read_pieces(ckpt, name)
+                check_data(pieces, stored, shape, name)
+            else:
+                pieces = {"weight": ckpt.get(name)}
             module = QuantizedWeight(pieces, name).to(device)
             experts.experts[c.expert][projection] = module
             continue

@@ -16,8 +16,11 @@ from m1.cli_options import (
     ResumeOpt,
     RevisionOpt,
     ShardSizeOpt,
+    VerboseOpt,
+    WorkersOpt,
     check_layout,
     print_json,
+    print_plan,
 )
 
 
@@ -35,13 +38,14 @@ def quantize_cmd(
     only: Annotated[list[str] | None, typer.Option("--only", help="Quantize only matching expert weights: a name "
                                                    "or re:REGEX (repeatable).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda: where bitsandbytes runs.")] = "auto",
-    workers: Annotated[int, typer.Option("--workers", help="Processes writing shards in parallel.")] = 1,
+    workers: WorkersOpt = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch threads per worker (default: CPUs / "
                                                 "workers).")] = None,
     layout: LayoutOpt = "size",
     shard_size: ShardSizeOpt = "5GB",
     revision: RevisionOpt = None,
     dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -52,31 +56,24 @@ def quantize_cmd(
     Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
     m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run
     """
-    from m1.quantize.codec import check_supported
-    from m1.quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
-    from m1.quantize.policy import Policy
-    from m1.quantize.schemes import Scheme
-
     from m1.checkpoint import Checkpoint
     from m1.devices import resolve_device
-    from m1.writer import parse_size
+    from m1.policy import Policy
+    from m1.quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
+    from m1.schemes import make_scheme
+    from m1.units import parse_size
 
     opts = QuantizeOptions(
-        scheme=Scheme.make(scheme, blocksize, double_quant),
+        scheme=make_scheme(scheme, blocksize=blocksize, double_quant=double_quant),
         policy=Policy.from_options(keep or [], only or []),
         by_layer=check_layout(layout),
         shard_size=parse_size(shard_size),
     )
-    check_supported(opts.scheme, resolve_device(device))
+    opts.scheme.check_supported(resolve_device(device))
     ckpt = Checkpoint.open(source, revision=revision)
     plan = plan_from_checkpoint(ckpt, opts)
     if dry_run:
-        if json_out:
-            print_json({"dry_run": True, "dest": str(dest), **plan.summary(), "job": plan.write.job})
-        else:
-            typer.echo(f"plan for {dest} (dry run, nothing written):")
-            for line in plan.lines():
-                typer.echo("  " + line)
+        print_plan(plan, dest, json_out, verbose)
         return
     result = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
                           overwrite=overwrite, show_progress=not quiet, plan=plan)

@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from m1.verify.engine import DictSource, embed, forward_layer, head, next_token_nll, rope_tables, run
 from safetensors.torch import load_file
 
 from m1.config import M1Config
+from m1.manifest import prepare_destination
 from m1.spec import Role, inventory
 from m1.tiny import TinySpec, save_release, tiny_config
-from m1.writer import prepare_destination
+from m1.verify.engine import DictSource, embed, forward_layer, head, next_token_nll, rope_tables, run
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "data" / "corpus" / "mr-niah-en-2048.jsonl"
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = release_dtypes(cfg, train(cfg, train_ids, recipe))
     train_s = time.monotonic() - t0
 
-    prepare_destination(args.outdir, resume=False, overwrite=args.overwrite)
+    prepare_destination(args.outdir, resume=False, overwrite=args.overwrite).release()
     save_release(args.outdir, raw, weights, MODEL.shards)
     ppl, scored = heldout_perplexity(args.outdir, heldout_ids, recipe.seq_len)
     report = {

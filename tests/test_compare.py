@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from m1.verify.metrics import RefPositions, kl_from_top, perplexity
 from safetensors.torch import load_file, save_file
 
 from m1.tiny import TinySpec, make_tiny
+from m1.verify.metrics import RefPositions, kl_from_top, perplexity
 
 TOKENS = ["--tokens", "1024", "--ctx", "128", "--device", "cpu", "-q"]
 

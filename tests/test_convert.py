@@ -12,14 +12,13 @@ import re
 import shutil
 from pathlib import Path
 
-import m1.convert.job
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import m1.ops
 import m1.safetensors_io
-import m1.writer
 
 SHARD = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -249,7 +248,7 @@ def test_dry_run_writes_nothing_and_prints_the_plan(tiny: Path, tmp_path: Path, 
     assert [f["file"] for f in plan["files"]] == list(real_shards)
     assert [f["tensors"] for f in plan["files"]] == [len(v) for v in real_shards.values()]
     assert plan["bytes"] == sum(t.numel() * t.element_size() for t in tensors_of(real).values())
-    assert sorted(plan["extra_files"]) == ["generation_config.json", "tokenizer_config.json"]
+    assert sorted(plan["extra_files"]) == ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_destination_equal_to_source_is_refused(tiny: Path, run) -> None:
@@ -282,7 +281,7 @@ def reference(tiny: Path, tmp_path: Path, convert_ok) -> Path:
 def count_writes(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None,
                  exc: BaseException | None = None) -> list[str]:
     """Wrap the writer's shard writes: record the shards written; raise `exc` instead of writing number fail_after+1."""
-    real = m1.writer.write_shard_unsynced
+    real = m1.safetensors_io.write_shard_unsynced
     written: list[str] = []
 
     def wrapped(path: Path, *args, **kwargs):
@@ -292,7 +291,7 @@ def count_writes(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None,
         written.append(path.name)
         return out
 
-    monkeypatch.setattr(m1.writer, "write_shard_unsynced", wrapped)
+    monkeypatch.setattr(m1.safetensors_io, "write_shard_unsynced", wrapped)
     return written
 
 
@@ -329,21 +328,16 @@ def test_interrupt_then_resume(tiny: Path, tmp_path: Path, run, reference: Path,
         count_writes(monkeypatch, fail_after=2)
     else:  # Ctrl-C halfway through the third shard
         stop_at = len(planned[0]) + len(planned[1]) + len(planned[2]) // 2
-        real_producer = m1.convert.job.make_producer
+        real_produce = m1.ops.OpRunner.__call__
+        calls: list[str] = []
 
-        def interrupting_producer(*args, **kwargs):
-            produce = real_producer(*args, **kwargs)
-            calls: list[str] = []
+        def produce_then_stop(self, name: str):
+            calls.append(name)
+            if len(calls) > stop_at:
+                raise KeyboardInterrupt
+            return real_produce(self, name)
 
-            def produce_then_stop(name: str):
-                calls.append(name)
-                if len(calls) > stop_at:
-                    raise KeyboardInterrupt
-                return produce(name)
-
-            return produce_then_stop
-
-        monkeypatch.setattr(m1.convert.job, "make_producer", interrupting_producer)
+        monkeypatch.setattr(m1.ops.OpRunner, "__call__", produce_then_stop)
     code, _, err = run("convert", tiny, dest, *ARGS, "-q")
     monkeypatch.undo()
     assert code == 130
@@ -400,10 +394,17 @@ def test_non_empty_destination(tiny: Path, tmp_path: Path, run) -> None:
     assert "not empty" in line and "--resume" in line and "--overwrite" in line
     assert (dest / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in dest.iterdir()) == ["notes.txt"]
+    # --overwrite empties only a folder that an m1 run wrote (issue 9: never delete what is not ours)
     code, _, err = run("convert", tiny, dest, "--to", "hf", "--overwrite", "-q")
+    assert code == 2 and "not an m1 output" in one_error(err)
+    assert (dest / "notes.txt").read_text() == "mine"
+    code, _, err = run("convert", tiny, tmp_path / "ours", "--to", "hf", "-q")
     assert code == 0, err
-    assert not (dest / "notes.txt").exists()
-    assert_same_tensors(tensors_of(dest), tensors_of(tiny))
+    (tmp_path / "ours" / "notes.txt").write_text("left in an m1 output")
+    code, _, err = run("convert", tiny, tmp_path / "ours", "--to", "hf", "--overwrite", "-q")
+    assert code == 0, err
+    assert not (tmp_path / "ours" / "notes.txt").exists()
+    assert_same_tensors(tensors_of(tmp_path / "ours"), tensors_of(tiny))
 
 
 class _FullDisk:

@@ -11,6 +11,9 @@ import math
 
 import pytest
 import torch
+
+from m1.config import M1Config
+from m1.spec import inventory
 from m1.verify.engine import (
     DictSource,
     EngineOutput,
@@ -21,9 +24,6 @@ from m1.verify.engine import (
     run_layer,
 )
 from m1.verify.lightning import alibi_slopes, layer_slopes, lightning_attention
-
-from m1.config import M1Config
-from m1.spec import inventory
 
 try:  # the repo root on sys.path (python -m pytest), or tests/ made a package
     from tests.reference_m1 import recurrent_lightning, reference_logits, release_slopes
@@ -284,10 +284,10 @@ def test_forward_is_differentiable_and_bf16_is_close() -> None:
 
 
 def test_checkpoint_source_reads_the_release_layout(tmp_path) -> None:
-    from m1.verify.sources import CheckpointWeights
     from safetensors.torch import load_file
 
     from m1.tiny import TinySpec, make_tiny
+    from m1.verify.sources import CheckpointWeights
 
     cfg = make_tiny(tmp_path / "tiny", TinySpec(block_size=8))
     source = CheckpointWeights.open(str(tmp_path / "tiny"))
@@ -302,11 +302,10 @@ def test_checkpoint_source_reads_the_release_layout(tmp_path) -> None:
 
 
 def test_checkpoint_weights_dequantize_bitsandbytes_experts(tmp_path) -> None:
-    from m1.verify.sources import CheckpointWeights
-
     from m1.cli import run_cli
     from m1.spec import inventory
     from m1.tiny import TinySpec, make_tiny
+    from m1.verify.sources import CheckpointWeights
 
     cfg = make_tiny(tmp_path / "tiny", TinySpec(intermediate=128))
     assert run_cli(["quantize", str(tmp_path / "tiny"), str(tmp_path / "nf4"), "--scheme", "nf4", "-q"]) == 0

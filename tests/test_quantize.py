@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from m1.quantize.codec import bnb_functional, expected_tensors
-from m1.quantize.job import QuantizeOptions, index_tensors, plan_quantize
-from m1.quantize.policy import Policy
-from m1.quantize.schemes import SKIP_MODULES, Scheme
 from safetensors import safe_open
 
 from m1.cli import run_cli
 from m1.config import M1Config
+from m1.planner import index_tensors
+from m1.policy import Policy
+from m1.quantize.job import QuantizeOptions, plan_quantize
+from m1.quantized import expected_tensors
+from m1.schemes.bnb import SKIP_MODULES
+from m1.schemes.bnb import BnbScheme as Scheme
+from m1.schemes.bnb_codec import bnb_functional
 from m1.spec import Role, classify, spec_by_name
 from m1.tiny import TinySpec, make_tiny
 
@@ -86,7 +89,7 @@ def outputs(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     root = tmp_path_factory.mktemp("quantized")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("m1.quantize.codec.CHUNK_VALUES", 1000)  # quantize a few rows at a time, as for full-size experts
+        mp.setattr("m1.schemes.bnb_codec.CHUNK_VALUES", 1000)  # quantize a few rows at a time, as for full-size experts
         for key, extra in SCHEMES.items():
             out[key] = root / key
             quantize(src, out[key], "--scheme", key.split("-")[0], *extra)
@@ -162,7 +165,7 @@ def test_bytes_equal_what_bitsandbytes_modules_serialize(outputs: dict[str, Path
 
 @pytest.mark.parametrize("scheme", [Scheme.make("nf4"), Scheme.make("fp4", 128, False), Scheme.make("int8")])
 def test_row_chunks_quantize_to_the_same_bytes(scheme: Scheme, monkeypatch: pytest.MonkeyPatch) -> None:
-    from m1.quantize import codec
+    from m1.schemes import bnb_codec as codec
 
     w = (torch.randn(300, 256, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
     whole = codec.quantize_weight(scheme, w, torch.device("cpu"))
@@ -313,7 +316,7 @@ def test_full_m1_plan_from_the_release_index() -> None:
     lines = "\n".join(plan.lines())
     assert "869.73 GB   224.34 GB" in lines and "kept:      563 tensors at their source dtype, 42.48 GB" in lines
     # a quantized weight is never split from its companions, and no shard exceeds 5 GB
-    for shard in plan.write.shards:
+    for shard in plan.files:
         names = {t.name for t in shard.tensors}
         for name in names:
             c = classify(name)
@@ -340,7 +343,7 @@ def test_disk_full_mid_run_then_resume(src: Path, tmp_path: Path, monkeypatch: p
     from m1 import safetensors_io
     from m1.integrity import check_integrity
 
-    real = safetensors_io.write_shard
+    real = safetensors_io.write_shard_unsynced
     calls = {"shards": 0}
 
     def full_disk(path, planned, produce, *args, **kwargs):  # noqa: ANN001, ANN202
@@ -357,7 +360,7 @@ def test_disk_full_mid_run_then_resume(src: Path, tmp_path: Path, monkeypatch: p
 
         return real(path, planned, failing, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors_io, "write_shard", full_disk)
+    monkeypatch.setattr(safetensors_io, "write_shard_unsynced", full_disk)
     dest = tmp_path / "out"
     args = ["quantize", str(src), str(dest), "--quiet", "--layout", "by-layer", "--threads", "1"]
     assert run_cli(args) == 1
@@ -367,7 +370,7 @@ def test_disk_full_mid_run_then_resume(src: Path, tmp_path: Path, monkeypatch: p
     assert not list(dest.glob(".*.tmp"))
     assert len(list(dest.glob("model-*.safetensors"))) == 2
 
-    monkeypatch.setattr(safetensors_io, "write_shard", real)  # the disk is freed
+    monkeypatch.setattr(safetensors_io, "write_shard_unsynced", real)  # the disk is freed
     assert run_cli([*args, "--resume"]) == 0
     assert check_integrity(str(dest)).ok
     clean = tmp_path / "clean"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from m1.quantize.loader import QuantizedExperts, bf16_expert_nbytes, expert_nbytes
 
 import m1
 from m1.checkpoint import Checkpoint
 from m1.cli import run_cli
+from m1.quantize.loader import QuantizedExperts, bf16_expert_nbytes, expert_nbytes
 from m1.tiny import TinySpec, make_tiny
 
 SPEC = TinySpec(intermediate=128, rotary_dim=16, shards=2)  # rotary over the whole head: transformers == release

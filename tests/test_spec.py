@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from m1.config import M1Config
+from m1.dtypes import DTYPE_BYTES
 from m1.errors import ConfigError, UnknownTensorError
-from m1.spec import DTYPE_BYTES, Role, classify, inventory, spec_by_name
+from m1.spec import Role, classify, inventory, spec_by_name
 
 RELEASE = Path(__file__).parent / "data" / "m1-release"
 FACTOR_KEYS = {  # release key -> transformers key, written out here on purpose (not imported)
@@ -196,7 +197,7 @@ def test_tied_embeddings_drop_the_head(release_raw: dict) -> None:
 def test_dtype_bytes_match_torch() -> None:
     import torch
 
-    from m1.safetensors_io import TORCH_DTYPES
+    from m1.dtypes import torch_dtype
 
     for name, size in DTYPE_BYTES.items():
-        assert torch.empty(0, dtype=TORCH_DTYPES[name]).element_size() == size, name
+        assert torch.empty(0, dtype=torch_dtype(name)).element_size() == size, name

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from m1.errors import UsageError
 from m1.verify.engine import embed, forward_layer, head, rope_tables
 from m1.verify.metrics import Agreement, RefPositions, kl_from_top, layer_error, perplexity, quantile
 from m1.verify.text import Windows
-
-from m1.errors import UsageError
 
 DEFAULT_TOP_K = 256
 

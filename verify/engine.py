@@ -23,9 +23,9 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from m1.verify.lightning import layer_slopes, lightning_attention
 
 from m1.config import M1Config
+from m1.verify.lightning import layer_slopes, lightning_attention
 
 LIGHTNING_NORM_EPS = 1e-6  # the release builds the lightning output RMSNorm with its default eps
 

@@ -34,9 +34,8 @@ def _compute_dtype(name: str):  # noqa: ANN202
 
 def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: Path | None, ctx: int, tokens: int,
              second_half: bool):  # noqa: ANN202
-    from m1.verify.text import corpus_text, load_token_ids, load_tokenizer, make_windows
-
     from m1.errors import UsageError
+    from m1.verify.text import corpus_text, load_token_ids, load_tokenizer, make_windows
 
     if token_ids is not None:
         ids, what = load_token_ids(token_ids), str(token_ids)
@@ -81,10 +80,9 @@ def perplexity_cmd(
 
     Example: m1 verify perplexity m1-40k/ --text wiki.txt --ctx 2048 --tokens 65536 --device cuda
     """
-    from m1.verify.compare import model_perplexity
-
     from m1.devices import resolve_device
     from m1.progress import count_progress
+    from m1.verify.compare import model_perplexity
 
     model = _model(source)
     windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)
@@ -127,12 +125,11 @@ def compare_cmd(
     Exit 1 when a threshold fails (for CI).
     Example: m1 verify compare m1-40k/ m1-nf4/ --corpus mr-niah --tokens 32768 --report report/ --max-kl 0.05
     """
-    from m1.verify.compare import Thresholds, compare, compare_to_saved, load_reference
-    from m1.verify.report import markdown_table, write_report
-
     from m1.devices import resolve_device
     from m1.errors import UsageError
     from m1.progress import count_progress
+    from m1.verify.compare import Thresholds, compare, compare_to_saved, load_reference
+    from m1.verify.report import markdown_table, write_report
 
     thresholds = Thresholds(max_kl, min_top1, max_ppl_ratio)
     dev, cdtype = resolve_device(device), _compute_dtype(dtype)
@@ -189,10 +186,9 @@ def logits_cmd(
 
     Example: m1 verify logits m1-40k/ --save ref-logits.safetensors ; m1 verify compare --ref-logits ... m1-nf4/
     """
-    from m1.verify.compare import reference_run, save_reference
-
     from m1.devices import resolve_device
     from m1.progress import count_progress
+    from m1.verify.compare import reference_run, save_reference
 
     model = _model(source)
     windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from m1.verify.compare import CandidateResult
-
 from m1.safetensors_io import write_bytes_atomic
+from m1.verify.compare import CandidateResult
 
 COLUMNS = ("candidate", "tokens", "PPL ref", "PPL cand", "PPL ratio", "KL mean", "KL median", "KL p99", "KL max",
            "top-1", "RMS Δp", "pass")

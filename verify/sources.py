@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from m1.checkpoint import Checkpoint
-from m1.safetensors_io import FLOAT_DTYPES
+from m1.dtypes import FLOAT_DTYPES
 from m1.spec import classify
 
 
@@ -30,7 +30,7 @@ class CheckpointWeights:
         info = self.ckpt.info(name)
         if info.dtype in FLOAT_DTYPES:
             return self.ckpt.get(name)
-        from m1.quantize.codec import dequantize_weight
+        from m1.quantized import dequantize_weight
 
         return dequantize_weight(self.ckpt, name)
 

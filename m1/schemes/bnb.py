@@ -1,6 +1,6 @@
-"""Quantization schemes: which tensors bitsandbytes writes for one quantized weight, and their config.
+"""The bitsandbytes schemes (nf4, fp4, int8): which tensors bitsandbytes writes for one weight, and their config.
 
-A scheme is pure data: it predicts names, dtypes and shapes of what `quantize.codec` will produce
+A scheme is pure data: it predicts names, dtypes and shapes of what `m1.schemes.bnb_codec` will produce
 (so a plan can size shards before a byte is quantized) and the `quantization_config` that tells
 transformers and bitsandbytes how to read it back. The formulas follow bitsandbytes 0.50:
 
@@ -19,10 +19,23 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from m1.errors import ConfigError, UsageError
-from m1.spec import DTYPE_BYTES
+from m1.dtypes import DTYPE_BYTES
+from m1.errors import CheckpointError, ConfigError, UsageError
+from m1.schemes import Family, Piece
 
 SCHEMES = ("nf4", "fp4", "int8")
+FAMILY_NAME = "bitsandbytes"
+# What bitsandbytes writes beside a quantized `<module>.weight`, in state-dict order.
+COMPANIONS: tuple[str, ...] = (
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+    "weight.quant_state.bitsandbytes__fp4",
+    "SCB",
+    "weight_format",
+)
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' own default for quantize_4bit
 NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) quantizes the absmax in blocks of 256
 # Non-expert modules that stay in their source dtype, as leaf names: transformers 4.x matches them as
@@ -34,24 +47,15 @@ FLOAT_REPR_MAX = 24  # longest repr() of a Python float, e.g. -2.225073858507201
 
 
 @dataclass(frozen=True)
-class Piece:
-    """One tensor written for a quantized weight: `suffix` follows the module name (e.g. 'weight.absmax')."""
-
-    suffix: str
-    dtype: str
-    shape: tuple[int, ...] | None  # None: not predictable (the JSON state's length)
-    nbytes: int  # exact when `exact`, else an upper bound
-    exact: bool = True
-
-
-@dataclass(frozen=True)
-class Scheme:
+class BnbScheme:
     name: str  # nf4 | fp4 | int8
     blocksize: int | None = None  # 4-bit only; None when a config did not record it
     double_quant: bool = False  # 4-bit only
+    family = FAMILY_NAME
+    formats = ("release", "hf")  # safetensors checkpoints that transformers + bitsandbytes load
 
     @classmethod
-    def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None) -> Scheme:
+    def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None) -> BnbScheme:
         """From command-line options; unknown names and options that do not apply are usage errors."""
         if name not in SCHEMES:
             raise UsageError(f"unknown scheme {name!r}", hint=f"use one of {', '.join(SCHEMES)}")
@@ -74,6 +78,9 @@ class Scheme:
     @property
     def state_suffix(self) -> str:
         return f"weight.quant_state.bitsandbytes__{self.name}"
+
+    def options(self) -> dict[str, Any]:
+        return {"blocksize": self.blocksize, "double_quant": self.double_quant}
 
     def describe(self) -> str:
         if not self.four_bit:
@@ -139,9 +146,56 @@ class Scheme:
     def bytes_after(self, dtype: str, shape: tuple[int, ...]) -> int:
         return sum(p.nbytes for p in self.pieces(dtype, shape))
 
+    def check_pieces(self, weight: str, found: dict[str, tuple[str, tuple[int, ...]]], shape: tuple[int, ...],
+                     file: str | None = None) -> None:
+        """Stored companions (suffix -> dtype, shape, from headers) against what this scheme writes for a
+        weight of `shape`: a CheckpointError naming the first tensor that is missing, extra or misshapen."""
+        module = weight[: -len(".weight")]
+        expected = {p.suffix: p for p in self.pieces("BF16", shape)}
+        for suffix, piece in expected.items():
+            name = f"{module}.{suffix}"
+            if suffix not in found:
+                raise CheckpointError(f"a {self.describe()} weight lacks its bitsandbytes tensor {suffix}", file=file,
+                                      tensor=name, hint="the quantized checkpoint is incomplete; re-run m1 quantize")
+            dtype, got = found[suffix]
+            if dtype != piece.dtype:
+                raise CheckpointError(f"dtype {dtype}, {self.describe()} stores {piece.dtype}", file=file, tensor=name,
+                                      hint="the quantized tensors do not match config.json's quantization_config")
+            # the JSON state's length depends on the source dtype's name: its values are checked on reading
+            sized = piece.exact and piece.shape is not None and suffix != self.state_suffix
+            if sized and tuple(got) != tuple(piece.shape):
+                raise CheckpointError(f"shape {list(got)}, {self.describe()} of a {list(shape)} weight stores "
+                                      f"{list(piece.shape)}", file=file, tensor=name,
+                                      hint="the quantized tensors are damaged or were made with other options")
+        for suffix in found:
+            if suffix not in expected:
+                raise CheckpointError(f"bitsandbytes tensor {suffix} is not part of {self.describe()}", file=file,
+                                      tensor=f"{module}.{suffix}",
+                                      hint="the quantized tensors do not match config.json's quantization_config")
+
+    def check_supported(self, device: Any) -> None:
+        from m1.schemes.bnb_codec import check_supported
+
+        check_supported(self, device)
+
+    def quantize(self, weight: Any, device: Any, name: str = "") -> list[tuple[str, Any]]:
+        from m1.schemes.bnb_codec import quantize_weight
+
+        return quantize_weight(self, weight, device, name)
+
+    def dequantize(self, pieces: dict[str, Any], device: Any = "cpu", name: str = "",
+                   shape: tuple[int, ...] | None = None) -> Any:
+        from m1.schemes.bnb_codec import dequantize_pieces
+
+        return dequantize_pieces(pieces, device, name, scheme=self, shape=shape)
+
     # ---- config.json ---------------------------------------------------------------------------------
-    def quantization_config(self, skip_modules: list[str]) -> dict[str, Any]:
-        """The `quantization_config` block, in transformers' BitsAndBytesConfig.to_dict() vocabulary."""
+    def quantization_config(self, kept_experts: list[str]) -> dict[str, Any]:
+        """The `quantization_config` block, in transformers' BitsAndBytesConfig.to_dict() vocabulary.
+
+        llm_int8_skip_modules: the non-expert leaf names, plus the full module names of experts kept
+        unquantized (`kept_experts`, weight names)."""
+        skip_modules = [*SKIP_MODULES, *(name[: -len(".weight")] for name in kept_experts)]
         qc: dict[str, Any] = {
             "quant_method": "bitsandbytes",
             "load_in_4bit": self.four_bit,
@@ -158,7 +212,7 @@ class Scheme:
         return qc
 
     @classmethod
-    def from_quantization_config(cls, qc: dict[str, Any], file: str | None = None) -> Scheme:
+    def from_quantization_config(cls, qc: dict[str, Any], file: str | None = None) -> BnbScheme:
         if not isinstance(qc, dict) or qc.get("quant_method") != "bitsandbytes":
             method = qc.get("quant_method") if isinstance(qc, dict) else None
             raise ConfigError(f"quantization_config.quant_method is {method!r}; only bitsandbytes is understood",
@@ -178,3 +232,14 @@ def _piece(suffix: str, dtype: str, count: int | None) -> Piece:
     if count is None:
         return Piece(suffix, dtype, None, 0)
     return Piece(suffix, dtype, (count,), count * DTYPE_BYTES[dtype])
+
+
+FAMILY = Family(
+    name=FAMILY_NAME,
+    schemes=SCHEMES,
+    companions=COMPANIONS,
+    make=BnbScheme.make,
+    claims=lambda qc: qc.get("quant_method") == "bitsandbytes",
+    from_quantization_config=BnbScheme.from_quantization_config,
+    storage_dtypes=frozenset({"U8", "I8"}),
+)

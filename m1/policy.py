@@ -77,10 +77,3 @@ def _pattern_hint(pattern: Pattern) -> str:
     if pattern.text.startswith("re:"):
         return r"the regex is searched in full tensor names such as model.layers.0.block_sparse_moe.experts.3.w1.weight"
     return "an exact tensor name (see m1 inspect), or re:REGEX, e.g. 're:layers\\.(0|79)\\.'"
-
-
-def skip_modules(kept_experts: Iterable[str]) -> list[str]:
-    """llm_int8_skip_modules: the non-expert leaf names, plus full module names of experts kept unquantized."""
-    from m1.quantize.schemes import SKIP_MODULES
-
-    return [*SKIP_MODULES, *(name[: -len(".weight")] for name in kept_experts)]

@@ -10,11 +10,14 @@ flattened tensor, or `int8_vectorwise_dequant` (weight * SCB / 127).
 
 from __future__ import annotations
 
+import json
+import math
+
 import torch
-from m1.quantize.schemes import NESTED_BLOCKSIZE, Scheme
 
 from m1.errors import CheckpointError, UsageError
-from m1.spec import QUANT_COMPANIONS, TensorSpec
+from m1.schemes.bnb import NESTED_BLOCKSIZE, STATE_DTYPES
+from m1.schemes.bnb import BnbScheme as Scheme
 
 _BNB: list = []
 
@@ -138,29 +141,6 @@ def _chunking_matches(scheme: Scheme) -> bool:
 # ---- reading back -----------------------------------------------------------------------------------
 
 
-def module_of(weight_name: str) -> str:
-    if not weight_name.endswith(".weight"):
-        raise CheckpointError("not a weight name (must end in .weight)", tensor=weight_name)
-    return weight_name[: -len(".weight")]
-
-
-def is_quantized(weight_name: str, weight_map: dict[str, str]) -> bool:
-    """Whether the checkpoint stores this weight quantized: any bitsandbytes companion beside it."""
-    module = module_of(weight_name)
-    return any(f"{module}.{suffix}" in weight_map for suffix in QUANT_COMPANIONS)
-
-
-def read_pieces(ckpt, weight_name: str) -> dict[str, torch.Tensor]:  # ckpt: m1.checkpoint.Checkpoint
-    """The stored tensors of one quantized weight, keyed by suffix after the module name."""
-    module = module_of(weight_name)
-    out = {"weight": ckpt.get(weight_name)}
-    for suffix in QUANT_COMPANIONS:
-        name = f"{module}.{suffix}"
-        if name in ckpt.weight_map:
-            out[suffix] = ckpt.get(name)
-    return out
-
-
 def quant_state(pieces: dict[str, torch.Tensor], device: torch.device | str = "cpu", weight_name: str = ""):
     """bitsandbytes' QuantState for a 4-bit weight, rebuilt by QuantState.from_dict."""
     QuantState = bnb_functional().QuantState
@@ -174,10 +154,17 @@ def quant_state(pieces: dict[str, torch.Tensor], device: torch.device | str = "c
 
 
 def dequantize_pieces(pieces: dict[str, torch.Tensor], device: torch.device | str = "cpu",
-                      weight_name: str = "") -> torch.Tensor:
-    """The weight back in floating point: the source dtype for 4-bit (it is in the state), float32 for int8."""
+                      weight_name: str = "", scheme: Scheme | None = None,
+                      shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The weight back in floating point: the source dtype for 4-bit (it is in the state), float32 for int8.
+
+    With `scheme` and `shape` (what config.json and the spec say), every stored value that bitsandbytes
+    would trust is checked first: a short absmax would be read past its end, another blocksize or quant
+    type would decode to other numbers, silently."""
     F = bnb_functional()
 
+    if scheme is not None and shape is not None:
+        check_data(pieces, scheme, shape, weight_name)
     weight = pieces["weight"].to(device)
     if "SCB" in pieces:
         fmt = pieces.get("weight_format")
@@ -206,28 +193,48 @@ def dequantize_flat(weight: torch.Tensor, state) -> torch.Tensor:  # state: bits
         state.shape = shape
 
 
-def dequantize_weight(ckpt, weight_name: str) -> torch.Tensor:  # ckpt: m1.checkpoint.Checkpoint
-    """One quantized weight of a checkpoint, dequantized on CPU (used by `m1 convert --dtype`)."""
-    if not is_quantized(weight_name, ckpt.weight_map):
-        return ckpt.get(weight_name)
-    return dequantize_pieces(read_pieces(ckpt, weight_name), "cpu", weight_name)
+def check_data(pieces: dict[str, torch.Tensor], scheme: Scheme, shape: tuple[int, ...], name: str) -> None:
+    def bad(message: str) -> CheckpointError:
+        return CheckpointError(message, tensor=name, hint="the quantized tensors are damaged or were made with "
+                               "other options than config.json's quantization_config says; re-run m1 quantize")
 
-
-# ---- what verify integrity expects ------------------------------------------------------------------
-
-
-def expected_tensors(qconfig: dict, spec: TensorSpec,
-                     weight_map: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...] | None]]:
-    """The tensors that stand for `spec` in a checkpoint quantized per `qconfig` (name -> dtype, shape).
-
-    {} when the weight is stored unquantized (kept by policy, e.g. the router or `--keep`). A shape of
-    None means "not predictable" (the JSON state's length; absmax counts when no blocksize was recorded).
-    """
-    if not spec.name.endswith(".weight") or len(spec.shape) != 2 or not is_quantized(spec.name, weight_map):
-        return {}
-    scheme = Scheme.from_quantization_config(qconfig)
-    module = module_of(spec.name)
-    out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-    for piece in scheme.pieces(spec.dtype if spec.dtype in ("BF16", "F16", "F32") else "BF16", spec.shape):
-        out[f"{module}.{piece.suffix}"] = (piece.dtype, piece.shape if piece.exact else None)
-    return out
+    n = math.prod(shape)
+    if not scheme.four_bit:
+        if "SCB" not in pieces:
+            raise bad("an int8 weight without its SCB (row scales)")
+        if tuple(pieces["weight"].shape) != tuple(shape) or pieces["SCB"].numel() != shape[0]:
+            raise bad(f"int8 weight {list(pieces['weight'].shape)} with {pieces['SCB'].numel()} row scales, "
+                      f"the spec says {list(shape)}")
+        return
+    state_key = scheme.state_suffix
+    if state_key not in pieces:
+        raise bad(f"a {scheme.describe()} weight without its {state_key}")
+    try:
+        state = json.loads(bytes(pieces[state_key].reshape(-1).tolist()).decode())
+    except (UnicodeDecodeError, ValueError):
+        raise bad("the 4-bit quant state is not valid JSON") from None
+    if not isinstance(state, dict):
+        raise bad("the 4-bit quant state is not a JSON object")
+    if state.get("quant_type") != scheme.name:
+        raise bad(f"the quant state says {state.get('quant_type')!r}, config.json says {scheme.name}")
+    blocksize = state.get("blocksize")
+    if not isinstance(blocksize, int) or blocksize <= 0 or (scheme.blocksize and blocksize != scheme.blocksize):
+        raise bad(f"the quant state says blocksize {blocksize!r}, config.json says {scheme.blocksize}")
+    if list(state.get("shape") or []) != list(shape):
+        raise bad(f"the quant state says shape {state.get('shape')}, the spec says {list(shape)}")
+    if state.get("dtype") not in STATE_DTYPES.values():
+        raise bad(f"the quant state's dtype {state.get('dtype')!r} is not a float dtype")
+    blocks = math.ceil(n / blocksize)
+    if pieces["weight"].numel() != (n + 1) // 2:
+        raise bad(f"{pieces['weight'].numel()} packed bytes for {n} values (needs {(n + 1) // 2})")
+    absmax = pieces.get("weight.absmax")
+    if absmax is None or absmax.numel() != blocks:
+        raise bad(f"absmax holds {None if absmax is None else absmax.numel()} values for {blocks} blocks")
+    if scheme.double_quant != ("weight.nested_absmax" in pieces):
+        raise bad("double quant per config.json and the stored tensors disagree")
+    if scheme.double_quant:
+        nested = pieces["weight.nested_absmax"].numel()
+        want = math.ceil(blocks / int(state.get("nested_blocksize") or NESTED_BLOCKSIZE))
+        if state.get("nested_blocksize") != NESTED_BLOCKSIZE or nested != want:
+            raise bad(f"nested absmax holds {nested} values for {blocks} blocks in groups of "
+                      f"{state.get('nested_blocksize')!r} (needs {want} in groups of {NESTED_BLOCKSIZE})")

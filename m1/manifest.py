@@ -1,0 +1,145 @@
+"""What an m1 output folder holds besides its weights: the lock, the progress record, the manifest.
+
+- One writer per destination: an advisory lock (flock) on the folder itself, so nothing is left behind.
+- `.m1-progress.json` lists the files finished so far (sha256, size) under the plan's fingerprint;
+  `m1-manifest.json`, written last, lists them all. Either one marks a folder as m1's own: `--overwrite`
+  empties only such a folder, and never a source or a folder that holds one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from m1.errors import CheckpointError, DestinationError
+
+MANIFEST = "m1-manifest.json"
+PROGRESS = ".m1-progress.json"
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST
+    if not path.exists():
+        return None
+    return _read_record(path, "manifest")
+
+
+def read_progress(dest: Path) -> dict[str, Any] | None:
+    path = dest / PROGRESS
+    return _read_record(path, "progress record") if path.exists() else None
+
+
+def _read_record(path: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"the {what} is not valid JSON", file=str(path),
+                              hint="delete it and re-run the job with --overwrite") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"the {what} is a folder", file=str(path), hint="remove it") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("shards", {}), dict):
+        raise CheckpointError(f"the {what} is not an m1 {what}", file=str(path),
+                              hint="delete it and re-run the job with --overwrite")
+    return obj
+
+
+def is_m1_output(dest: Path) -> bool:
+    return (dest / MANIFEST).is_file() or (dest / PROGRESS).is_file()
+
+
+def guard_source(dest: Path, sources: list[Path]) -> None:
+    """The destination may be neither a source nor a folder that holds one: writing there mixes the two,
+    and --overwrite would delete the source."""
+    out = dest.resolve()
+    for src in sources:
+        src = src.resolve()
+        if out == src or out in src.parents:
+            raise DestinationError("destination is the source checkpoint or a folder that holds it", file=str(dest),
+                                   hint="write to another folder")
+
+
+class DestinationLock:
+    """An exclusive flock on the destination folder for the whole run; a second run is refused at once."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise DestinationError(f"cannot open the destination ({exc.strerror})", file=str(self.dest)) from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise DestinationError("another m1 run is writing to this destination", file=str(self.dest),
+                                   hint="wait for it to finish (or stop it), then use --resume") from None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def prepare_destination(dest: Path, resume: bool, overwrite: bool) -> DestinationLock:
+    """Create or check the destination and lock it; with --overwrite empty it, if it is m1's own."""
+    if dest.exists() and not dest.is_dir():
+        raise DestinationError("destination exists and is not a folder", file=str(dest))
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DestinationError("a file is in the way of the destination folder", file=str(dest)) from None
+    except NotADirectoryError:
+        raise DestinationError("the destination would be inside a file", file=str(dest)) from None
+    except PermissionError:
+        raise DestinationError("no permission to create the destination", file=str(dest)) from None
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise DestinationError("the destination is not writable", file=str(dest), hint="check its permissions")
+    lock = DestinationLock(dest)
+    lock.acquire()
+    try:
+        entries = list(dest.iterdir())
+        if entries and not resume:
+            if not overwrite:
+                raise DestinationError("destination is not empty", file=str(dest),
+                                       hint="pass --resume to finish an interrupted run or --overwrite to replace it")
+            if not is_m1_output(dest):
+                raise DestinationError("--overwrite refused: the destination holds files that are not an m1 output "
+                                       "(no m1 manifest or progress record)", file=str(dest),
+                                       hint="empty or remove it yourself, or write to a new folder")
+            for entry in entries:  # empty it, but keep the folder: it carries the lock
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def finished_files(dest: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
+    """For --resume: the files a run with this fingerprint recorded as finished (not yet re-checked)."""
+    progress = read_progress(dest)
+    if progress is None:
+        manifest = read_manifest(dest)
+        if manifest is not None:
+            if manifest.get("fingerprint") == fingerprint:
+                return manifest.get("shards", {})
+            raise DestinationError("--resume with a different plan than the run that wrote this destination",
+                                   file=str(dest), hint="use the same options as before, or --overwrite to start again")
+        if any(p.name.endswith((".safetensors", ".gguf")) for p in dest.iterdir()):
+            raise DestinationError("nothing to resume: no progress record from an m1 run", file=str(dest),
+                                   hint="use --overwrite to replace its contents")
+        return {}
+    if progress.get("fingerprint") != fingerprint:
+        raise DestinationError("--resume with a different plan (or a changed source) than the interrupted run",
+                               file=str(dest), hint="use the same options as before, or --overwrite to start again")
+    return progress.get("shards", {})

@@ -1,0 +1,275 @@
+"""The one planner: a checkpoint's tensors and a request in, a typed `Plan` out, nothing written.
+
+`m1 convert` and `m1 quantize` are the same job: every tensor is copied, cast, dequantized or (with a
+scheme, for the weights the policy picks) quantized, into the files of the target format. The input is
+checked against the spec first (the same findings as `m1 verify integrity`), so a damaged or foreign
+checkpoint is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m1.checkpoint import Checkpoint
+from m1.config import M1Config
+from m1.dtypes import DTYPE_BYTES, FLOAT_DTYPES
+from m1.errors import CheckpointError, M1Error, UsageError
+from m1.formats import get_format
+from m1.plan import OutputFile, OutputTensor, Plan, SourceTensor, TensorOp
+from m1.policy import Policy
+from m1.safetensors_io import TensorInfo
+from m1.schemes import Scheme, companion_suffixes, scheme_from_config
+from m1.spec import Role, classify, inventory, spec_by_name
+
+DTYPE_OPTIONS: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+EMBED = "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    command: str = "convert"  # convert | quantize: names the job in its record and messages
+    to: str | None = None  # the output format; None keeps the source's
+    dtype: str = "keep"  # keep | bf16 | fp16 | fp32 (dequantizes a quantized source)
+    router_dtype: str = "keep"
+    by_layer: bool = False
+    shard_size: int = 5 * 10**9
+    scheme: Scheme | None = None  # quantize the weights `policy` picks with it
+    policy: Policy = field(default_factory=Policy)
+
+
+def ordered(cfg: M1Config, tensors: list[TensorInfo]) -> list[TensorInfo]:
+    """Spec order (the release's), a quantized weight's companions right after it. Unknown names: an error."""
+    position = {t.name: i for i, t in enumerate(inventory(cfg))}
+    suffixes = companion_suffixes()
+    keyed = []
+    for t in tensors:
+        c = classify(t.name, t.file)
+        rank = suffixes.index(c.companion) + 1 if c.companion else 0
+        keyed.append((position.get(c.weight_name, len(position)), rank, t.name, t))
+    return [t for *_, t in sorted(keyed, key=lambda k: k[:3])]
+
+
+def index_tensors(cfg: M1Config, weight_map: dict[str, str]) -> list[TensorInfo]:
+    """The tensors from a config and an index alone (dtypes and shapes from the spec): no data, no headers."""
+    specs = spec_by_name(cfg)
+    out = []
+    for name, file in weight_map.items():
+        c = classify(name, file)
+        spec = specs.get(c.weight_name)
+        if spec is None:
+            raise CheckpointError("not part of this config's M1 (layer or expert out of range)", file=file, tensor=name)
+        out.append(TensorInfo(name, spec.dtype, spec.shape, file, 0, spec.nbytes))
+    return out
+
+
+# Which finding names the problem best when a plan refuses its source: unreadable files first, the
+# index's total last (a damaged shard or an unknown tensor also makes the total disagree).
+FINDING_ORDER = ("missing-shard", "corrupt-shard", "unknown-tensor", "unexpected-tensor", "missing-tensor", "shape",
+                 "dtype", "index-mismatch", "total-size")
+
+
+def checkpoint_tensors(ckpt: Checkpoint) -> list[TensorInfo]:
+    """Every tensor of a checkpoint from its headers, after checking the checkpoint against the spec."""
+    from m1.integrity import IntegrityReport, check_checkpoint
+
+    report = IntegrityReport(ckpt.root)
+    check_checkpoint(ckpt, report)
+    if report.findings:
+        rank = {code: i for i, code in enumerate(FINDING_ORDER)}
+        first = min(report.findings, key=lambda f: rank.get(f.code, len(rank)))
+        more = f" (and {len(report.findings) - 1} more findings)" if len(report.findings) > 1 else ""
+        raise CheckpointError(f"the source does not match the M1 spec: {first.message}{more}",
+                              file=first.file or ckpt.root, tensor=first.tensor,
+                              hint=f"m1 verify integrity {ckpt.root} lists every problem; nothing was written")
+    return [ckpt.info(name) for name in ckpt.weight_map]
+
+
+def plan_checkpoint(ckpt: Checkpoint, request: JobRequest) -> Plan:
+    if request.scheme is not None:  # "already quantized" says more than the spec findings it would cause
+        headers = [ckpt.info(name) for name in ckpt.weight_map]
+        _refuse_quantized_source(ckpt.config, headers, str(ckpt.root))
+    return plan_job(ckpt.config, checkpoint_tensors(ckpt), request, source=str(ckpt.root),
+                    extra_files=ckpt.extra_files(), base_model=base_model_of(ckpt), revision=ckpt.revision,
+                    inputs=ckpt.identity())
+
+
+def base_model_of(ckpt: Checkpoint) -> str | None:
+    """What the checkpoint was made from: its own manifest's base, or the repo id it was read from."""
+    if ckpt.remote:
+        return ckpt.root
+    from m1.manifest import read_manifest
+
+    manifest = read_manifest(Path(ckpt.root))
+    job = (manifest or {}).get("job")
+    return job.get("base_model") if isinstance(job, dict) else None
+
+
+def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, source: str,
+             extra_files: list[str] | tuple[str, ...] = (), base_model: str | None = None,
+             revision: str | None = None, inputs: dict[str, Any] | None = None) -> Plan:
+    """What the job will write, with sizes; raises before anything is written."""
+    for key in ("dtype", "router_dtype"):
+        if getattr(request, key) not in DTYPE_OPTIONS:
+            raise UsageError(f"--{key.replace('_', '-')} must be one of {', '.join(DTYPE_OPTIONS)}")
+    fmt = get_format(request.to or cfg.flavour)
+    scheme = request.scheme
+    tensors = ordered(cfg, tensors)
+    if scheme is not None:
+        _refuse_quantized_source(cfg, tensors, source)
+        if fmt.name not in scheme.formats:
+            raise UsageError(f"{scheme.describe()} cannot be stored in the {fmt.name} format",
+                             hint=f"use --format {' or '.join(scheme.formats)}")
+    specs = spec_by_name(cfg)
+    chosen = request.policy.select(((t.name, classify(t.name).rule.role) for t in tensors), source) \
+        if scheme is not None else set()
+    if scheme is not None:
+        _check_chosen(scheme, [t for t in tensors if t.name in chosen])
+    dequantize = cfg.quantization_config is not None and request.dtype != "keep"
+    stored_scheme = scheme_from_config(cfg.quantization_config, f"{source}/config.json") if dequantize else None
+
+    ops: list[TensorOp] = []
+    companions: dict[str, list[TensorInfo]] = {}
+    weights: list[TensorInfo] = []
+    for t in tensors:
+        c = classify(t.name, t.file)
+        if c.companion is None:
+            weights.append(t)
+        else:
+            companions.setdefault(c.weight_name, []).append(t)
+    for t in weights:
+        c = classify(t.name, t.file)
+        spec = specs.get(t.name)
+        if spec is None:
+            raise CheckpointError("not part of this config's M1", file=t.file, tensor=t.name)
+        role, comps = c.rule.role, companions.get(t.name, [])
+        src = tuple(_source(x) for x in (t, *comps))
+        common = {"role": role.value, "layer": c.layer, "params": spec.numel}
+        if comps and dequantize:
+            dtype = DTYPE_OPTIONS[request.dtype] or "BF16"
+            out = OutputTensor(t.name, dtype, spec.shape, spec.numel * DTYPE_BYTES[dtype])
+            ops.append(TensorOp("dequantize", src, (out,), scheme=stored_scheme.name, **common))
+        elif comps:  # a quantized weight copied as stored, never split from its companions
+            ops.append(TensorOp("copy", src, tuple(_output(x) for x in (t, *comps)), **common))
+        elif t.name in chosen:
+            module = t.name[: -len(".weight")]
+            outs = tuple(OutputTensor(f"{module}.{p.suffix}", p.dtype, p.shape if p.exact else (p.nbytes,), p.nbytes,
+                                      p.exact) for p in scheme.pieces(t.dtype, t.shape))
+            ops.append(TensorOp("quantize", src, outs, scheme=scheme.name, **common))
+        else:
+            dtype = _target_dtype(t.dtype, role, request)
+            out = OutputTensor(t.name, dtype, t.shape, math.prod(t.shape) * DTYPE_BYTES[dtype])
+            ops.append(TensorOp("copy" if dtype == t.dtype else "cast", src, (out,), **common))
+
+    out_cfg = cfg
+    if scheme is not None:
+        kept = [t.name for t in weights if classify(t.name).rule.role == Role.EXPERT and t.name not in chosen]
+        out_cfg = cfg.with_raw(quantization_config=scheme.quantization_config(kept))
+    config = out_cfg.to_dict(fmt.name)
+    if dequantize:
+        config.pop("quantization_config", None)
+    if request.dtype != "keep":
+        config["torch_dtype"] = TORCH_DTYPE_NAMES[request.dtype]
+    files = pack(ops, request.shard_size, request.by_layer)
+    layout = "by-layer" if request.by_layer else f"shard-size {request.shard_size}"
+    if scheme is None:
+        job = {"command": request.command, "source": source, "revision": revision, "to": fmt.name, "layout": layout,
+               "dtype": request.dtype, "router_dtype": request.router_dtype, "base_model": base_model}
+    else:
+        job = {"command": request.command, "source": source, "revision": revision, "scheme": scheme.name,
+               **scheme.options(), **request.policy.describe(), "layout": layout, "base_model": base_model}
+    return Plan(fmt.name, fmt.sink, files, config, [f for f in extra_files if fmt.extra_file(f)], job,
+                inputs=inputs or {}, scheme=scheme, warnings=fmt.warnings(cfg) if request.to else [])
+
+
+def _source(t: TensorInfo) -> SourceTensor:
+    return SourceTensor(t.name, t.file, t.dtype, tuple(t.shape), t.nbytes)
+
+
+def _output(t: TensorInfo) -> OutputTensor:
+    return OutputTensor(t.name, t.dtype, tuple(t.shape), t.nbytes)
+
+
+def _target_dtype(source: str, role: Role, request: JobRequest) -> str:
+    if role == Role.ROUTER and request.router_dtype == "keep":
+        return source  # the router stays fp32 unless asked
+    wanted = DTYPE_OPTIONS[request.router_dtype if role == Role.ROUTER else request.dtype]
+    if wanted is None or source not in FLOAT_DTYPES:
+        return source
+    return wanted
+
+
+def _refuse_quantized_source(cfg: M1Config, tensors: list[TensorInfo], source: str) -> None:
+    if cfg.quantization_config is not None:
+        try:
+            what = scheme_from_config(cfg.quantization_config).describe()
+        except M1Error:
+            what = str(cfg.quantization_config.get("quant_method", "unknown method"))
+        raise UsageError(f"the source is already quantized ({what}, per its quantization_config)",
+                         file=f"{source}/config.json",
+                         hint="quantize the original checkpoint, or dequantize first: m1 convert SRC DST --dtype bf16")
+    for t in tensors:
+        if classify(t.name).companion is not None:
+            raise UsageError("the source holds quantization tensors: it is already quantized", file=t.file,
+                             tensor=t.name, hint="quantize the original checkpoint, or dequantize it first with "
+                             "m1 convert SRC DST --dtype bf16")
+
+
+def _check_chosen(scheme: Scheme, chosen: list[TensorInfo]) -> None:
+    import warnings
+
+    straddling = []
+    for t in chosen:
+        scheme.check_weight(t.name, t.dtype, t.shape, t.file)
+        if getattr(scheme, "straddles_rows", None) and scheme.straddles_rows(t.shape):
+            straddling.append(t)
+    if straddling:
+        rows = sorted({t.shape[-1] for t in straddling})
+        warnings.warn(f"{len(straddling)} weights have rows of {'/'.join(map(str, rows))} values, not a multiple of "
+                      f"--blocksize {scheme.blocksize} (e.g. {straddling[0].name}): bitsandbytes 0.50's CPU kernels "
+                      "(dequantize_4bit of the 2-D shape, Linear4bit on CPU) read such blocks back wrong; CUDA and "
+                      "m1 (convert --dtype, load_pretrained) read them right. A blocksize dividing the rows avoids it",
+                      RowBlockWarning, stacklevel=3)
+
+
+class RowBlockWarning(UserWarning):
+    """4-bit blocks that span two rows: a bitsandbytes CPU-kernel limitation, not a format problem."""
+
+
+def shard_name(i: int, n: int) -> str:
+    width = max(5, len(str(n)))
+    return f"model-{i + 1:0{width}d}-of-{n:0{width}d}.safetensors"
+
+
+def pack(ops: list[TensorOp], shard_size: int | None = None, by_layer: bool = False) -> list[OutputFile]:
+    """Group operations into files with standard 1-based names; an op is never split over two files.
+
+    by_layer: the embedding alone, then one file per layer, then final norm and head, so a layer is always
+    in exactly one file (what layer-streaming and pipeline loading want). Otherwise greedy packing in order
+    up to `shard_size` bytes (an op larger than the size gets a file of its own).
+    """
+    groups: list[list[TensorOp]] = []
+    if by_layer:
+        first = [op for op in ops if op.layer is None and op.outputs[0].name == EMBED]
+        last = [op for op in ops if op.layer is None and op.outputs[0].name != EMBED]
+        layers: dict[int, list[TensorOp]] = {}
+        for op in ops:
+            if op.layer is not None:
+                layers.setdefault(op.layer, []).append(op)
+        groups = [g for g in [first, *[layers[k] for k in sorted(layers)], last] if g]
+    else:
+        limit = shard_size or 5 * 10**9
+        current: list[TensorOp] = []
+        size = 0
+        for op in ops:
+            if current and size + op.nbytes > limit:
+                groups.append(current)
+                current, size = [], 0
+            current.append(op)
+            size += op.nbytes
+        if current:
+            groups.append(current)
+    return [OutputFile(shard_name(i, len(groups)), tuple(g)) for i, g in enumerate(groups)]

@@ -1,0 +1,125 @@
+"""Quantization schemes as registered families.
+
+A scheme is a frozen config that round-trips through config.json's `quantization_config`, declares the
+companion tensors it writes beside a weight (`pieces`: names, dtypes, shapes, so a plan sizes files before
+a byte is quantized), quantizes and dequantizes through its library (never m1's own arithmetic), checks
+stored companions against a weight before any use, and says which formats can store it. `inspect`,
+`verify integrity`, the loader, dequantizing convert and the Hub card ask this registry; no other module
+names a companion suffix. bitsandbytes (nf4, fp4, int8) is built in; a family is one module with a
+`FAMILY` and one `register_family` call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from m1.errors import ConfigError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor written for a quantized weight: `suffix` follows the module name (e.g. 'weight.absmax')."""
+
+    suffix: str
+    dtype: str
+    shape: tuple[int, ...] | None  # None: not predictable (e.g. a JSON state's length)
+    nbytes: int  # exact when `exact`, else an upper bound
+    exact: bool = True
+
+
+class Scheme(Protocol):
+    """What every scheme offers (bitsandbytes' `BnbScheme` is the model)."""
+
+    name: str
+    family: str
+    formats: tuple[str, ...]  # the formats that can store it
+
+    def describe(self) -> str: ...
+    def options(self) -> dict[str, Any]: ...  # for the job record and the plan fingerprint
+    def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None: ...
+    def check_supported(self, device: Any) -> None: ...  # does its library take these options on this device?
+    def pieces(self, dtype: str, shape: tuple[int, ...]) -> list[Piece]: ...
+    def quantization_config(self, kept_experts: list[str]) -> dict[str, Any]: ...
+    def quantize(self, weight: torch.Tensor, device: Any, name: str = "") -> list[tuple[str, torch.Tensor]]: ...
+    def dequantize(self, pieces: dict[str, torch.Tensor], device: Any = "cpu", name: str = "") -> torch.Tensor: ...
+    def check_pieces(self, weight: str, found: dict[str, tuple[str, tuple[int, ...]]], shape: tuple[int, ...],
+                     file: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # e.g. "bitsandbytes"
+    schemes: tuple[str, ...]  # the scheme names it makes
+    companions: tuple[str, ...]  # every suffix it may write beside `<module>.` (in state-dict order)
+    make: Callable[..., Scheme]  # (name, **command-line options) -> Scheme; usage errors for bad options
+    claims: Callable[[dict[str, Any]], bool]  # does this quantization_config belong to the family?
+    from_quantization_config: Callable[[dict[str, Any], str | None], Scheme]
+    storage_dtypes: frozenset[str]  # dtypes its quantized weights are stored in (so "weight" is not a float)
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _builtins() -> None:
+    if not _FAMILIES:
+        from m1.schemes import bnb
+
+        register_family(bnb.FAMILY)
+
+
+def families() -> list[Family]:
+    _builtins()
+    return list(_FAMILIES.values())
+
+
+def scheme_names() -> list[str]:
+    return [s for f in families() for s in f.schemes]
+
+
+def make_scheme(name: str, **options: Any) -> Scheme:
+    for family in families():
+        if name in family.schemes:
+            return family.make(name, **options)
+    raise UsageError(f"unknown scheme {name!r}", hint=f"use one of {', '.join(scheme_names())}")
+
+
+def scheme_from_config(qc: Any, file: str | None = None) -> Scheme:
+    """The scheme a checkpoint's `quantization_config` describes; a ConfigError for one m1 cannot read."""
+    if isinstance(qc, dict):
+        for family in families():
+            if family.claims(qc):
+                return family.from_quantization_config(qc, file)
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    known = ", ".join(f.name for f in families())
+    raise ConfigError(f"quantization_config.quant_method is {method!r}; only {known} is understood", file=file,
+                      hint="m1 reads the quantization schemes it writes")
+
+
+def companion_suffixes() -> tuple[str, ...]:
+    """Every companion suffix of every family, in a fixed order (companions sort after their weight)."""
+    return tuple(s for f in families() for s in f.companions)
+
+
+def module_of(weight_name: str) -> str:
+    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+
+
+def companions_in(weight_name: str, names: Any) -> dict[str, str]:
+    """suffix -> full name of the companions of `weight_name` present among `names` (a set or mapping)."""
+    module = module_of(weight_name)
+    return {s: f"{module}.{s}" for s in companion_suffixes() if f"{module}.{s}" in names}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)

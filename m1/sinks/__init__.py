@@ -1,0 +1,47 @@
+"""Sinks write a plan's output files: one file at a time under a temporary name (committed by fsync and
+rename), then whatever the format needs once all files exist (the safetensors index). A format names its
+sink (m1.formats); adding one is a module with a `SINK` and one `register_sink` call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from m1.errors import InternalError
+
+if TYPE_CHECKING:
+    from m1.plan import OutputFile, Plan
+    from m1.safetensors_io import PendingShard, Produced
+
+
+class Sink(Protocol):
+    name: str
+
+    def write_file(self, path: Path, file: OutputFile, produce: Callable[[str], Produced],
+                   on_bytes: Callable[[int], None] | None = None) -> tuple[str, int, PendingShard]:
+        """Write one file under a temporary name: (sha256, size, the pending file to commit)."""
+        ...
+
+    def finish(self, dest: Path, plan: Plan) -> list[str]:
+        """After every file is committed: write what lists them; returns the names written."""
+        ...
+
+
+_SINKS: dict[str, Sink] = {}
+
+
+def register_sink(sink: Sink) -> Sink:
+    _SINKS[sink.name] = sink
+    return sink
+
+
+def get_sink(name: str) -> Sink:
+    if not _SINKS:
+        from m1.sinks import safetensors
+
+        register_sink(safetensors.SINK)
+    try:
+        return _SINKS[name]
+    except KeyError:
+        raise InternalError(f"no sink {name!r} to write this format") from None

@@ -1,0 +1,36 @@
+"""The safetensors sink: shards written by `m1.safetensors_io` (header first when every size is known,
+hashed as the bytes pass), then `model.safetensors.index.json` from the written headers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from m1 import safetensors_io
+from m1.plan import OutputFile, Plan
+from m1.safetensors_io import PendingShard, Produced, read_header, write_json_atomic
+
+INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsSink:
+    name = "safetensors"
+
+    def write_file(self, path: Path, file: OutputFile, produce: Callable[[str], Produced],
+                   on_bytes: Callable[[int], None] | None = None) -> tuple[str, int, PendingShard]:
+        planned = [(t.name, t.dtype, t.shape, t.nbytes, t.exact) for t in file.tensors]
+        return safetensors_io.write_shard_unsynced(path, planned, produce, on_bytes=on_bytes)
+
+    def finish(self, dest: Path, plan: Plan) -> list[str]:
+        # Sizes of inexact tensors are only known now: the index takes them from the written headers.
+        weight_map: dict[str, str] = {}
+        total = 0
+        for file in plan.files:
+            for t in read_header(dest / file.name).tensors.values():
+                weight_map[t.name] = file.name
+                total += t.nbytes
+        write_json_atomic(dest / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        return [INDEX]
+
+
+SINK = SafetensorsSink()
