@@ -18,7 +18,8 @@ distribution, which is what the verify fixtures need, not generalisation. `overl
 much.
 
 Saved: config.json (release flavour), bf16 tensors with an fp32 router, 3 zero-based shards with
-model.safetensors.index.json, and a byte-level tokenizer_config.json (m1.tiny's writer, as `m1 make-tiny`).
+model.safetensors.index.json, a byte-level tokenizer_config.json and the byte-level BPE tokenizer.json whose ids
+are the bytes (m1.tiny's writer, as `m1 make-tiny`; GGUF export and llama.cpp need the tokenizer.json).
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ bitwise portable across CPU types or torch versions: a rerun gives a model of th
   {m.experts} experts top-{m.top_k}, intermediate {m.intermediate}; lightning block_size {m.block_size};
   postnorm; vocab {m.vocab}, one id per byte; {report["parameters"]} parameters.
 - Files: bf16 tensors, the router `block_sparse_moe.gate.weight` in fp32; {m.shards} zero-based shards with
-  `model.safetensors.index.json`; `tokenizer_config.json` marks it byte-level (`"m1_byte_level": true`);
+  `model.safetensors.index.json`; `tokenizer_config.json` marks it byte-level (`"m1_byte_level": true`) and
+  `tokenizer.json` is the same vocabulary as a byte-level BPE (id = byte value) for `tokenizers` and GGUF export;
   {report["files_bytes"]} bytes of weights and config files.
 - Data: every message content of `tests/data/corpus/mr-niah-en-2048.jsonl`, newline-joined ({corpus_bytes} bytes);
   the first {train_bytes} bytes train, the last {r.heldout_fraction:.0%} are held out.
