@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from m1.config import M1Config
+from m1.manifest import prepare_destination
 from m1.spec import Role, inventory
-from m1.writer import prepare_destination
 
 BYTE_TOKENIZER_CONFIG = {"tokenizer_class": "m1-bytes", "m1_byte_level": True, "model_max_length": 1 << 20}
 BYTE_VOCAB = 256
@@ -189,6 +189,6 @@ def save_release(dest: Path, config: dict[str, Any], weights: dict[str, torch.Te
 def make_tiny(dest: Path, spec: TinySpec = TinySpec(), overwrite: bool = False) -> M1Config:
     raw = tiny_config(spec)
     cfg = M1Config.from_dict(raw, source="make-tiny")
-    prepare_destination(dest, resume=False, overwrite=overwrite)
+    prepare_destination(dest, resume=False, overwrite=overwrite).release()
     save_release(dest, raw, random_weights(cfg, spec.seed), spec.shards)
     return cfg
