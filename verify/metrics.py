@@ -56,7 +56,7 @@ def perplexity(nll: torch.Tensor) -> tuple[float, float]:
     nll = nll.double()
     n = nll.numel()
     mean = float(nll.mean())
-    ppl = math.exp(mean)
+    ppl = math.inf if mean > 709.0 else math.exp(mean)  # exp overflows a float beyond ~709.78; NaN stays NaN
     if n < 2:
         return ppl, float("nan")
     sem = float(nll.std(unbiased=True)) / math.sqrt(n)
@@ -81,9 +81,13 @@ class Agreement:
     kl_max: float
     top1: float
     rms_dp: float  # RMS of the change in the probability of the actual next token
+    nonfinite: int = 0  # scored positions where the candidate's logits hold NaN or inf
 
     def as_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if not self.nonfinite:  # only when there is something to say: sound reports stay as they were
+            del out["nonfinite"]
+        return out
 
 
 def agreement(ref: RefPositions, cand_logprobs: torch.Tensor, targets: torch.Tensor) -> Agreement:
@@ -97,7 +101,14 @@ def agreement(ref: RefPositions, cand_logprobs: torch.Tensor, targets: torch.Ten
         tokens=int(targets.numel()), ppl_ref=ppl_ref, ppl_ref_err=err_ref, ppl_cand=ppl_cand, ppl_cand_err=err_cand,
         ppl_ratio=ppl_cand / ppl_ref, kl_mean=float(kl.double().mean()), kl_median=quantile(kl, 0.5),
         kl_p99=quantile(kl, 0.99), kl_max=float(kl.max()), top1=top1, rms_dp=float(dp.pow(2).mean().sqrt()),
+        nonfinite=nonfinite_positions(cand_logprobs),
     )
+
+
+def nonfinite_positions(logprobs: torch.Tensor) -> int:
+    """Positions (rows of [N, vocab] log-probabilities) where any value is NaN or inf: a logit that is NaN or
+    +-inf makes its row non-finite after log-softmax, while finite logits always give finite log-probs."""
+    return int((~torch.isfinite(logprobs)).any(-1).sum())
 
 
 def layer_error(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:

@@ -32,13 +32,24 @@ def _compute_dtype(name: str):  # noqa: ANN202
     return options[name]
 
 
-def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: Path | None, ctx: int, tokens: int,
-             second_half: bool):  # noqa: ANN202
+def _at_least_one(option: str, value: int) -> int:
     from m1.errors import UsageError
-    from m1.verify.text import corpus_text, load_token_ids, load_tokenizer, make_windows
 
+    if value < 1:
+        raise UsageError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: Path | None, ctx: int, tokens: int,
+             second_half: bool, vocab_size: int | None = None):  # noqa: ANN202
+    from m1.errors import UsageError
+    from m1.verify.text import check_token_ids, corpus_text, load_token_ids, load_tokenizer, make_windows
+
+    _at_least_one("--tokens", tokens)
     if token_ids is not None:
         ids, what = load_token_ids(token_ids), str(token_ids)
+        if vocab_size is not None:
+            check_token_ids(ids, vocab_size, str(token_ids), tokenizer_source)
     else:
         if not Path(tokenizer_source).is_dir():
             raise UsageError("tokenizing needs a local checkpoint folder", file=tokenizer_source,
@@ -50,9 +61,45 @@ def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: P
             except (OSError, UnicodeDecodeError) as exc:
                 raise UsageError(f"cannot read the text ({type(exc).__name__})", file=str(text)) from None
         else:
-            body, what = corpus_text(corpus), f"corpus {corpus} (held-out 10%)"
+            body, what = corpus_text(corpus), _corpus_description(corpus)
         ids = tok.encode(body)
+        if vocab_size is not None:
+            check_token_ids(ids, vocab_size, str(text) if text is not None else tokenizer_source, tokenizer_source)
     return make_windows(ids, ctx, tokens, second_half), what
+
+
+def _corpus_description(corpus: str) -> str:
+    return f"corpus {corpus} (held-out 10%)"
+
+
+def _refuse_ignored_options(context: typer.Context, path: Path, windows, ref, meta: dict[str, str],  # noqa: ANN001
+                            values: dict[str, object]) -> None:
+    """With --ref-logits the tokens, windows and top-k come from the file: an option given on the command line
+    that would change them cannot apply, so it is a usage error instead of being silently ignored. An option
+    that agrees with the file (the same --ctx, say) is accepted."""
+    from m1.errors import UsageError
+    from m1.verify.text import CORPORA
+
+    n, ctx = (int(d) for d in windows.tokens.shape)
+    stored = {
+        "ctx": ctx,
+        "tokens": n * ctx,
+        "second_half": windows.first_scored == ctx // 2 and windows.first_scored > 0,
+        "top_k": int(ref.top_ids.shape[1]),
+        "corpus": next((c for c in CORPORA if _corpus_description(c) == meta.get("text")), None),
+    }
+    made = f"{n} windows of {ctx} tokens from {meta.get('text') or 'an unknown text'}, top-{stored['top_k']}"
+    for name, value in values.items():
+        source = context.get_parameter_source(name)  # click's ParameterSource (typer vendors its own click)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        if name in stored and stored[name] == value:
+            continue
+        option = "--" + name.replace("_", "-")
+        shown = option if isinstance(value, bool) else f"{option} {value}"
+        raise UsageError(f"{shown} does not apply with --ref-logits: the reference was made from {made}",
+                         file=str(path), hint="drop the option, or make a new reference with m1 verify logits "
+                                              f"REF --save FILE {option} ...")
 
 
 def _model(source: str):  # noqa: ANN202
@@ -80,12 +127,16 @@ def perplexity_cmd(
 
     Example: m1 verify perplexity m1-40k/ --text wiki.txt --ctx 2048 --tokens 65536 --device cuda
     """
+    import math
+
     from m1.devices import resolve_device
+    from m1.errors import M1Error
     from m1.progress import count_progress
     from m1.verify.compare import model_perplexity
 
+    _at_least_one("--batch-size", batch_size)
     model = _model(source)
-    windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)
+    windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half, model.config.vocab_size)
     with count_progress(model.config.num_hidden_layers, "layers", "layers", not quiet and not json_out) as advance:
         result = model_perplexity(model, windows, resolve_device(device), _compute_dtype(dtype), batch_size, advance)
     result["text"] = what
@@ -94,9 +145,16 @@ def perplexity_cmd(
     else:
         typer.echo(f"{source}: perplexity {result['ppl']:.4f} ± {result['ppl_err']:.4f} over "
                    f"{result['tokens_scored']} tokens ({result['windows']} windows of {result['ctx']}, {what})")
+    bad = result["nonfinite_positions"]
+    if bad or not math.isfinite(result["ppl"]):
+        why = (f"NaN or infinite logits at {bad} of {result['tokens_scored']} scored positions" if bad
+               else "the mean negative log-likelihood overflows")
+        raise M1Error(f"perplexity is {result['ppl']}: {why}", file=source,
+                      hint="the model is broken; check its weights with m1 verify integrity --deep")
 
 
 def compare_cmd(
+    context: typer.Context,
     models: Annotated[list[str], typer.Argument(help="REF CAND [CAND ...], or only candidates with --ref-logits.")],
     ref_logits: Annotated[
         Path | None, typer.Option("--ref-logits", help="Stored reference from m1 verify logits --save.")
@@ -133,20 +191,30 @@ def compare_cmd(
 
     thresholds = Thresholds(max_kl, min_top1, max_ppl_ratio)
     dev, cdtype = resolve_device(device), _compute_dtype(dtype)
+    _at_least_one("--batch-size", batch_size)
+    _at_least_one("--top-k", top_k)
+    if report is not None and report.exists() and not report.is_dir():
+        raise UsageError("--report names a file; it must be a folder (report.json, report.md, layers.png go there)",
+                         file=str(report))
     show = not quiet and not json_out
     if ref_logits is not None:
         if not models:
             raise UsageError("give at least one candidate to compare with --ref-logits")
         ref, windows, meta = load_reference(ref_logits)
+        _refuse_ignored_options(context, ref_logits, windows, ref, meta, {
+            "text": text, "corpus": corpus, "token_ids": token_ids, "ctx": ctx, "tokens": tokens,
+            "second_half": second_half, "top_k": top_k})
         candidates = [_model(m) for m in models]
         reference, what = meta.get("source", str(ref_logits)), meta.get("text", "")
         with count_progress(candidates[0].config.num_hidden_layers * len(candidates), "layers", "layers", show) as adv:
-            results = compare_to_saved(ref, candidates, windows, dev, thresholds, cdtype, batch_size, adv)
+            results = compare_to_saved(ref, candidates, windows, dev, thresholds, cdtype, batch_size, adv,
+                                       meta=meta, path=ref_logits)
     else:
         if len(models) < 2:
             raise UsageError("compare needs REF and at least one CAND (or --ref-logits FILE and candidates)")
         loaded = [_model(m) for m in models]
-        windows, what = _windows(models[0], text, corpus, token_ids, ctx, tokens, second_half)
+        windows, what = _windows(models[0], text, corpus, token_ids, ctx, tokens, second_half,
+                                 loaded[0].config.vocab_size)
         reference = models[0]
         with count_progress(loaded[0].config.num_hidden_layers, "layers", "layers", show) as advance:
             _, results = compare(loaded, windows, dev, thresholds, cdtype, batch_size, top_k, not no_layers, advance)
@@ -187,14 +255,23 @@ def logits_cmd(
     Example: m1 verify logits m1-40k/ --save ref-logits.safetensors ; m1 verify compare --ref-logits ... m1-nf4/
     """
     from m1.devices import resolve_device
+    from m1.errors import UsageError
     from m1.progress import count_progress
-    from m1.verify.compare import reference_run, save_reference
+    from m1.verify.compare import model_signature, reference_run, save_reference
 
+    _at_least_one("--batch-size", batch_size)
+    _at_least_one("--top-k", top_k)
+    if save.is_dir():
+        raise UsageError("--save names a folder; it must be a file", file=str(save),
+                         hint=f"e.g. --save {save / 'ref-logits.safetensors'}")
+    if not save.parent.is_dir():
+        raise UsageError("the folder for --save does not exist", file=str(save), hint="create it first")
     model = _model(source)
-    windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half)
+    windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half, model.config.vocab_size)
     with count_progress(model.config.num_hidden_layers, "layers", "layers", not quiet and not json_out) as advance:
         ref = reference_run(model, windows, resolve_device(device), _compute_dtype(dtype), batch_size, top_k, advance)
-    save_reference(save, ref, windows, {"source": source, "text": what, "top_k": str(ref.top_ids.shape[1])})
+    save_reference(save, ref, windows, {"source": source, "text": what, "top_k": str(ref.top_ids.shape[1]),
+                                        **model_signature(model.config)})
     result = {"saved": str(save), "positions": int(ref.target_logprob.numel()), "top_k": int(ref.top_ids.shape[1])}
     if json_out:
         print_json(result)

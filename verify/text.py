@@ -90,9 +90,21 @@ def load_token_ids(path: str | Path) -> list[int]:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read token ids ({exc})", file=str(path),
                          hint="give a JSON list of ints or a .npy array") from None
-    if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
-        raise UsageError("token ids must be non-negative integers", file=str(path))
+    if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):  # bools are not ids
+        raise UsageError("token ids must be non-negative integers", file=str(path),
+                         hint="give a JSON list of ints or a .npy array of integers")
     return ids
+
+
+def check_token_ids(ids: list[int], vocab_size: int, file: str, model: str) -> None:
+    """Every id inside the model's vocabulary (an id past it would index outside the embedding)."""
+    if not ids or 0 <= min(ids) and max(ids) < vocab_size:
+        return
+    for position, i in enumerate(ids):
+        if not 0 <= i < vocab_size:
+            raise UsageError(f"token id {i} at position {position} is outside the vocabulary of {model} "
+                             f"(vocab_size {vocab_size})", file=file,
+                             hint="tokenize the text with this model's own tokenizer")
 
 
 @dataclass(frozen=True)
@@ -115,6 +127,8 @@ def make_windows(ids: list[int], ctx: int, max_tokens: int | None, second_half: 
     """Split into whole windows; `second_half` scores only the second half (llama.cpp's convention)."""
     if ctx < 2:
         raise UsageError(f"--ctx must be at least 2, got {ctx}")
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--tokens must be at least 1, got {max_tokens}")
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = len(ids) // ctx
