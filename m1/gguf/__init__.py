@@ -1,0 +1,15 @@
+"""GGUF export of MiniMax-M1 checkpoints for llama.cpp (architecture `minimax-01`).
+
+- `names`: the tensor name table (spec <-> GGUF), as data;
+- `metadata`: the model keys from an `M1Config`, refusing configs llama.cpp cannot run;
+- `tokenizer`: the `tokenizer.ggml.*` keys from tokenizer.json / tokenizer_config.json;
+- `types`: GGML type names and the type policy (experts, attention, head, embedding);
+- `export`: what to write (`plan_tensors`, `gguf_metadata`) and writing it (`write_gguf`, `export_gguf`).
+"""
+
+from m1.gguf.export import ExportResult, TensorPlan, export_gguf, plan_tensors, write_gguf
+from m1.gguf.names import ARCH, from_gguf, to_gguf
+from m1.gguf.types import TypePolicy
+
+__all__ = ["ARCH", "ExportResult", "TensorPlan", "TypePolicy", "export_gguf", "from_gguf", "plan_tensors",
+           "to_gguf", "write_gguf"]

@@ -1,0 +1,82 @@
+"""GGML tensor types for the export, by name, and which tensors get which (the type policy), as data.
+
+Blocks are quantized by gguf-py (`gguf.quants.quantize`, bit-exact with ggml); nothing here re-implements a
+block format. Types are named as llama.cpp's `--type` names them, lower case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+from m1.errors import UsageError
+from m1.spec import Role
+
+Q = GGMLQuantizationType
+GGML_TYPES: dict[str, GGMLQuantizationType] = {
+    "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16,
+    "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "mxfp4": Q.MXFP4,
+}
+EXPERT_TYPES = tuple(GGML_TYPES)
+DENSE_TYPES = ("bf16", "f16", "f32", "q8_0")  # attention, head, embedding: never below q8_0
+FLOAT_TYPES = ("f32", "f16", "bf16")
+
+# general.file_type: what the bulk of the file (the experts) is.
+FILE_TYPES: dict[str, LlamaFileType] = {
+    "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
+    "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1, "mxfp4": LlamaFileType.MOSTLY_MXFP4_MOE,
+}
+SOURCE_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # safetensors dtype -> the type that keeps it exactly
+ATTENTION_ROLES = (Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_OUT, Role.SOFTMAX_ATTN)
+
+
+def ggml_type(name: str, allowed: tuple[str, ...] = EXPERT_TYPES, what: str = "type") -> GGMLQuantizationType:
+    if name not in allowed:
+        raise UsageError(f"{what} {name!r} is not one of {', '.join(allowed)}")
+    return GGML_TYPES[name]
+
+
+def block_size(qtype: GGMLQuantizationType) -> int:
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def type_name(qtype: GGMLQuantizationType) -> str:
+    return next(n for n, t in GGML_TYPES.items() if t == qtype)
+
+
+@dataclass(frozen=True)
+class TypePolicy:
+    """Which GGML type each kind of tensor gets.
+
+    None for attention/head/embed: the experts' type when that is a float type (a plain f32/f16/bf16
+    export), else the type that keeps the source exactly (bf16 for anything else). Norms, the lightning
+    norm, the router and every 1-D tensor are always F32, whatever is asked.
+    """
+
+    experts: str = "bf16"
+    attention: str | None = None
+    head: str | None = None
+    embed: str | None = None
+
+    def __post_init__(self) -> None:
+        ggml_type(self.experts, EXPERT_TYPES, "expert type")
+        for what, value in (("attention type", self.attention), ("head type", self.head),
+                            ("embedding type", self.embed)):
+            if value is not None:
+                ggml_type(value, DENSE_TYPES, what)
+
+    def for_tensor(self, role: Role, ndim: int, source_dtype: str) -> GGMLQuantizationType:
+        if ndim == 1 or role in (Role.LAYER_NORM, Role.FINAL_NORM, Role.LIGHTNING_NORM, Role.ROUTER):
+            return Q.F32
+        if role == Role.EXPERT:
+            return GGML_TYPES[self.experts]
+        asked = {Role.HEAD: self.head, Role.EMBED: self.embed}.get(role, self.attention)
+        if asked is None:
+            asked = self.experts if self.experts in FLOAT_TYPES else SOURCE_TYPES.get(source_dtype, "bf16")
+        return GGML_TYPES[asked]
+
+    @property
+    def file_type(self) -> LlamaFileType:
+        return FILE_TYPES[self.experts]
