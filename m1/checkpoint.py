@@ -191,7 +191,7 @@ class Checkpoint:
         if info.file.endswith(".bin") and info.file not in self._bin:
             self.header(info.file)
         if info.file in self._bin:
-            from m1.safetensors_io import tensor_bytes
+            from m1.streaming import tensor_bytes
 
             yield 0, tensor_bytes(self._bin[info.file][name])
             return

@@ -31,8 +31,8 @@ from m1.errors import M1Error, UsageError
 from m1.manifest import MANIFEST, PROGRESS, finished_files, guard_source, prepare_destination
 from m1.ops import OpRunner, Timing
 from m1.plan import OutputFile, Plan
-from m1.safetensors_io import PendingShard, file_sha256, write_bytes_atomic, write_json_atomic
 from m1.sinks import Sink, get_sink
+from m1.streaming import PendingShard, file_sha256, write_bytes_atomic, write_json_atomic
 
 REPORT_EVERY = 16 << 20  # a worker reports progress in steps of this many bytes
 

@@ -11,12 +11,15 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from m1.errors import CheckpointError, M1Error, UsageError
-from m1.hub_read import HubError, _call, check_repo_id, hub_errors, quiet_hub_logs, with_retries
+from m1.hub_read import _call, check_repo_id, hub_errors, quiet_hub_logs, with_retries
 from m1.spec import classify
 from m1.units import human_bytes
+
+if TYPE_CHECKING:
+    pass
 
 PUSH_IGNORE = (".*", "**/.*", "__pycache__/*", "*.tmp", "*.partial")
 # Remote files that a push replaces as a whole: weights left over from an older push would not match the index.
@@ -280,7 +283,7 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     from huggingface_hub import HfApi
 
     from m1.integrity import check_integrity
-    from m1.safetensors_io import write_bytes_atomic
+    from m1.streaming import write_bytes_atomic
 
     check_repo_id(repo_id)
     if not folder.is_dir():
@@ -315,104 +318,3 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     return {"repo_id": repo_id, "url": str(url), "revision": revision or "main", "commit": commit.oid,
             "commit_url": commit.commit_url, "pr_url": commit.pr_url, "changed": changed,
             "model_card": "written" if card_written else "kept (README.md has no m1 marker)"}
-
-
-# ---- verify remote --------------------------------------------------------------------------------
-def verify_remote(repo_id: str, revision: str | None = None, against: Path | None = None):  # -> IntegrityReport
-    """Headers over range requests checked against the spec and the index (no tensor data); the Hub's LFS
-    sha256 of each shard against a local copy or manifest (`against`) and against the m1-manifest.json
-    pushed with the repo, when there is one."""
-    from m1.checkpoint import Checkpoint
-    from m1.hub_read import HubStorage, fetch_headers, model_info
-    from m1.integrity import IntegrityReport, check_checkpoint
-
-    check_repo_id(repo_id)
-    if against is not None and not against.exists():
-        raise UsageError("--against must be a local checkpoint folder or an m1-manifest.json", file=str(against))
-    report = IntegrityReport(repo_id)
-    with quiet_hub_logs():
-        try:
-            ckpt = Checkpoint.from_storage(HubStorage.open(repo_id, revision))
-        except (UsageError, HubError):
-            raise
-        except M1Error as exc:
-            report.add("unreadable", exc.message + (f" ({exc.hint})" if exc.hint else ""), exc.file, exc.tensor)
-            return report
-        info = model_info(repo_id, ckpt.revision, files_metadata=True)
-        remote = {s.rfilename: s for s in info.siblings or []}
-        fetch_headers(ckpt)  # in parallel; a network error stops here instead of reading as a corrupt shard
-        check_checkpoint(ckpt, report)  # truncation shows against the Hub's sizes
-        compared = 0
-        for label, expected in _expected_hashes(repo_id, ckpt.revision, against, remote, report):
-            compared += len(expected)
-            _compare_hashes(label, expected, remote, report)
-    report.stats.update(revision=ckpt.revision, remote=True, hashes_compared=compared)
-    return report
-
-
-def _compare_hashes(label: str, expected: dict[str, tuple[str | None, int | None]], remote: dict[str, Any],
-                    report: Any) -> None:
-    for file, (sha, size) in sorted(expected.items()):
-        sibling = remote.get(file)
-        lfs = getattr(sibling, "lfs", None)
-        hub_sha = getattr(lfs, "sha256", None)
-        if sibling is None:
-            report.add("missing-shard", f"in the {label} but not in the Hub repo", file)
-        elif size is not None and sibling.size is not None and sibling.size != size:
-            report.add("sha256", f"the Hub has {sibling.size} bytes, the {label} {size}", file)
-        elif hub_sha is None:
-            report.add("sha256", f"the Hub has no LFS sha256 for this file to compare with the {label}", file)
-        elif sha is not None and hub_sha != sha:
-            report.add("sha256", f"the Hub's LFS sha256 {hub_sha[:12]}... differs from the {label}'s {sha[:12]}...",
-                       file)
-
-
-def _manifest_hashes(manifest: Any) -> dict[str, tuple[str | None, int | None]]:
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    out = {}
-    for file, record in (shards or {}).items():
-        if isinstance(record, dict):
-            out[file] = (record.get("sha256"), record.get("size"))
-    return out
-
-
-def _expected_hashes(repo_id: str, revision: str | None, against: Path | None, remote: dict[str, Any],
-                     report: Any) -> list[tuple[str, dict[str, tuple[str | None, int | None]]]]:
-    """(label, {file: (sha256, size)}) for each source of expected hashes."""
-    from huggingface_hub import hf_hub_download
-
-    from m1.manifest import MANIFEST, read_manifest
-    from m1.safetensors_io import file_sha256
-
-    sources = []
-    if against is not None:
-        if against.is_file():
-            try:
-                sources.append(("manifest", _manifest_hashes(json.loads(against.read_text()))))
-            except (OSError, ValueError):
-                raise UsageError("--against is not a readable m1-manifest.json", file=str(against)) from None
-        else:
-            # Local shards are hashed (the real check); a shard not on disk is taken from the local manifest.
-            local = {}
-            for path in sorted(against.iterdir()):
-                if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
-                    local[path.name] = (file_sha256(path).hexdigest(), path.stat().st_size)
-            try:
-                recorded = _manifest_hashes(read_manifest(against) or {})
-            except M1Error as exc:
-                report.add("manifest", exc.message, exc.file)
-                recorded = {}
-            if local:
-                sources.append(("local copy", local))
-            rest = {f: v for f, v in recorded.items() if f not in local}
-            if rest:
-                sources.append(("local manifest", rest))
-            if not local and not recorded:
-                report.add("sha256", "no local shard or manifest to compare with", str(against))
-    if MANIFEST in remote:
-        path = _call(repo_id, revision, lambda: hf_hub_download(repo_id, MANIFEST, revision=revision), MANIFEST)
-        try:
-            sources.append((f"pushed {MANIFEST}", _manifest_hashes(json.loads(Path(path).read_text()))))
-        except ValueError:
-            report.add("manifest", f"the pushed {MANIFEST} is not valid JSON", MANIFEST)
-    return sources

@@ -83,7 +83,7 @@ def remote_cmd(
     Exit 0 when sound, 1 with findings, 2 on usage errors.
     Example: m1 verify remote MiniMaxAI/MiniMax-M1-40k --against m1-40k/ --json
     """
-    from m1.hub import verify_remote
+    from m1.hub_verify import verify_remote
 
     report = verify_remote(repo_id, revision=revision, against=against)
     print_report(report, repo_id, False, json_out)

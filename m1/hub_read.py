@@ -18,7 +18,6 @@ import struct
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +26,6 @@ from m1.errors import CheckpointError, M1Error, UsageError
 from m1.safetensors_io import MAX_HEADER_BYTES, Header, parse_header, read_header
 
 if TYPE_CHECKING:
-    from m1.checkpoint import Checkpoint
     from m1.config import M1Config
 
 T = TypeVar("T")
@@ -275,32 +273,6 @@ def remote_header(repo_id: str, file: str, revision: str | None, size: int | Non
             if 8 < 8 + n <= size and n <= MAX_HEADER_BYTES:
                 head += with_retries(lambda: get(8, 7 + n), display)
     return parse_header(head, display, size, relative=file)
-
-
-def fetch_headers(ckpt: Checkpoint, files: list[str] | None = None, workers: int = HEADER_WORKERS) -> None:
-    """Read the headers of a remote checkpoint's shards in parallel into its cache.
-
-    A header that is damaged is left for the integrity checks to report; a Hub or network error
-    (HubError) is raised, since it says nothing about the shard.
-    """
-    files = [f for f in (files if files is not None else ckpt.files()) if f.endswith(".safetensors")]
-
-    def one(file: str) -> None:
-        try:
-            ckpt.header(file)
-        except HubError:
-            raise
-        except M1Error:
-            pass  # reported by check_checkpoint
-
-    if not files:
-        return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(files))))
-    try:
-        for future in [pool.submit(one, f) for f in files]:
-            future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def download_file(repo_id: str, file: str, revision: str | None) -> Path:

@@ -13,8 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from m1.checkpoint import Checkpoint
-from m1.errors import InternalError, CheckpointError
-from m1.safetensors_io import Produced, read_header, tensor_bytes, write_shard
+from m1.errors import CheckpointError, InternalError
+from m1.safetensors_io import read_header, write_shard
+from m1.streaming import Produced, tensor_bytes
 
 
 def all_tensors(root: Path) -> dict[str, torch.Tensor]:

@@ -3,13 +3,10 @@ the same tensor names as the release; only config.json differs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from m1.errors import ConfigError
-from m1.formats import Format, identity_table
-
-if TYPE_CHECKING:
-    from m1.config import M1Config
+from m1.formats.base import ConfigView, Format, identity_table
 
 MODEL_TYPE = "minimax"
 ARCHITECTURE = "MiniMaxForCausalLM"
@@ -38,7 +35,7 @@ def read_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
             "postnorm": raw.get("postnorm", True), "block_size": raw.get("block_size", 256)}
 
 
-def write_config(cfg: M1Config, out: dict[str, Any]) -> None:
+def write_config(cfg: ConfigView, out: dict[str, Any]) -> None:
     out["model_type"] = MODEL_TYPE
     out["architectures"] = [ARCHITECTURE]
     out["layer_types"] = ["linear_attention" if k == "lightning" else "full_attention" for k in cfg.layer_kinds]
@@ -49,7 +46,7 @@ def write_config(cfg: M1Config, out: dict[str, Any]) -> None:
     out["rotary_dim"] = cfg.rotary_dim
 
 
-def rotary_warnings(cfg: M1Config) -> list[str]:
+def rotary_warnings(cfg: ConfigView) -> list[str]:
     """transformers' MiniMax rotates every head dim; the release rotates only rotary_dim of them."""
     if cfg.rotary_dim < cfg.head_dim and "softmax" in cfg.layer_kinds:
         n = cfg.layer_kinds.count("softmax")

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from m1.errors import ConfigError
-from m1.formats import Format, identity_table
-
-if TYPE_CHECKING:
-    from m1.config import M1Config
+from m1.formats.base import ConfigView, Format, identity_table
 
 MODEL_TYPES = {
     "minimax_m1": (
@@ -50,7 +47,7 @@ def read_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
             "postnorm": raw.get("postnorm", False), "block_size": raw.get("block_size", DEFAULT_BLOCK_SIZE)}
 
 
-def write_config(cfg: M1Config, out: dict[str, Any]) -> None:
+def write_config(cfg: ConfigView, out: dict[str, Any]) -> None:
     model_type = cfg.model_type if cfg.model_type in MODEL_TYPES else "minimax_m1"
     arch, auto_config, auto_model = MODEL_TYPES[model_type]
     out["model_type"] = model_type

@@ -64,18 +64,25 @@ class Family:
 
 
 _FAMILIES: dict[str, Family] = {}
+_BUILTIN: list[bool] = []
 
 
 def register_family(family: Family) -> Family:
+    _builtins()
     _FAMILIES[family.name] = family
     return family
 
 
+def unregister_family(name: str) -> None:
+    _FAMILIES.pop(name, None)
+
+
 def _builtins() -> None:
-    if not _FAMILIES:
+    if not _BUILTIN:
+        _BUILTIN.append(True)
         from m1.schemes import bnb
 
-        register_family(bnb.FAMILY)
+        _FAMILIES.setdefault(bnb.FAMILY.name, bnb.FAMILY)
 
 
 def families() -> list[Family]:

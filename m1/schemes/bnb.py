@@ -22,6 +22,7 @@ from typing import Any
 from m1.dtypes import DTYPE_BYTES
 from m1.errors import CheckpointError, ConfigError, UsageError
 from m1.schemes import Family, Piece
+from m1.schemes.bnb_codec import NESTED_BLOCKSIZE, STATE_DTYPES
 
 SCHEMES = ("nf4", "fp4", "int8")
 FAMILY_NAME = "bitsandbytes"
@@ -37,12 +38,9 @@ COMPANIONS: tuple[str, ...] = (
     "weight_format",
 )
 DEFAULT_BLOCKSIZE = 64  # bitsandbytes' own default for quantize_4bit
-NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) quantizes the absmax in blocks of 256
 # Non-expert modules that stay in their source dtype, as leaf names: transformers 4.x matches them as
 # substrings of module names and 5.x as name components, so both honour this form.
 SKIP_MODULES = ("qkv_proj", "output_gate", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate", "lm_head")
-# torch dtype names as QuantState.as_dict writes them (str(dtype) without "torch.").
-STATE_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 FLOAT_REPR_MAX = 24  # longest repr() of a Python float, e.g. -2.2250738585072014e-308
 
 

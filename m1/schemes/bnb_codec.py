@@ -12,12 +12,29 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Protocol
 
 import torch
 
 from m1.errors import CheckpointError, UsageError
-from m1.schemes.bnb import NESTED_BLOCKSIZE, STATE_DTYPES
-from m1.schemes.bnb import BnbScheme as Scheme
+
+NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) quantizes the absmax in blocks of 256
+# torch dtype names as QuantState.as_dict writes them (str(dtype) without "torch.").
+STATE_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+class Scheme(Protocol):
+    """The options of a bitsandbytes scheme (m1.schemes.bnb.BnbScheme) that its calls need."""
+
+    name: str
+    blocksize: int | None
+    double_quant: bool
+
+    @property
+    def four_bit(self) -> bool: ...
+    @property
+    def state_suffix(self) -> str: ...
+    def describe(self) -> str: ...
 
 _BNB: list = []
 

@@ -12,7 +12,7 @@ from m1.errors import InternalError
 
 if TYPE_CHECKING:
     from m1.plan import OutputFile, Plan
-    from m1.safetensors_io import PendingShard, Produced
+    from m1.streaming import PendingShard, Produced
 
 
 class Sink(Protocol):
@@ -37,10 +37,10 @@ def register_sink(sink: Sink) -> Sink:
 
 
 def get_sink(name: str) -> Sink:
-    if not _SINKS:
+    if "safetensors" not in _SINKS:
         from m1.sinks import safetensors
 
-        register_sink(safetensors.SINK)
+        _SINKS.setdefault(safetensors.SINK.name, safetensors.SINK)
     try:
         return _SINKS[name]
     except KeyError:

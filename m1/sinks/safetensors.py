@@ -8,7 +8,8 @@ from pathlib import Path
 
 from m1 import safetensors_io
 from m1.plan import OutputFile, Plan
-from m1.safetensors_io import PendingShard, Produced, read_header, write_json_atomic
+from m1.safetensors_io import read_header
+from m1.streaming import PendingShard, Produced, write_json_atomic
 
 INDEX = "model.safetensors.index.json"
 
