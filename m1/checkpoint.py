@@ -20,8 +20,10 @@ import numpy as np
 from m1.config import M1Config
 from m1.dtypes import dtype_name, torch_dtype
 from m1.errors import CheckpointError, ConfigError, UsageError
+from m1.formats import get_format
 from m1.index import INDEX_NAMES, SINGLE_NAMES, Index, parse_index
 from m1.safetensors_io import Header, TensorInfo
+from m1.schemes import companion_suffixes
 from m1.spec import classify
 from m1.storage import LocalStorage, Storage
 
@@ -86,8 +88,24 @@ class Checkpoint:
         config = M1Config.from_dict(raw, source=display)
         ckpt = cls(storage, config, {}, None)
         index = ckpt._read_index()
-        ckpt.weight_map, ckpt.index_file, ckpt.index_metadata = index.weight_map, index.file, index.metadata
+        ckpt.weight_map = {ckpt._spec_name(name, file): file for name, file in index.weight_map.items()}
+        ckpt.index_file, ckpt.index_metadata = index.file, index.metadata
         return ckpt
+
+    # A format whose tensor names differ from the spec's is seen here through its name table: everything
+    # above the reader (planner, integrity, engine) works with spec names only.
+    def _spec_name(self, name: str, file: str | None) -> str:
+        names = get_format(self.config.flavour).names
+        return name if names.identity else names.to_spec(name, file, companion_suffixes())
+
+    def _spec_header(self, header: Header) -> Header:
+        if get_format(self.config.flavour).names.identity:
+            return header
+        infos = {}
+        for t in header.tensors.values():
+            name = self._spec_name(t.name, header.file)
+            infos[name] = replace(t, name=name)
+        return replace(header, tensors=infos)
 
     def _read_index(self) -> Index:
         for name in INDEX_NAMES:
@@ -95,8 +113,8 @@ class Checkpoint:
                 return parse_index(self.storage.read_bytes(name), self.storage.display(name), name)
         for name in SINGLE_NAMES:
             if self.storage.exists(name):
-                if name.endswith(".safetensors"):
-                    header = self.header(name)
+                if name.endswith(".safetensors"):  # stored names: from_storage maps them to the spec's
+                    header = self.storage.header(name)
                     return Index({t: name for t in header.tensors})
                 return Index({t: name for t in _load_bin(self.local_path(name))})
         raise CheckpointError("no model.safetensors(.index.json) or pytorch_model.bin(.index.json)", file=self.root,
@@ -150,7 +168,7 @@ class Checkpoint:
                                        t.numel() * t.element_size()) for n, t in tensors.items()}
                 self._headers[file] = Header(file, infos, {}, 0, 0)
             else:
-                self._headers[file] = self.storage.header(file)
+                self._headers[file] = self._spec_header(self.storage.header(file))
         return self._headers[file]
 
     def info(self, name: str) -> TensorInfo:

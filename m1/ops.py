@@ -125,10 +125,9 @@ class OpRunner:
         self.timing.read_s += read - started
         self.timing.quantize_s += time.perf_counter() - read
         del weight
-        module = source[: -len(".weight")]
         out = []
         for o in op.outputs:
-            t = pieces.pop(o.name[len(module) + 1:], None)
+            t = pieces.pop(o.piece, None)
             if t is None:
                 raise InternalError(f"the scheme did not produce {o.name}", tensor=source)
             out.append(Produced(dtype_name(t.dtype), tuple(t.shape), [tensor_bytes(t)]))

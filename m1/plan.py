@@ -36,6 +36,7 @@ class OutputTensor:
     shape: tuple[int, ...]
     nbytes: int  # exact when `exact`, else an upper bound used for sizing files
     exact: bool = True
+    piece: str = ""  # a quantize op's output: the scheme's suffix for it ("weight", "weight.absmax", ...)
 
 
 @dataclass(frozen=True)

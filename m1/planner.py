@@ -26,7 +26,6 @@ from m1.spec import Role, classify, inventory, spec_by_name
 
 DTYPE_OPTIONS: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-EMBED = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -131,6 +130,11 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
     dequantize = cfg.quantization_config is not None and request.dtype != "keep"
     stored_scheme = scheme_from_config(cfg.quantization_config, f"{source}/config.json") if dequantize else None
 
+    suffixes = companion_suffixes()
+
+    def rename(name: str) -> str:  # spec name -> the output format's
+        return name if fmt.names.identity else fmt.names.from_spec(name, suffixes)
+
     ops: list[TensorOp] = []
     companions: dict[str, list[TensorInfo]] = {}
     weights: list[TensorInfo] = []
@@ -146,23 +150,25 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
         if spec is None:
             raise CheckpointError("not part of this config's M1", file=t.file, tensor=t.name)
         role, comps = c.rule.role, companions.get(t.name, [])
+        out_name = rename(t.name)
         src = tuple(_source(x) for x in (t, *comps))
         common = {"role": role.value, "layer": c.layer, "params": spec.numel}
         if comps and dequantize:
             dtype = DTYPE_OPTIONS[request.dtype] or "BF16"
-            out = OutputTensor(t.name, dtype, spec.shape, spec.numel * DTYPE_BYTES[dtype])
+            out = OutputTensor(out_name, dtype, spec.shape, spec.numel * DTYPE_BYTES[dtype])
             ops.append(TensorOp("dequantize", src, (out,), scheme=stored_scheme.name, **common))
         elif comps:  # a quantized weight copied as stored, never split from its companions
-            ops.append(TensorOp("copy", src, tuple(_output(x) for x in (t, *comps)), **common))
+            outs = tuple(OutputTensor(rename(x.name), x.dtype, tuple(x.shape), x.nbytes) for x in (t, *comps))
+            ops.append(TensorOp(_kind("copy", outs, src), src, outs, **common))
         elif t.name in chosen:
             module = t.name[: -len(".weight")]
-            outs = tuple(OutputTensor(f"{module}.{p.suffix}", p.dtype, p.shape if p.exact else (p.nbytes,), p.nbytes,
-                                      p.exact) for p in scheme.pieces(t.dtype, t.shape))
+            outs = tuple(OutputTensor(rename(f"{module}.{p.suffix}"), p.dtype, p.shape if p.exact else (p.nbytes,),
+                                      p.nbytes, p.exact, p.suffix) for p in scheme.pieces(t.dtype, t.shape))
             ops.append(TensorOp("quantize", src, outs, scheme=scheme.name, **common))
         else:
             dtype = _target_dtype(t.dtype, role, request)
-            out = OutputTensor(t.name, dtype, t.shape, math.prod(t.shape) * DTYPE_BYTES[dtype])
-            ops.append(TensorOp("copy" if dtype == t.dtype else "cast", src, (out,), **common))
+            out = OutputTensor(out_name, dtype, t.shape, math.prod(t.shape) * DTYPE_BYTES[dtype])
+            ops.append(TensorOp(_kind("copy" if dtype == t.dtype else "cast", (out,), src), src, (out,), **common))
 
     out_cfg = cfg
     if scheme is not None:
@@ -173,7 +179,7 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
         config.pop("quantization_config", None)
     if request.dtype != "keep":
         config["torch_dtype"] = TORCH_DTYPE_NAMES[request.dtype]
-    files = pack(ops, request.shard_size, request.by_layer)
+    files = pack(ops, request.shard_size, request.by_layer, fmt.single_file)
     layout = "by-layer" if request.by_layer else f"shard-size {request.shard_size}"
     if scheme is None:
         job = {"command": request.command, "source": source, "revision": revision, "to": fmt.name, "layout": layout,
@@ -185,12 +191,15 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
                 inputs=inputs or {}, scheme=scheme, warnings=fmt.warnings(cfg) if request.to else [])
 
 
+def _kind(kind: str, outs: tuple[OutputTensor, ...], src: tuple[SourceTensor, ...]) -> str:
+    """A copy whose names change is a rename (same bytes, the output format's names)."""
+    if kind == "copy" and any(o.name != s.name for o, s in zip(outs, src, strict=True)):
+        return "rename"
+    return kind
+
+
 def _source(t: TensorInfo) -> SourceTensor:
     return SourceTensor(t.name, t.file, t.dtype, tuple(t.shape), t.nbytes)
-
-
-def _output(t: TensorInfo) -> OutputTensor:
-    return OutputTensor(t.name, t.dtype, tuple(t.shape), t.nbytes)
 
 
 def _target_dtype(source: str, role: Role, request: JobRequest) -> str:
@@ -244,17 +253,20 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:0{width}d}-of-{n:0{width}d}.safetensors"
 
 
-def pack(ops: list[TensorOp], shard_size: int | None = None, by_layer: bool = False) -> list[OutputFile]:
+def pack(ops: list[TensorOp], shard_size: int | None = None, by_layer: bool = False,
+         single_file: str | None = None) -> list[OutputFile]:
     """Group operations into files with standard 1-based names; an op is never split over two files.
 
     by_layer: the embedding alone, then one file per layer, then final norm and head, so a layer is always
     in exactly one file (what layer-streaming and pipeline loading want). Otherwise greedy packing in order
     up to `shard_size` bytes (an op larger than the size gets a file of its own).
     """
+    if single_file:  # a format that is one file (or a --layout that asks for one)
+        return [OutputFile(single_file, tuple(ops))]
     groups: list[list[TensorOp]] = []
     if by_layer:
-        first = [op for op in ops if op.layer is None and op.outputs[0].name == EMBED]
-        last = [op for op in ops if op.layer is None and op.outputs[0].name != EMBED]
+        first = [op for op in ops if op.layer is None and op.role == Role.EMBED.value]
+        last = [op for op in ops if op.layer is None and op.role != Role.EMBED.value]
         layers: dict[int, list[TensorOp]] = {}
         for op in ops:
             if op.layer is not None:

@@ -45,11 +45,29 @@ class NameTable:
     def _from_spec(self) -> tuple[tuple[re.Pattern[str], str], ...]:
         return tuple((_compile(ours), theirs) for ours, theirs in self.pairs)
 
-    def to_spec(self, name: str, file: str | None = None) -> str:
-        return _translate(name, self._to_spec, file)
+    @cached_property
+    def identity(self) -> bool:
+        return all(ours == theirs for ours, theirs in self.pairs)
 
-    def from_spec(self, name: str) -> str:
-        return _translate(name, self._from_spec, None)
+    def to_spec(self, name: str, file: str | None = None, companions: Iterable[str] = ()) -> str:
+        """The spec name of a stored name; a quantization companion keeps its suffix (`<module>.<suffix>`)."""
+        return self._companion_aware(name, self._to_spec, file, companions)
+
+    def from_spec(self, name: str, companions: Iterable[str] = ()) -> str:
+        return self._companion_aware(name, self._from_spec, None, companions)
+
+    @staticmethod
+    def _companion_aware(name: str, table: Iterable[tuple[re.Pattern[str], str]], file: str | None,
+                         companions: Iterable[str]) -> str:
+        table = tuple(table)
+        try:
+            return _translate(name, table, file)
+        except UnknownTensorError:
+            for suffix in companions:
+                if name.endswith("." + suffix):
+                    weight = _translate(name[: -len(suffix) - 1] + ".weight", table, file)
+                    return f"{weight[: -len('.weight')]}.{suffix}"
+            raise
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
@@ -84,5 +102,6 @@ class Format:
     config_keys: tuple[str, ...]  # the keys that belong to this format (dropped when converting to another)
     names: NameTable
     sink: str = "safetensors"
+    single_file: str | None = None  # the one file every tensor goes in (e.g. "model.safetensors"); None: shards
     extra_file: Callable[[str], bool] = lambda name: True  # which of the source's extra files to carry
     warnings: Callable[[ConfigView], list[str]] = field(default=lambda cfg: [])
