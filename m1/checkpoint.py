@@ -65,6 +65,10 @@ class Checkpoint:
     @classmethod
     def open(cls, source: str | Path, revision: str | None = None) -> Checkpoint:
         source = str(source)
+        if source.endswith(".gguf") and Path(source).is_file():  # llama.cpp's format, read back dequantized
+            from m1.gguf.reader import GGUFStorage
+
+            return cls.from_storage(GGUFStorage(source))
         if is_repo_id(source):
             from m1.hub_read import HubStorage
 
@@ -187,6 +191,9 @@ class Checkpoint:
         import torch
 
         info = self.info(name)
+        read_tensor = getattr(self.storage, "read_tensor", None)
+        if read_tensor is not None:  # a storage that decodes its own tensors (GGUF)
+            return read_tensor(name)
         if info.file.endswith(".bin") and info.file not in self._bin:
             self.header(info.file)  # loads the .bin (again, in a worker process)
         if info.file in self._bin:
@@ -205,12 +212,15 @@ class Checkpoint:
 
     def iter_chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
         """The raw bytes of a tensor in pieces of whole rows: (first row, bytes)."""
+        from m1.streaming import tensor_bytes
+
         info = self.info(name)
+        if getattr(self.storage, "read_tensor", None) is not None:
+            yield 0, tensor_bytes(self.get(name))
+            return
         if info.file.endswith(".bin") and info.file not in self._bin:
             self.header(info.file)
         if info.file in self._bin:
-            from m1.streaming import tensor_bytes
-
             yield 0, tensor_bytes(self._bin[info.file][name])
             return
         row_bytes = max(1, info.nbytes // info.shape[0]) if info.shape and info.shape[0] else max(1, info.nbytes)

@@ -93,7 +93,8 @@ class OpRunner:
 
     def _raw(self, source: str) -> Iterator[Any]:
         info = self.ckpt.info(source)
-        if info.file.endswith(".safetensors"):  # byte ranges: copied in the kernel, like cp
+        if info.file.endswith(".safetensors") and not hasattr(self.ckpt.storage, "read_tensor"):
+            # byte ranges: copied in the kernel, like cp
             yield from file_ranges(self.ckpt.local_path(info.file), info.start, info.nbytes)
             return
         chunks = self.ckpt.iter_chunks(source)
