@@ -33,6 +33,9 @@ Tokens = torch.Tensor | Sequence[int]
 Output = Literal["logits", "log_probs"]
 # on_layer(layer, inputs, outputs) -> replacement outputs or None; inputs/outputs are one tensor per batch.
 LayerHook = Callable[[int, list[torch.Tensor], list[torch.Tensor]], "list[torch.Tensor] | None"]
+# observe(weight, x): x [..., in_features] is the input of the linear layer whose weight is `weight` (named as in
+# the layer's weights); an expert's w1/w3/w2 see only the tokens routed to it. For m1 verify imatrix.
+Observer = Callable[[str, torch.Tensor], None]
 
 
 class WeightSource(Protocol):
@@ -88,9 +91,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight.to(device=x.device, dtype=x.dtype) * normed.to(x.dtype)
 
 
-def lightning_block(cfg: M1Config, layer: int, weights: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def lightning_block(cfg: M1Config, layer: int, weights: Mapping[str, torch.Tensor], x: torch.Tensor,
+                    observe: Observer | None = None) -> torch.Tensor:
     """The lightning attention block of layer `layer` on its (normed) input x: [B, T, hidden]."""
     batch, seq_len, _ = x.shape
+    if observe is not None:
+        observe("self_attn.qkv_proj.weight", x)
+        observe("self_attn.output_gate.weight", x)
     heads, hd = cfg.num_attention_heads, cfg.head_dim
     qkv = F.silu(F.linear(x, _w(weights, "self_attn.qkv_proj.weight", x)))
     # Heads are interleaved: head h owns rows h*3*hd + [q | k | v].
@@ -100,6 +107,8 @@ def lightning_block(cfg: M1Config, layer: int, weights: Mapping[str, torch.Tenso
     out = out.transpose(1, 2).reshape(batch, seq_len, heads * hd)
     out = rms_norm(out, _w(weights, "self_attn.norm.weight", x), LIGHTNING_NORM_EPS)
     out = torch.sigmoid(F.linear(x, _w(weights, "self_attn.output_gate.weight", x))) * out
+    if observe is not None:
+        observe("self_attn.out_proj.weight", out)
     return F.linear(out, _w(weights, "self_attn.out_proj.weight", x))
 
 
@@ -127,9 +136,13 @@ def softmax_block(
     weights: Mapping[str, torch.Tensor],
     x: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """GQA causal softmax attention with partial RoPE on its (normed) input x: [B, T, hidden]."""
     batch, seq_len, _ = x.shape
+    if observe is not None:
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            observe(f"self_attn.{proj}.weight", x)
     hd = cfg.head_dim
     q = F.linear(x, _w(weights, "self_attn.q_proj.weight", x)).view(batch, seq_len, cfg.num_attention_heads, hd)
     k = F.linear(x, _w(weights, "self_attn.k_proj.weight", x)).view(batch, seq_len, cfg.num_key_value_heads, hd)
@@ -139,6 +152,8 @@ def softmax_block(
     q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(hd), enable_gqa=True)
     out = out.transpose(1, 2).reshape(batch, seq_len, cfg.num_attention_heads * hd)
+    if observe is not None:
+        observe("self_attn.o_proj.weight", out)
     return F.linear(out, _w(weights, "self_attn.o_proj.weight", x))
 
 
@@ -153,11 +168,14 @@ def route(
 
 
 def moe_block(
-    cfg: M1Config, weights: Mapping[str, torch.Tensor], x: torch.Tensor, trace: dict[str, torch.Tensor] | None = None
+    cfg: M1Config, weights: Mapping[str, torch.Tensor], x: torch.Tensor, trace: dict[str, torch.Tensor] | None = None,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """Top-k mixture of SwiGLU experts w2(silu(w1 x) * w3 x) on x: [B, T, hidden]."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
+    if observe is not None:
+        observe("block_sparse_moe.gate.weight", flat)
     logits, top_w, top_i = route(cfg, weights, flat)
     if trace is not None:
         trace["router_logits"] = logits
@@ -169,7 +187,12 @@ def moe_block(
             continue  # an expert nobody picked costs nothing, not even its weight cast
         p = f"block_sparse_moe.experts.{expert}."
         xe = flat[rows]
+        if observe is not None:
+            observe(p + "w1.weight", xe)
+            observe(p + "w3.weight", xe)
         h = F.silu(F.linear(xe, _w(weights, p + "w1.weight", x))) * F.linear(xe, _w(weights, p + "w3.weight", x))
+        if observe is not None:
+            observe(p + "w2.weight", h)
         y = F.linear(h, _w(weights, p + "w2.weight", x)) * top_w[rows, slot, None].to(x.dtype)
         out.index_add_(0, rows, y)  # in place: the out-of-place form copies `out` and is ~80x slower on CPU
     return out.view(shape)
@@ -184,29 +207,32 @@ def forward_layer(
     dtype: torch.dtype | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     trace: dict[str, torch.Tensor] | None = None,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """One decoder layer: hidden [B, T, hidden] (or [T, hidden]) -> same shape, computed in `dtype` (default hidden's).
 
     `weights` are named relative to `model.layers.{layer}.`. With `trace` (a dict), the intermediates
     attn_in, attn_out, mlp_in, moe_out, router_logits, expert_ids are stored in it for diagnostics.
+    With `observe`, every linear layer's input is passed to it (see `Observer`).
     """
     if cfg.raw.get("shared_intermediate_size", 0):
         raise NotImplementedError("shared-expert MoE (shared_intermediate_size > 0) is not part of MiniMax-M1")
     if hidden.dim() == 2:
-        return forward_layer(cfg, layer, weights, hidden[None], dtype=dtype, rope=rope, trace=trace)[0]
+        return forward_layer(cfg, layer, weights, hidden[None], dtype=dtype, rope=rope, trace=trace,
+                             observe=observe)[0]
     x = hidden.to(dtype) if dtype is not None else hidden
     kind = cfg.layer_kind(layer)
     h = rms_norm(x, _w(weights, "input_layernorm.weight", x), cfg.rms_norm_eps)
     if kind == "lightning":
-        attn = lightning_block(cfg, layer, weights, h)
+        attn = lightning_block(cfg, layer, weights, h, observe)
         alpha, beta = cfg.linear_attn_alpha, cfg.linear_attn_beta
     else:
-        attn = softmax_block(cfg, weights, h, rope)
+        attn = softmax_block(cfg, weights, h, rope, observe)
         alpha, beta = cfg.full_attn_alpha, cfg.full_attn_beta
     # postnorm: the residual branch carries the normed input; prenorm: the raw input.
     x1 = (h if cfg.postnorm else x) * alpha + attn * beta
     h2 = rms_norm(x1, _w(weights, "post_attention_layernorm.weight", x1), cfg.rms_norm_eps)
-    moe = moe_block(cfg, weights, h2, trace)
+    moe = moe_block(cfg, weights, h2, trace, observe)
     if trace is not None:
         trace.update(attn_in=h, attn_out=attn, mlp_in=h2, moe_out=moe)
     return (h2 if cfg.postnorm else x1) * cfg.mlp_alpha + moe * cfg.mlp_beta
