@@ -108,6 +108,9 @@ class M1Config:
                 file=source,
                 hint="is this a MiniMax-M1 checkpoint?",
             )
+        from m1.config_checks import check_config_values
+
+        check_config_values(raw, source)  # types and bounds first: nothing below may expand a damaged value
         for key in REQUIRED_INT_KEYS:
             value = raw.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
