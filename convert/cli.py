@@ -8,7 +8,11 @@ from typing import Annotated
 import typer
 
 from m1.cli_options import (
+    AttnTypeOpt,
+    ChatTemplateOpt,
     DryRunOpt,
+    EmbedTypeOpt,
+    HeadTypeOpt,
     JsonOpt,
     LayoutOpt,
     OverwriteOpt,
@@ -16,9 +20,12 @@ from m1.cli_options import (
     ResumeOpt,
     RevisionOpt,
     ShardSizeOpt,
+    SplitOpt,
+    TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
     check_layout,
+    format_options,
     print_json,
     print_plan,
 )
@@ -28,13 +35,19 @@ from m1.errors import UsageError
 def convert_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id.")],
     dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
-    to: Annotated[str | None, typer.Option("--to", help="Output format: 'hf' (transformers' minimax) or 'release'.")
-                  ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Output format: 'hf' (transformers' minimax), 'release' or "
+                                           "'gguf' (llama.cpp).")] = None,
     layout: LayoutOpt = "size",
     shard_size: ShardSizeOpt = "5GB",
     dtype: Annotated[str, typer.Option("--dtype", help="keep, bf16, fp16 or fp32 (dequantizes bnb experts).")] = "keep",
     router_dtype: Annotated[str, typer.Option("--router-dtype", help="Router dtype (stays fp32 by default).")] = "keep",
     revision: RevisionOpt = None,
+    attn_type: AttnTypeOpt = None,
+    head_type: HeadTypeOpt = None,
+    embed_type: EmbedTypeOpt = None,
+    split_max_size: SplitOpt = None,
+    tokenizer_pre: TokenizerPreOpt = None,
+    chat_template: ChatTemplateOpt = None,
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
     workers: WorkersOpt = 1,
@@ -43,9 +56,11 @@ def convert_cmd(
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Convert between the release and Hugging Face layouts, shard layouts and dtypes.
+    """Convert between formats (release, hf, gguf), shard layouts and dtypes.
 
-    Example: m1 convert tiny-m1/ out-hf/ --to hf ;  m1 convert out-hf/ back/ --to release --layout by-layer --dtype bf16
+    Example: m1 convert tiny-m1/ out-hf/ --to hf ;
+    m1 convert out-hf/ back/ --to release --layout by-layer --dtype bf16 ;
+    m1 convert m1-40k/ m1-bf16.gguf --to gguf ;  m1 convert m1-q4.gguf back/ --to release
     """
     from m1.checkpoint import Checkpoint
     from m1.convert.job import ConvertOptions, plan_convert, run_convert, warn_plan
@@ -54,9 +69,11 @@ def convert_cmd(
 
     if to is not None and to not in format_names():
         raise UsageError(f"--to must be one of {', '.join(repr(f) for f in format_names())}, got {to!r}")
-    opts = ConvertOptions(to=to, by_layer=check_layout(layout), shard_size=parse_size(shard_size), dtype=dtype,
-                          router_dtype=router_dtype)
     ckpt = Checkpoint.open(source, revision=revision)
+    fmt_options = format_options(to or ckpt.config.flavour, dest, attn_type, head_type, embed_type, split_max_size,
+                                 tokenizer_pre, chat_template)
+    opts = ConvertOptions(to=to, by_layer=check_layout(layout), shard_size=parse_size(shard_size), dtype=dtype,
+                          router_dtype=router_dtype, format_options=fmt_options)
     plan = plan_convert(ckpt, opts)
     if dry_run:
         warn_plan(plan)
@@ -68,7 +85,8 @@ def convert_cmd(
         print_json({"dest": str(dest), "shards": manifest["shards"]})
     else:
         total = sum(s["size"] for s in manifest["shards"].values())
-        typer.echo(f"wrote {len(manifest['shards'])} shards ({total} bytes) to {dest}")
+        typer.echo(f"wrote {len(manifest['shards'])} {'files' if str(dest).endswith('.gguf') else 'shards'} "
+               f"({total} bytes) to {dest}")
 
 
 def register(app: typer.Typer) -> None:

@@ -4,7 +4,7 @@ stored, or dequantized with `--dtype`. It is the pipeline's one planner and exec
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ class ConvertOptions:
     shard_size: int = 5 * 10**9
     dtype: str = "keep"
     router_dtype: str = "keep"
+    format_options: dict[str, Any] = field(default_factory=dict)
 
     def request(self) -> JobRequest:
-        return JobRequest("convert", self.to, self.dtype, self.router_dtype, self.by_layer, self.shard_size)
+        return JobRequest("convert", self.to, self.dtype, self.router_dtype, self.by_layer, self.shard_size,
+                          format_options=self.format_options)
 
 
 def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> Plan:

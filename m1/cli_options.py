@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from m1.integrity import IntegrityReport
     from m1.plan import Plan
 
@@ -23,6 +22,17 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an interrupted
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="With --dry-run: every tensor operation.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Processes writing files in parallel.")]
+AttnTypeOpt = Annotated[str | None, typer.Option("--attn-type", help="GGUF: attention projections' type (bf16, "
+                                                 "f16, f32, q8_0; default: their source precision).")]
+HeadTypeOpt = Annotated[str | None, typer.Option("--head-type", help="GGUF: the LM head's type (default bf16 or the "
+                                                 "source's; never below q8_0).")]
+EmbedTypeOpt = Annotated[str | None, typer.Option("--embed-type", help="GGUF: the embedding's type.")]
+SplitOpt = Annotated[str | None, typer.Option("--split-max-size", help="GGUF: split into llama.cpp's -0000i-of-0000n "
+                                              "files of at most this size, e.g. 50G.")]
+TokenizerPreOpt = Annotated[str | None, typer.Option("--tokenizer-pre", help="GGUF: llama.cpp's pre-tokenizer name, "
+                                                     "when the tokenizer's split regex is not one it knows.")]
+ChatTemplateOpt = Annotated[Path | None, typer.Option("--chat-template", help="GGUF: a Jinja file that replaces the "
+                                                      "model's chat template.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")]
 LayoutOpt = Annotated[
@@ -69,3 +79,30 @@ def print_plan(plan: Plan, dest: Path, json_out: bool, verbose: bool) -> None:
     if verbose:
         for line in plan.op_lines():
             typer.echo("  " + line)
+
+
+def format_options(fmt: str, dest: Path, attn_type: str | None = None, head_type: str | None = None,
+                   embed_type: str | None = None, split_max_size: str | None = None, tokenizer_pre: str | None = None,
+                   chat_template: Path | None = None) -> dict[str, Any]:
+    """The output format's own options (GGUF's), refused for a format they do not apply to."""
+    from m1.errors import UsageError
+    from m1.units import parse_size
+
+    given = {"--attn-type": attn_type, "--head-type": head_type, "--embed-type": embed_type,
+             "--split-max-size": split_max_size, "--tokenizer-pre": tokenizer_pre, "--chat-template": chat_template}
+    if fmt != "gguf":
+        used = [k for k, v in given.items() if v is not None]
+        if used:
+            raise UsageError(f"{used[0]} applies to GGUF output only", hint="add --to gguf (quantize: --format gguf)")
+        return {}
+    if chat_template is not None and not chat_template.is_file():
+        raise UsageError("--chat-template is not a file", file=str(chat_template))
+    from m1.gguf.types import DENSE_TYPES
+
+    for option, value in (("--attn-type", attn_type), ("--head-type", head_type), ("--embed-type", embed_type)):
+        if value is not None and value not in DENSE_TYPES:
+            raise UsageError(f"{option} {value!r} is not one of {', '.join(DENSE_TYPES)}")
+    return {"stem": dest.stem if dest.suffix == ".gguf" else "model", "attn_type": attn_type, "head_type": head_type,
+            "embed_type": embed_type, "split_max_size": parse_size(split_max_size) if split_max_size else None,
+            "tokenizer_pre": tokenizer_pre, "chat_template": str(chat_template) if chat_template else None,
+            "name": dest.stem if dest.suffix == ".gguf" else dest.name}

@@ -27,8 +27,15 @@ from typing import Any
 
 from m1 import __version__
 from m1.checkpoint import Checkpoint
-from m1.errors import M1Error, UsageError
-from m1.manifest import MANIFEST, PROGRESS, finished_files, guard_source, prepare_destination
+from m1.errors import DestinationError, M1Error, UsageError
+from m1.manifest import (
+    finished_files,
+    guard_source,
+    manifest_name,
+    prepare_destination,
+    prepare_files,
+    progress_name,
+)
 from m1.ops import OpRunner, Timing
 from m1.plan import OutputFile, Plan
 from m1.sinks import Sink, get_sink
@@ -71,32 +78,47 @@ def execute(plan: Plan, dest: Path, ckpt: Checkpoint, opts: RunOptions = RunOpti
         raise UsageError(f"--workers must be at least 1, got {opts.workers}")
     if opts.threads is not None and opts.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {opts.threads}")
-    if not ckpt.remote:
-        guard_source(dest, [Path(ckpt.root)])
     threads = opts.threads or max(1, available_cpus() // opts.workers)
     sink = get_sink(plan.sink)
-    lock = prepare_destination(dest, opts.resume, opts.overwrite)
+    sink.check(plan)
+    stem = plan.stem if plan.stem is not None and dest.suffix == ".gguf" else None
+    if stem is not None:  # a file set (a GGUF) in a folder that may hold other things
+        folder = dest.parent
+        if not ckpt.remote and any(dest.resolve() == (Path(ckpt.root) / f).resolve() for f in ckpt.files()):
+            raise DestinationError("the destination is a file of the source", file=str(dest),
+                                   hint="write to another file")
+        lock = prepare_files(folder, [f.name for f in plan.files], stem, opts.resume, opts.overwrite)
+    else:
+        folder = dest
+        if not ckpt.remote:
+            guard_source(dest, [Path(ckpt.root)])
+        lock = prepare_destination(dest, opts.resume, opts.overwrite)
     try:
         with _terminate_as_interrupt():
-            return _run(plan, dest, ckpt, sink, opts, threads)
+            return _run(plan, folder, ckpt, sink, opts, threads, stem)
     finally:
         lock.release()
 
 
-def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions, threads: int) -> RunResult:
+def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions, threads: int,
+         stem: str | None) -> RunResult:
     from m1.progress import byte_progress
 
     fingerprint = plan.fingerprint()
-    done = _verified(dest, finished_files(dest, fingerprint)) if opts.resume else {}
-    write_json_atomic(dest / "config.json", plan.config)
-    for name in plan.extra_files:
-        write_bytes_atomic(dest / name, ckpt.storage.local_path(name).read_bytes())
+    done = _verified(dest, finished_files(dest, fingerprint, stem)) if opts.resume else {}
+    if plan.writes_config:
+        write_json_atomic(dest / "config.json", plan.config)
+        for name in plan.extra_files:
+            write_bytes_atomic(dest / name, ckpt.storage.local_path(name).read_bytes())
     records = {f.name: done[f.name] for f in plan.files if f.name in done}
     todo = [f for f in plan.files if f.name not in done]
+    last: list[OutputFile] = []
+    if sink.first_last and todo and todo[0] is plan.files[0] and len(plan.files) > 1:
+        last, todo = todo[:1], todo[1:]
 
     def record(name: str, rec: dict[str, Any]) -> None:
         records[name] = rec
-        write_json_atomic(dest / PROGRESS, {"fingerprint": fingerprint, "shards": records})
+        write_json_atomic(dest / progress_name(stem), {"fingerprint": fingerprint, "shards": records})
 
     timing = Timing()
     started = time.perf_counter()
@@ -112,13 +134,12 @@ def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions,
                 for result in pool.results(advance):
                     record(result["file"], result["record"])
                     timing.add(result["timing"])
-            else:
-                with _torch_threads(threads, plan):
-                    _write_here(ctx, sink, todo, record, advance, timing)
+            with _torch_threads(threads, plan):
+                _write_here(ctx, sink, ([] if pool is not None else todo) + last, record, advance, timing)
     except BaseException:
         if pool is not None:
             pool.kill()
-        for f in todo:  # a killed worker leaves its temporary file behind
+        for f in todo + last:  # a killed worker leaves its temporary file behind
             (dest / f".{f.name}.tmp").unlink(missing_ok=True)
         raise
     finally:
@@ -126,6 +147,7 @@ def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions,
             pool.close()
     seconds = time.perf_counter() - started
 
+    todo += last
     small = sink.finish(dest, plan)
     manifest = {
         "m1_manifest_version": 1,
@@ -136,10 +158,11 @@ def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions,
         "plan": [{"file": f.name, "tensors": [t.name for t in f.tensors]} for f in plan.files],
         "shards": {f.name: {"sha256": records[f.name]["sha256"], "size": records[f.name]["size"]}
                    for f in plan.files},
-        "files": {name: file_sha256(dest / name).hexdigest() for name in ["config.json", *plan.extra_files, *small]},
+        "files": {name: file_sha256(dest / name).hexdigest()
+                  for name in [*(["config.json", *plan.extra_files] if plan.writes_config else []), *small]},
     }
-    write_json_atomic(dest / MANIFEST, manifest)
-    (dest / PROGRESS).unlink(missing_ok=True)
+    write_json_atomic(dest / manifest_name(stem), manifest)
+    (dest / progress_name(stem)).unlink(missing_ok=True)
     return RunResult(manifest, [f.name for f in todo], seconds, pool.size if pool else (1 if todo else 0), threads,
                      timing)
 
@@ -174,7 +197,7 @@ def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Calla
     own = Timing()
     runner = OpRunner(ctx.ckpt, file, ctx.plan.scheme, ctx.device, own)
     try:
-        sha, size, pending = sink.write_file(Path(ctx.dest) / file.name, file, runner, on_bytes)
+        sha, size, pending = sink.write_file(Path(ctx.dest) / file.name, file, runner, on_bytes, ctx.plan)
     finally:
         runner.close()
     seconds = time.perf_counter() - started

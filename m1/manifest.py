@@ -21,15 +21,24 @@ MANIFEST = "m1-manifest.json"
 PROGRESS = ".m1-progress.json"
 
 
-def read_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
+def manifest_name(stem: str | None = None) -> str:
+    """m1-manifest.json for a folder; <stem>.m1-manifest.json beside a file set (a GGUF) in a shared folder."""
+    return MANIFEST if stem is None else f"{stem}.{MANIFEST}"
+
+
+def progress_name(stem: str | None = None) -> str:
+    return PROGRESS if stem is None else f".{stem}{PROGRESS}"
+
+
+def read_manifest(root: Path, stem: str | None = None) -> dict[str, Any] | None:
+    path = root / manifest_name(stem)
     if not path.exists():
         return None
     return _read_record(path, "manifest")
 
 
-def read_progress(dest: Path) -> dict[str, Any] | None:
-    path = dest / PROGRESS
+def read_progress(dest: Path, stem: str | None = None) -> dict[str, Any] | None:
+    path = dest / progress_name(stem)
     return _read_record(path, "progress record") if path.exists() else None
 
 
@@ -125,17 +134,53 @@ def prepare_destination(dest: Path, resume: bool, overwrite: bool) -> Destinatio
     return lock
 
 
-def finished_files(dest: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
+def prepare_files(folder: Path, names: list[str], stem: str, resume: bool, overwrite: bool) -> DestinationLock:
+    """A file set (a GGUF and its splits) in a folder that may hold other things: lock the folder, and
+    refuse to replace files that are there unless --overwrite and an earlier m1 run of this stem made them."""
+    prepare = prepare_destination if not folder.exists() else None
+    if prepare is not None:
+        return _prepare_file_set(prepare(folder, resume=False, overwrite=False), folder, names, stem, resume,
+                                 overwrite)
+    if not folder.is_dir():
+        raise DestinationError("the destination's folder is not a folder", file=str(folder))
+    lock = DestinationLock(folder)
+    lock.acquire()
+    return _prepare_file_set(lock, folder, names, stem, resume, overwrite)
+
+
+def _prepare_file_set(lock: DestinationLock, folder: Path, names: list[str], stem: str, resume: bool,
+                      overwrite: bool) -> DestinationLock:
+    try:
+        ours = (folder / manifest_name(stem)).is_file() or (folder / progress_name(stem)).is_file()
+        present = [n for n in [*names, manifest_name(stem)] if (folder / n).exists()]
+        if present and not resume:
+            if not overwrite:
+                raise DestinationError(f"{present[0]} exists", file=str(folder / present[0]),
+                                       hint="pass --resume to finish an interrupted run or --overwrite to replace it")
+            if not ours:
+                raise DestinationError("--overwrite refused: no m1 manifest or progress record says an m1 run made "
+                                       "it", file=str(folder / present[0]),
+                                       hint="remove it yourself, or write elsewhere")
+            for name in present:
+                (folder / name).unlink()
+            (folder / progress_name(stem)).unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def finished_files(dest: Path, fingerprint: str, stem: str | None = None) -> dict[str, dict[str, Any]]:
     """For --resume: the files a run with this fingerprint recorded as finished (not yet re-checked)."""
-    progress = read_progress(dest)
+    progress = read_progress(dest, stem)
     if progress is None:
-        manifest = read_manifest(dest)
+        manifest = read_manifest(dest, stem)
         if manifest is not None:
             if manifest.get("fingerprint") == fingerprint:
                 return manifest.get("shards", {})
             raise DestinationError("--resume with a different plan than the run that wrote this destination",
                                    file=str(dest), hint="use the same options as before, or --overwrite to start again")
-        if any(p.name.endswith((".safetensors", ".gguf")) for p in dest.iterdir()):
+        if stem is None and any(p.name.endswith((".safetensors", ".gguf")) for p in dest.iterdir()):
             raise DestinationError("nothing to resume: no progress record from an m1 run", file=str(dest),
                                    hint="use --overwrite to replace its contents")
         return {}

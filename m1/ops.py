@@ -55,6 +55,7 @@ class OpRunner:
         self.op_of = {o.name: op for op in file.ops for o in op.outputs}
         self.to_quantize = [op.sources[0].name for op in file.ops if op.kind == "quantize"]
         self.pending: dict[str, Produced] = {}
+        self._schemes: dict[str, Any] = {}
         self.reader: ThreadPoolExecutor | None = None
         self.ahead: tuple[str, Future] | None = None
 
@@ -78,9 +79,13 @@ class OpRunner:
         if op.kind == "cast":
             out = op.outputs[0]
             return [Produced(out.dtype, out.shape, self._cast(op.sources[0].name, out.dtype))]
-        if op.kind == "stack":
+        if op.kind == "stack":  # a stacked tensor's rows are its sources' rows, in order: one source at a time
             out = op.outputs[0]
-            return [Produced(out.dtype, out.shape, (c for s in op.sources for c in self._cast(s.name, out.dtype)))]
+            if op.scheme is None:
+                chunks = (c for s in op.sources for c in self._cast(s.name, out.dtype))
+            else:
+                chunks = (self._quantized(op, s.name)[0][1] for s in op.sources)
+            return [Produced(out.dtype, out.shape, chunks)]
         if op.kind == "quantize":
             return self._quantize(op)
         if op.kind == "dequantize":
@@ -117,15 +122,27 @@ class OpRunner:
         for _, chunk in self.ckpt.iter_chunks(source, CAST_CHUNK):
             yield tensor_bytes(torch.frombuffer(chunk, dtype=src).to(dst))
 
-    def _quantize(self, op: TensorOp) -> list[Produced]:
-        source = op.sources[0].name
+    def _scheme_for(self, op: TensorOp) -> Any:
+        if self.scheme is not None and self.scheme.name == op.scheme:
+            return self.scheme
+        if op.scheme not in self._schemes:  # e.g. an attention type beside the experts' in a GGUF
+            from m1.schemes import make_scheme
+
+            self._schemes[op.scheme] = make_scheme(op.scheme)
+        return self._schemes[op.scheme]
+
+    def _quantized(self, op: TensorOp, source: str) -> list[tuple[str, memoryview]]:
         started = time.perf_counter()
         weight = self._read(source)
         read = time.perf_counter()
-        pieces = dict(self.scheme.quantize(weight, self._torch_device(), source))
+        pieces = self._scheme_for(op).quantize(weight, self._torch_device(), source)
         self.timing.read_s += read - started
         self.timing.quantize_s += time.perf_counter() - read
-        del weight
+        return [(suffix, tensor_bytes(t)) if op.kind == "stack" else (suffix, t) for suffix, t in pieces]
+
+    def _quantize(self, op: TensorOp) -> list[Produced]:
+        source = op.sources[0].name
+        pieces = dict(self._quantized(op, source))
         out = []
         for o in op.outputs:
             t = pieces.pop(o.piece, None)

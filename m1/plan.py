@@ -95,6 +95,9 @@ class Plan:
     inputs: dict[str, Any] = field(default_factory=dict)  # what was read to plan it (for the fingerprint)
     scheme: Any = None  # the m1.schemes Scheme of the quantize ops, if any
     warnings: list[str] = field(default_factory=list)
+    sink_data: dict[str, Any] = field(default_factory=dict)  # what the format's sink writes besides tensors
+    writes_config: bool = True  # config.json and the extra files beside the weights
+    stem: str | None = None  # files mode: the files are named after it in the destination's parent folder
 
     @property
     def total_bytes(self) -> int:
@@ -111,8 +114,12 @@ class Plan:
     def fingerprint(self) -> str:
         """Identifies the plan, so --resume never mixes files of two different plans or two sources."""
         obj = {"format": self.format, "config": self.config, "extra": self.extra_files, "inputs": self.inputs,
-               "files": [[f.name, [asdict(op) for op in f.ops]] for f in self.files]}
+               "files": [[f.name, [asdict(op) for op in f.ops]] for f in self.files], "sink": self.sink_data}
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    @property
+    def _scheme_name(self) -> str | None:
+        return self.scheme.name if self.scheme is not None else None
 
     # ---- sizes by role ----------------------------------------------------------------------------
     def by_role(self) -> dict[str, dict[str, int]]:
@@ -125,7 +132,7 @@ class Plan:
             r["params"] += op.params
             r["bytes_before"] += op.source_bytes
             r["bytes_after"] += op.nbytes
-            if op.kind == "quantize":
+            if op.kind in ("quantize", "stack") and op.scheme is not None and op.scheme == self._scheme_name:
                 r["quantized"] += 1
                 r["quantized_params"] += op.params
                 r["quantized_before"] += op.source_bytes

@@ -38,6 +38,7 @@ class JobRequest:
     shard_size: int = 5 * 10**9
     scheme: Scheme | None = None  # quantize the weights `policy` picks with it
     policy: Policy = field(default_factory=Policy)
+    format_options: dict[str, Any] = field(default_factory=dict)  # the output format's own (GGUF: types, splits)
 
 
 def ordered(cfg: M1Config, tensors: list[TensorInfo]) -> list[TensorInfo]:
@@ -93,7 +94,7 @@ def plan_checkpoint(ckpt: Checkpoint, request: JobRequest) -> Plan:
         _refuse_quantized_source(ckpt.config, headers, str(ckpt.root))
     return plan_job(ckpt.config, checkpoint_tensors(ckpt), request, source=str(ckpt.root),
                     extra_files=ckpt.extra_files(), base_model=base_model_of(ckpt), revision=ckpt.revision,
-                    inputs=ckpt.identity())
+                    inputs=ckpt.identity(), ckpt=ckpt)
 
 
 def base_model_of(ckpt: Checkpoint) -> str | None:
@@ -109,7 +110,8 @@ def base_model_of(ckpt: Checkpoint) -> str | None:
 
 def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, source: str,
              extra_files: list[str] | tuple[str, ...] = (), base_model: str | None = None,
-             revision: str | None = None, inputs: dict[str, Any] | None = None) -> Plan:
+             revision: str | None = None, inputs: dict[str, Any] | None = None,
+             ckpt: Checkpoint | None = None) -> Plan:
     """What the job will write, with sizes; raises before anything is written."""
     for key in ("dtype", "router_dtype"):
         if getattr(request, key) not in DTYPE_OPTIONS:
@@ -123,10 +125,15 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
             raise UsageError(f"{scheme.describe()} cannot be stored in the {fmt.name} format",
                              hint=f"use --format {' or '.join(scheme.formats)}")
     specs = spec_by_name(cfg)
-    chosen = request.policy.select(((t.name, classify(t.name).rule.role) for t in tensors), source) \
-        if scheme is not None else set()
+    chosen: set[str] = set()
+    if scheme is not None:  # --keep/--only may name a tensor as the output format does, too
+        aliases = _stack_aliases(tensors) if fmt.plan_ops is not None else \
+            {} if fmt.names.identity else {t.name: fmt.names.from_spec(t.name) for t in tensors}
+        chosen = request.policy.select(((t.name, classify(t.name).rule.role) for t in tensors), source, aliases)
     if scheme is not None:
         _check_chosen(scheme, [t for t in tensors if t.name in chosen])
+    if fmt.plan_ops is not None:  # the format builds its own ops (GGUF: experts stacked, types per tensor)
+        return _plan_by_format(fmt, cfg, tensors, request, chosen, source, ckpt, inputs, base_model, revision)
     dequantize = cfg.quantization_config is not None and request.dtype != "keep"
     stored_scheme = scheme_from_config(cfg.quantization_config, f"{source}/config.json") if dequantize else None
 
@@ -189,6 +196,49 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
                **scheme.options(), **request.policy.describe(), "layout": layout, "base_model": base_model}
     return Plan(fmt.name, fmt.sink, files, config, [f for f in extra_files if fmt.extra_file(f)], job,
                 inputs=inputs or {}, scheme=scheme, warnings=fmt.warnings(cfg) if request.to else [])
+
+
+def _stack_aliases(tensors: list[TensorInfo]) -> dict[str, str]:
+    from m1.gguf.names import to_gguf
+
+    return {t.name: to_gguf(t.name).name for t in tensors if classify(t.name).companion is None}
+
+
+def _plan_by_format(fmt: Any, cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, chosen: set[str],
+                    source: str, ckpt: Checkpoint | None, inputs: dict[str, Any] | None, base_model: str | None,
+                    revision: str | None) -> Plan:
+    tokenizer_dir = None
+    if ckpt is not None and ckpt.storage.exists("tokenizer.json"):
+        tokenizer_dir = ckpt.storage.local_path("tokenizer.json").parent
+    read_rows = (lambda name, start: read_rows_from(ckpt, name, start)) if ckpt is not None else None
+    ops, sink_data = fmt.plan_ops(cfg, tensors, request, chosen, source, read_rows, tokenizer_dir)
+    files = fmt.pack(ops, request) if fmt.pack else pack(ops, request.shard_size, request.by_layer)
+    scheme = request.scheme
+    job = {"command": request.command, "source": source, "revision": revision, "to": fmt.name,
+           "scheme": scheme.name if scheme else None, **request.policy.describe(), "dtype": request.dtype,
+           **{k: v for k, v in request.format_options.items() if k != "stem"}, "base_model": base_model}
+    return Plan(fmt.name, fmt.sink, files, {}, [], job, inputs=inputs or {}, scheme=scheme,
+                warnings=list(sink_data.get("warnings", [])), sink_data=sink_data, writes_config=fmt.writes_config,
+                stem=request.format_options.get("stem"))
+
+
+def read_rows_from(ckpt: Checkpoint, name: str, start: int) -> Any:
+    """Rows [start:] of a 2-D tensor, reading only their bytes (the padding rows of a 200064-row embedding)."""
+    import torch
+
+    from m1.dtypes import torch_dtype
+
+    info = ckpt.info(name)
+    rows = info.shape[0]
+    if start >= rows:
+        return torch.empty((0, *info.shape[1:]))
+    if getattr(ckpt.storage, "read_tensor", None) is not None or not info.file.endswith(".safetensors"):
+        return ckpt.get(name)[start:]
+    row_bytes = info.nbytes // rows
+    with open(ckpt.local_path(info.file), "rb") as f:
+        f.seek(info.start + start * row_bytes)
+        data = f.read((rows - start) * row_bytes)
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype(info.dtype)).reshape(rows - start, *info.shape[1:])
 
 
 def _kind(kind: str, outs: tuple[OutputTensor, ...], src: tuple[SourceTensor, ...]) -> str:

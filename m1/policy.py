@@ -49,23 +49,31 @@ class Policy:
     def describe(self) -> dict[str, list[str]]:
         return {"keep": [p.text for p in self.keep], "only": [p.text for p in self.only]}
 
-    def select(self, tensors: Iterable[tuple[str, Role]], source: str | None = None) -> set[str]:
-        """The names to quantize among (name, role) pairs; usage errors for patterns that match nothing."""
+    def select(self, tensors: Iterable[tuple[str, Role]], source: str | None = None,
+               aliases: dict[str, str] | None = None) -> set[str]:
+        """The names to quantize among (name, role) pairs; usage errors for patterns that match nothing.
+
+        aliases: another name a pattern may match instead (a GGUF's `blk.N.ffn_*_exps`, for one expert)."""
         tensors = list(tensors)
+        aliases = aliases or {}
+
+        def hit(pattern: Pattern, name: str) -> bool:
+            return pattern.matches(name) or (name in aliases and pattern.matches(aliases[name]))
+
         experts = [name for name, role in tensors if role == Role.EXPERT]
         for pattern in self.keep:
-            if not any(pattern.matches(name) for name, _ in tensors):
+            if not any(hit(pattern, name) for name, _ in tensors):
                 raise UsageError(f"--keep {pattern.text!r} matches no tensor", file=source,
                                  hint=_pattern_hint(pattern))
         for pattern in self.only:
-            if not any(pattern.matches(name) for name in experts):
+            if not any(hit(pattern, name) for name in experts):
                 raise UsageError(f"--only {pattern.text!r} matches no expert weight (only the experts, "
                                  "...experts.E.w1/w2/w3.weight, are quantized)", file=source,
                                  hint=_pattern_hint(pattern))
         chosen = {
             name for name in experts
-            if (not self.only or any(p.matches(name) for p in self.only))
-            and not any(p.matches(name) for p in self.keep)
+            if (not self.only or any(hit(p, name) for p in self.only))
+            and not any(hit(p, name) for p in self.keep)
         }
         if not chosen:
             raise UsageError("nothing left to quantize: --keep/--only exclude every expert weight", file=source,

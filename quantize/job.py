@@ -29,10 +29,12 @@ class QuantizeOptions:
     policy: Policy = field(default_factory=Policy)
     by_layer: bool = False
     shard_size: int = 5 * 10**9
+    to: str | None = None  # the output format; None keeps the source's
+    format_options: dict[str, Any] = field(default_factory=dict)
 
     def request(self) -> JobRequest:
-        return JobRequest("quantize", None, by_layer=self.by_layer, shard_size=self.shard_size, scheme=self.scheme,
-                          policy=self.policy)
+        return JobRequest("quantize", self.to, by_layer=self.by_layer, shard_size=self.shard_size,
+                          scheme=self.scheme, policy=self.policy, format_options=self.format_options)
 
 
 def plan_quantize(cfg: M1Config, tensors: list[TensorInfo], opts: QuantizeOptions, *, source: str,

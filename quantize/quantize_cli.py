@@ -8,7 +8,11 @@ from typing import Annotated
 import typer
 
 from m1.cli_options import (
+    AttnTypeOpt,
+    ChatTemplateOpt,
     DryRunOpt,
+    EmbedTypeOpt,
+    HeadTypeOpt,
     JsonOpt,
     LayoutOpt,
     OverwriteOpt,
@@ -16,18 +20,24 @@ from m1.cli_options import (
     ResumeOpt,
     RevisionOpt,
     ShardSizeOpt,
+    SplitOpt,
+    TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
     check_layout,
+    format_options,
     print_json,
     print_plan,
 )
+from m1.errors import UsageError
 
 
 def quantize_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (bf16/fp16/fp32 experts).")],
     dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
-    scheme: Annotated[str, typer.Option("--scheme", help="nf4, fp4 (4-bit, blockwise) or int8 (LLM.int8).")] = "nf4",
+    scheme: Annotated[str, typer.Option("--scheme", help="bitsandbytes nf4, fp4 (4-bit, blockwise) or int8 (LLM.int8); "
+                                        "with --format gguf a ggml type: q8_0, q4_0, q4_1, q5_0, q5_1, mxfp4.")
+                      ] = "nf4",
     blocksize: Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (default 64).")] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too "
@@ -44,6 +54,14 @@ def quantize_cmd(
     layout: LayoutOpt = "size",
     shard_size: ShardSizeOpt = "5GB",
     revision: RevisionOpt = None,
+    out_format: Annotated[str | None, typer.Option("--format", help="Output format: the source's (default), "
+                                                   "'release', 'hf' or 'gguf'.")] = None,
+    attn_type: AttnTypeOpt = None,
+    head_type: HeadTypeOpt = None,
+    embed_type: EmbedTypeOpt = None,
+    split_max_size: SplitOpt = None,
+    tokenizer_pre: TokenizerPreOpt = None,
+    chat_template: ChatTemplateOpt = None,
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
     resume: ResumeOpt = False,
@@ -54,23 +72,32 @@ def quantize_cmd(
     """Quantize the experts with bitsandbytes (nf4/fp4 + double quant, or int8); everything else is kept as is.
 
     Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
-    m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run
+    m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run ;
+    m1 quantize m1-40k/ m1-q4.gguf --format gguf --scheme q4_0
     """
     from m1.checkpoint import Checkpoint
     from m1.devices import resolve_device
+    from m1.formats import format_names
     from m1.policy import Policy
     from m1.quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
     from m1.schemes import make_scheme
     from m1.units import parse_size
 
+    if out_format is not None and out_format not in format_names():
+        raise UsageError(f"--format must be one of {', '.join(format_names())}, got {out_format!r}")
+    chosen_scheme = make_scheme(scheme, blocksize=blocksize, double_quant=double_quant)
+    chosen_scheme.check_supported(resolve_device(device))
+    ckpt = Checkpoint.open(source, revision=revision)
+    fmt = out_format or ckpt.config.flavour
     opts = QuantizeOptions(
-        scheme=make_scheme(scheme, blocksize=blocksize, double_quant=double_quant),
+        scheme=chosen_scheme,
         policy=Policy.from_options(keep or [], only or []),
         by_layer=check_layout(layout),
         shard_size=parse_size(shard_size),
+        to=out_format,
+        format_options=format_options(fmt, dest, attn_type, head_type, embed_type, split_max_size, tokenizer_pre,
+                                      chat_template),
     )
-    opts.scheme.check_supported(resolve_device(device))
-    ckpt = Checkpoint.open(source, revision=revision)
     plan = plan_from_checkpoint(ckpt, opts)
     if dry_run:
         print_plan(plan, dest, json_out, verbose)

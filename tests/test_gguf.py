@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import quantize
+from gguf_controls import write_gguf
 from tokenizers import Tokenizer, decoders, models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 
 from m1.checkpoint import Checkpoint
 from m1.config import M1Config
 from m1.errors import UsageError
-from m1.gguf import export_gguf, from_gguf, plan_tensors, to_gguf, write_gguf
+from m1.gguf import export_gguf, from_gguf, plan_tensors, to_gguf
 from m1.gguf.export import gguf_metadata
 from m1.gguf.metadata import model_metadata
 from m1.gguf.tokenizer import CHAT_TEMPLATE_WARNING, TokenizerFiles, read_tokenizer_files, tokenizer_metadata
@@ -190,19 +191,20 @@ def test_gguf_reader_reads_every_tensor_as_declared(trained_exports, expert_type
     assert meta["general.file_type"] == int(TypePolicy(expert_type).file_type)
 
 
-def test_the_write_is_atomic(tmp_path: Path) -> None:
-    ckpt = Checkpoint.open(TRAINED)
-    plan = plan_tensors(ckpt.config, {}, TypePolicy("bf16"))
+def test_the_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import m1.ops
 
-    def failing(name: str) -> torch.Tensor:
-        if "blk.2." in to_gguf(name).name:
+    real = m1.ops.OpRunner.__call__
+
+    def failing(self, name: str):
+        if name.startswith("blk.2."):
             raise OSError("disk gone")
-        return ckpt.get(name)
+        return real(self, name)
 
-    kvs, _ = gguf_metadata(ckpt.config, read_tokenizer_files(TRAINED), TypePolicy("bf16"))
+    monkeypatch.setattr(m1.ops.OpRunner, "__call__", failing)
     with pytest.raises(OSError, match="disk gone"):
-        write_gguf(tmp_path / "x.gguf", kvs, plan, failing)
-    assert list(tmp_path.iterdir()) == []
+        export_gguf(TRAINED, tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary file, no manifest
 
 
 def test_export_refuses_a_folder_without_tokenizer(tiny: Path, tmp_path: Path) -> None:

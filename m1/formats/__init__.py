@@ -34,10 +34,10 @@ def unregister_format(name: str) -> None:
 def _builtins() -> None:
     if not _BUILTIN:
         _BUILTIN.append(True)
-        from m1.formats import hf, release
+        from m1.formats import gguf, hf, release
 
-        _FORMATS.setdefault(release.FORMAT.name, release.FORMAT)
-        _FORMATS.setdefault(hf.FORMAT.name, hf.FORMAT)
+        for fmt in (release.FORMAT, hf.FORMAT, gguf.FORMAT):
+            _FORMATS.setdefault(fmt.name, fmt)
 
 
 def get_format(name: str) -> Format:

@@ -103,5 +103,11 @@ class Format:
     names: NameTable
     sink: str = "safetensors"
     single_file: str | None = None  # the one file every tensor goes in (e.g. "model.safetensors"); None: shards
+    # A format whose files are not 1:1 tensors (GGUF stacks experts) builds its own ops:
+    # (cfg, tensors in spec order, request, chosen weights, source) -> (ops, data for its sink)
+    plan_ops: Callable[..., tuple[list[Any], dict[str, Any]]] | None = None
+    pack: Callable[..., list[Any]] | None = None  # (ops, request) -> output files, when it names its own
+    writes_config: bool = True  # a config.json and the extra files beside the weights (GGUF embeds its own)
+    file_suffix: str = ".safetensors"
     extra_file: Callable[[str], bool] = lambda name: True  # which of the source's extra files to carry
     warnings: Callable[[ConfigView], list[str]] = field(default=lambda cfg: [])

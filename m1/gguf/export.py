@@ -17,22 +17,20 @@ Two halves, so that the pipeline can use the first and bring its own writer:
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter
-from gguf.quants import quant_shape_to_byte_shape, quantize
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType
+from gguf.quants import quant_shape_to_byte_shape
 
 from m1.config import M1Config
 from m1.errors import UsageError
-from m1.gguf.metadata import KV, apply, model_metadata
-from m1.gguf.names import ARCH, to_gguf
-from m1.gguf.tokenizer import TokenizerFiles, base_vocab_size, read_tokenizer_files, tokenizer_metadata
+from m1.gguf.metadata import KV, model_metadata
+from m1.gguf.names import to_gguf
+from m1.gguf.tokenizer import TokenizerFiles, tokenizer_metadata
 from m1.gguf.types import FLOAT_TYPES, TypePolicy, block_size, type_name
 from m1.spec import Role, inventory
 
@@ -112,63 +110,6 @@ def gguf_metadata(
     return kvs + tok_kvs, warnings
 
 
-def encode(tensor: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
-    """A 2-D (or 1-D) source tensor as GGML bytes/values of `qtype` (gguf.quants; bf16 -> BF16 copies the bits)."""
-    if qtype == Q.BF16 and tensor.dtype == torch.bfloat16:
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint8)
-    data = tensor.to(torch.float32).contiguous().numpy()
-    return quantize(data, qtype) if qtype != Q.F32 else data
-
-
-def tensor_pieces(plan: TensorPlan, read: Callable[[str], torch.Tensor]) -> Iterator[np.ndarray]:
-    """The encoded data of one planned tensor, one source tensor at a time."""
-    for name in plan.sources:
-        tensor = read(name)
-        want = plan.shape[1:] if len(plan.sources) > 1 or len(plan.shape) == 3 else plan.shape
-        if tuple(tensor.shape) != tuple(want):
-            raise UsageError(f"shape {tuple(tensor.shape)}, the config says {tuple(want)}", tensor=name)
-        yield encode(tensor, plan.type)
-
-
-def write_gguf(dest: str | Path, kvs: Iterable[KV], plan: list[TensorPlan],
-               read: Callable[[str], torch.Tensor]) -> int:
-    """Write one GGUF file: metadata and tensor infos, then the data of each planned tensor in order.
-
-    Written to `dest.tmp`, fsynced, then renamed to `dest`. Returns the file's size in bytes.
-    """
-    dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    writer = GGUFWriter(tmp, ARCH)
-    try:
-        apply(writer, kvs)
-        for p in plan:
-            writer.add_tensor_info(p.name, p.byte_shape, np.dtype(np.uint8), p.nbytes, raw_dtype=p.type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None and len(writer.fout) == 1
-        fout = writer.fout[0]
-        align = writer.data_alignment
-        fout.write(b"\0" * (-fout.tell() % align))
-        for p in plan:
-            written = 0
-            for piece in tensor_pieces(p, read):
-                piece.tofile(fout)
-                written += piece.nbytes
-            if written != p.nbytes:
-                raise RuntimeError(f"{p.name}: wrote {written} bytes, planned {p.nbytes}")
-            fout.write(b"\0" * (-p.nbytes % align))
-        fout.flush()
-        os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest.stat().st_size
-
-
 def zero_rows_of(embedding: torch.Tensor, start: int) -> list[int]:
     """Ids >= start whose embedding row is all zero (the release pads 200064 rows with zeros)."""
     rows = embedding[start:]
@@ -199,37 +140,36 @@ def export_gguf(
     chat_template: str | None = None,
     name: str | None = None,
 ) -> ExportResult:
-    """Export the checkpoint folder `src_folder` to the GGUF file `dest_path`.
+    """Export the checkpoint `src_folder` to the GGUF file `dest_path`, through the pipeline (`m1 convert
+    --to gguf`, or `m1 quantize --format gguf --scheme TYPE` for a block type).
 
     expert_type: the experts' GGML type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, mxfp4); attn_type,
     head_type, embed_type: bf16, f16, f32 or q8_0 (default: the source's own precision); norms, router and
-    1-D tensors are F32. tokenizer_pre overrides the llama.cpp pre-tokenizer name; chat_template (text)
+    1-D tensors are F32. tokenizer_pre overrides the llama.cpp pre-tokenizer name; chat_template (a file)
     replaces the model's template.
     """
     from m1.checkpoint import Checkpoint
+    from m1.execute import RunOptions, execute
+    from m1.gguf.types import EXPERT_TYPES, FLOAT_TYPES
+    from m1.planner import JobRequest, plan_checkpoint
+    from m1.schemes import make_scheme
 
+    if expert_type not in EXPERT_TYPES:
+        raise UsageError(f"expert type {expert_type!r} is not one of {', '.join(EXPERT_TYPES)}")
     start = time.monotonic()
+    dest = Path(dest_path)
+    options = {"stem": dest.stem, "attn_type": attn_type, "head_type": head_type, "embed_type": embed_type,
+               "split_max_size": None, "tokenizer_pre": tokenizer_pre, "chat_template": chat_template,
+               "name": name or Path(src_folder).resolve().name}
+    block = expert_type not in FLOAT_TYPES
+    request = JobRequest("quantize" if block else "convert", "gguf",
+                         dtype="keep" if block else {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}[expert_type],
+                         scheme=make_scheme(expert_type) if block else None, format_options=options)
     ckpt = Checkpoint.open(src_folder)
-    cfg = ckpt.config
-    policy = TypePolicy(expert_type, attn_type, head_type, embed_type)
-    tokenizer = read_tokenizer_files(src_folder)
-    names = set(ckpt.names())
-    expected = [t.name for t in inventory(cfg)]
-    missing = [n for n in expected if n not in names]
-    if missing:
-        raise UsageError(f"{len(missing)} tensors missing, e.g. {missing[0]}", file=str(src_folder))
-    dtypes = {n: ckpt.info(n).dtype for n in expected}
-    not_float = [n for n, d in dtypes.items() if d not in ("F32", "F16", "BF16")]
-    if not_float:
-        raise UsageError(f"{not_float[0]} is stored as {dtypes[not_float[0]]}, not a float", file=str(src_folder),
-                         hint="export a float checkpoint (dequantize with m1 convert SRC DST --dtype bf16)")
-    plan = plan_tensors(cfg, dtypes, policy)
-    zero_rows = zero_rows_of(ckpt.get("model.embed_tokens.weight"), base_vocab_size(tokenizer.tokenizer))
-    kvs, warnings = gguf_metadata(cfg, tokenizer, policy, zero_rows=zero_rows,
-                                  name=name or Path(src_folder).resolve().name, tokenizer_pre=tokenizer_pre,
-                                  chat_template=chat_template, source=str(Path(src_folder) / "config.json"))
-    size = write_gguf(dest_path, kvs, plan, ckpt.get)
+    plan = plan_checkpoint(ckpt, request)
+    execute(plan, dest, ckpt, RunOptions(show_progress=False, label="gguf"))
     types: dict[str, int] = {}
-    for p in plan:
-        types[type_name(p.type)] = types.get(type_name(p.type), 0) + p.nbytes
-    return ExportResult(Path(dest_path), size, len(plan), time.monotonic() - start, types, warnings)
+    for t in (t for f in plan.files for t in f.tensors):
+        types[t.dtype.lower()] = types.get(t.dtype.lower(), 0) + t.nbytes
+    return ExportResult(dest, dest.stat().st_size, sum(len(f.tensors) for f in plan.files),
+                        time.monotonic() - start, types, plan.warnings)

@@ -17,9 +17,15 @@ if TYPE_CHECKING:
 
 class Sink(Protocol):
     name: str
+    first_last: bool  # write the plan's first file after all others (it marks the set as whole)
+
+    def check(self, plan: Plan) -> None:
+        """Before anything is written: refuse what the plan could not settle."""
+        ...
 
     def write_file(self, path: Path, file: OutputFile, produce: Callable[[str], Produced],
-                   on_bytes: Callable[[int], None] | None = None) -> tuple[str, int, PendingShard]:
+                   on_bytes: Callable[[int], None] | None = None, plan: Plan | None = None
+                   ) -> tuple[str, int, PendingShard]:
         """Write one file under a temporary name: (sha256, size, the pending file to commit)."""
         ...
 
@@ -38,9 +44,10 @@ def register_sink(sink: Sink) -> Sink:
 
 def get_sink(name: str) -> Sink:
     if "safetensors" not in _SINKS:
-        from m1.sinks import safetensors
+        from m1.sinks import gguf, safetensors
 
         _SINKS.setdefault(safetensors.SINK.name, safetensors.SINK)
+        _SINKS.setdefault(gguf.SINK.name, gguf.SINK)
     try:
         return _SINKS[name]
     except KeyError:

@@ -17,8 +17,11 @@ INDEX = "model.safetensors.index.json"
 class SafetensorsSink:
     name = "safetensors"
 
+    first_last = False
+
     def write_file(self, path: Path, file: OutputFile, produce: Callable[[str], Produced],
-                   on_bytes: Callable[[int], None] | None = None) -> tuple[str, int, PendingShard]:
+                   on_bytes: Callable[[int], None] | None = None, plan: Plan | None = None
+                   ) -> tuple[str, int, PendingShard]:
         planned = [(t.name, t.dtype, t.shape, t.nbytes, t.exact) for t in file.tensors]
         return safetensors_io.write_shard_unsynced(path, planned, produce, on_bytes=on_bytes)
 
@@ -32,6 +35,10 @@ class SafetensorsSink:
                 total += t.nbytes
         write_json_atomic(dest / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         return [INDEX]
+
+
+    def check(self, plan: Plan) -> None:
+        pass
 
 
 SINK = SafetensorsSink()

@@ -1,0 +1,150 @@
+"""The gguf format: one file (or llama.cpp's splits) for llama.cpp's `minimax-01`, written by the GGUF sink.
+
+It brings its own ops: the experts of a layer are stacked (N:1) into the 3-D `ffn_*_exps` tensors, each
+tensor gets the GGML type the type policy says (norms, router and 1-D tensors F32; attention, head and
+embedding at their source precision unless asked; experts at the scheme's block type, or bf16), and
+the metadata (the model's keys, the tokenizer, the chat template) travels with the plan to the sink.
+The name table and the metadata are m1.gguf's, as data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from m1.errors import UsageError
+from m1.formats.base import ConfigView, Format, NameTable
+from m1.plan import OutputFile, OutputTensor, SourceTensor, TensorOp
+
+SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"
+
+
+def _names() -> NameTable:
+    from m1.gguf.names import GGUF_NAMES
+
+    return NameTable(tuple((r.spec, r.gguf) for r in GGUF_NAMES if not r.stacked))
+
+
+def plan_ops(cfg: Any, tensors: list[Any], request: Any, chosen: set[str], source: str,
+             read_rows: Callable[[str, int], Any] | None, tokenizer_dir: Any) -> tuple[list[TensorOp], dict[str, Any]]:
+    """The GGUF's tensors (m1.gguf.export.plan_tensors: names, types, stacks) as ops, and the sink's metadata."""
+    from m1.gguf.export import plan_tensors
+    from m1.gguf.metadata import check_runnable
+    from m1.gguf.types import FLOAT_TYPES, GGML_TYPES, SOURCE_TYPES, TypePolicy, type_name
+    from m1.schemes.ggml import type_nbytes
+    from m1.spec import Role
+
+    check_runnable(cfg, f"{source}/config.json")
+    options = request.format_options
+    by_name = {t.name: t for t in tensors}
+    not_float = [t for t in tensors if t.dtype not in ("F32", "F16", "BF16")]
+    if not_float:
+        raise UsageError(f"stored as {not_float[0].dtype}, not a float dtype: a GGUF is made from a float checkpoint",
+                         file=not_float[0].file, tensor=not_float[0].name,
+                         hint="dequantize first: m1 convert SRC DST --dtype bf16")
+    scheme = request.scheme
+    float_expert = {"keep": None, "bf16": "bf16", "fp16": "f16", "fp32": "f32"}[request.dtype]
+    experts = scheme.name if scheme is not None else (float_expert or "bf16")
+    if experts not in GGML_TYPES:
+        raise UsageError(f"{experts} is not a GGUF type m1 writes", hint=f"use one of {', '.join(GGML_TYPES)}")
+    policy = TypePolicy(experts, options.get("attn_type"), options.get("head_type"), options.get("embed_type"))
+    ops = []
+    for p in plan_tensors(cfg, {n: t.dtype for n, t in by_name.items()}, policy):
+        srcs = tuple(SourceTensor(n, by_name[n].file, by_name[n].dtype, tuple(by_name[n].shape), by_name[n].nbytes)
+                     for n in p.sources)
+        ggml = type_name(p.type)
+        if p.role == Role.EXPERT and scheme is not None and not all(n in chosen for n in p.sources):
+            ggml = SOURCE_TYPES.get(srcs[0].dtype, "bf16")  # kept by --keep/--only: as it was
+        block = ggml not in FLOAT_TYPES
+        out = OutputTensor(p.name, ggml.upper(), p.shape, type_nbytes(ggml, p.shape), piece="weight")
+        if p.role == Role.EXPERT:
+            kind = "stack"
+        elif block:
+            kind = "quantize"
+        else:
+            kind = "copy" if out.dtype == srcs[0].dtype else "cast"
+        layer = _layer(p.sources[0])
+        params = sum(math.prod(s.shape) for s in srcs)
+        ops.append(TensorOp(kind, srcs, (out,), p.role.value, layer, params, ggml if block else None))
+    return ops, _sink_data(cfg, policy, source, read_rows, tokenizer_dir, options)
+
+
+def _layer(name: str) -> int | None:
+    from m1.spec import classify
+
+    return classify(name).layer
+
+
+def _sink_data(cfg: Any, policy: Any, source: str, read_rows: Callable[[str, int], Any] | None,
+               tokenizer_dir: Any, options: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from m1.gguf.export import gguf_metadata, zero_rows_of
+    from m1.gguf.tokenizer import base_vocab_size, read_tokenizer_files
+
+    if tokenizer_dir is None:
+        return {"kvs": [], "warnings": [], "missing": {
+            "message": "no tokenizer.json: a GGUF carries its tokenizer", "file": source,
+            "hint": "add the model's tokenizer.json to the checkpoint folder"}}
+    try:
+        tokenizer = read_tokenizer_files(tokenizer_dir)
+    except UsageError as exc:
+        return {"kvs": [], "warnings": [], "missing": {"message": exc.message, "file": exc.file, "hint": exc.hint}}
+    base = base_vocab_size(tokenizer.tokenizer)
+    zero_rows = zero_rows_of(read_rows("model.embed_tokens.weight", base), 0) if read_rows else []
+    zero_rows = [base + i for i in zero_rows]
+    template = None
+    if options.get("chat_template"):
+        from pathlib import Path
+
+        template = Path(options["chat_template"]).read_text(encoding="utf-8")
+    kvs, warnings = gguf_metadata(cfg, tokenizer, policy, zero_rows=zero_rows, name=options.get("name"),
+                                  tokenizer_pre=options.get("tokenizer_pre"), chat_template=template,
+                                  source=f"{source}/config.json")
+    return {"kvs": [asdict(kv) for kv in kvs], "warnings": warnings, "missing": None}
+
+
+def pack(ops: list[TensorOp], request: Any) -> list[OutputFile]:
+    """One file, or splits of at most --split-max-size bytes named as llama.cpp's gguf-split names them."""
+    stem = request.format_options.get("stem") or "model"
+    limit = request.format_options.get("split_max_size")
+    if not limit:
+        return [OutputFile(f"{stem}.gguf", tuple(ops))]
+    groups: list[list[TensorOp]] = [[]]
+    size = 0
+    for op in ops:
+        if groups[-1] and size + op.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(op)
+        size += op.nbytes
+    n = len(groups)
+    if n == 1:
+        return [OutputFile(f"{stem}.gguf", tuple(groups[0]))]
+    return [OutputFile(SPLIT_NAME.format(stem=stem, i=i + 1, n=n), tuple(g)) for i, g in enumerate(groups)]
+
+
+def _no_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    raise UsageError("a GGUF is read through m1.gguf.reader, not as a config.json", file=source)
+
+
+def _write_nothing(cfg: ConfigView, out: dict[str, Any]) -> None:
+    pass  # the metadata is the GGUF's own (see plan_ops); no config.json is written
+
+
+FORMAT = Format(
+    name="gguf",
+    description="llama.cpp's GGUF (minimax-01), experts stacked, one file or splits",
+    model_types=(),
+    claims=lambda raw: False,  # GGUF files are recognised by their suffix, not by a config.json
+    read_config=_no_config,
+    write_config=_write_nothing,
+    config_keys=(),
+    names=_names(),
+    sink="gguf",
+    plan_ops=plan_ops,
+    pack=pack,
+    writes_config=False,
+    file_suffix=".gguf",
+)
