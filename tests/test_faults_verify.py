@@ -221,3 +221,15 @@ def test_report_that_is_a_file_is_a_usage_error(tiny: Path, tmp_path: Path, run)
     code, out, err = run("verify", "compare", tiny, tiny, *T, "--report", report)
     assert code == 2 and str(report) in one_error(err)
     assert report.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["perplexity", "compare", "logits"])
+def test_a_config_the_engine_cannot_run_is_one_line(tiny: Path, tmp_path: Path, run, command) -> None:
+    config = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**config, "shared_intermediate_size": 8}))
+    models = {"perplexity": [tiny], "compare": [tiny, tiny], "logits": [tiny, "--save", tmp_path / "r.safetensors"]}
+    code, out, err = run("verify", command, *models[command], *T)
+    assert code == 1
+    line = one_error(err)
+    assert str(tiny / "config.json") in line and "shared_intermediate_size" in line
+    assert not (tmp_path / "r.safetensors").exists()

@@ -198,6 +198,16 @@ def moe_block(
     return out.view(shape)
 
 
+def check_runnable(cfg: M1Config, source: str | None = None) -> None:
+    """A ConfigError (one line, exit 1) for a config the engine cannot run: a shared-expert MoE is not M1's."""
+    if cfg.raw.get("shared_intermediate_size", 0):
+        from m1.errors import ConfigError
+
+        raise ConfigError(f"shared_intermediate_size is {cfg.raw['shared_intermediate_size']}: a shared-expert MoE "
+                          "is not part of MiniMax-M1 (its config has 0), so the verify engine cannot run it",
+                          file=source, hint="m1 verifies MiniMax-M1 checkpoints only")
+
+
 def forward_layer(
     cfg: M1Config,
     layer: int,
@@ -215,8 +225,7 @@ def forward_layer(
     attn_in, attn_out, mlp_in, moe_out, router_logits, expert_ids are stored in it for diagnostics.
     With `observe`, every linear layer's input is passed to it (see `Observer`).
     """
-    if cfg.raw.get("shared_intermediate_size", 0):
-        raise NotImplementedError("shared-expert MoE (shared_intermediate_size > 0) is not part of MiniMax-M1")
+    check_runnable(cfg)
     if hidden.dim() == 2:
         return forward_layer(cfg, layer, weights, hidden[None], dtype=dtype, rope=rope, trace=trace,
                              observe=observe)[0]

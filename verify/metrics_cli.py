@@ -104,9 +104,12 @@ def _refuse_ignored_options(context: typer.Context, path: Path, windows, ref, me
 
 def _model(source: str):  # noqa: ANN202
     from m1.verify.compare import Model
+    from m1.verify.engine import check_runnable
     from m1.verify.sources import CheckpointWeights
 
-    return Model(source, CheckpointWeights.open(source))
+    model = Model(source, CheckpointWeights.open(source))
+    check_runnable(model.config, str(Path(source) / "config.json"))  # before any text is read or layer run
+    return model
 
 
 def perplexity_cmd(
