@@ -1,0 +1,106 @@
+"""Benchmark of m1's ggml K-quant wrapper (m1.schemes.ggml_lib.quantize_rows) against calling ggml's quantizer
+directly, per worker (one thread), on the same full-size M1 expert tensor.
+
+- direct: `ggml_quantize_chunk(type, src, dst, 0, rows, n_per_row, imatrix)` through ctypes on buffers made
+  beforehand (the call and nothing else);
+- m1: `quantize_rows(type, rows, imatrix)` from the same f32 array: type and shape checks, the finiteness
+  check, the output allocation and the call;
+- m1 from bf16 (information): what a pipeline worker does with a tensor read from the release, bf16 -> f32
+  numpy first, then quantize_rows.
+
+Target: m1 >= 0.9 x direct. Interleaved repeats, best of each.
+
+    python bench/bench_kquant.py [--types q4_k,q6_k,iq4_xs] [--shape 9216x6144] [--repeat 3] [--json]
+
+9216x6144 is one full-size expert's w1 or w3 (56.6M weights, rows of hidden 6144); 6144x9216 is w2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from m1.schemes import ggml_lib  # noqa: E402
+
+
+def direct(lib: ctypes.CDLL, qtype: int, x: np.ndarray, out: np.ndarray, imat: np.ndarray | None) -> float:
+    fptr = ctypes.POINTER(ctypes.c_float)
+    src, dst = x.ctypes.data_as(fptr), out.ctypes.data
+    weights = imat.ctypes.data_as(fptr) if imat is not None else None
+    start = time.perf_counter()
+    lib.ggml_quantize_chunk(qtype, src, dst, 0, x.shape[0], x.shape[1], weights)
+    return time.perf_counter() - start
+
+
+def ours(qtype: int, x: np.ndarray, imat: np.ndarray | None) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    out = ggml_lib.quantize_rows(qtype, x, imat)
+    return time.perf_counter() - start, out
+
+
+def ours_bf16(qtype: int, t: torch.Tensor, imat: np.ndarray | None) -> float:
+    start = time.perf_counter()
+    ggml_lib.quantize_rows(qtype, t.float().numpy(), imat)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", default="q4_k,q6_k,iq4_xs")
+    parser.add_argument("--shape", default="9216x6144")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-imatrix", action="store_true", help="Only without an importance matrix.")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows, n_per_row = (int(d) for d in args.shape.split("x"))
+    rng = np.random.default_rng(0)
+    t = torch.from_numpy(rng.standard_normal((rows, n_per_row), dtype=np.float32) * 0.02).to(torch.bfloat16)
+    x = t.float().numpy()  # the values a worker quantizes: bf16 weights as f32
+    imat = (rng.random(n_per_row, dtype=np.float32) ** 4 * 100 + 1e-3).astype(np.float32)
+    lib = ggml_lib.raw_library()
+    results = []
+    for name in args.types.split(","):
+        qtype = int(ggml_lib.type_of(name))
+        for weights in ([None] if args.no_imatrix else [None, imat]):
+            out = np.empty((rows, ggml_lib.row_size(qtype, n_per_row)), dtype=np.uint8)
+            lib.ggml_quantize_init(qtype)
+            best = {"direct": float("inf"), "m1": float("inf"), "m1_from_bf16": float("inf")}
+            for _ in range(args.repeat):  # interleaved, so the shared box's drift hits both alike
+                best["direct"] = min(best["direct"], direct(lib, qtype, x, out, weights))
+                seconds, mine = ours(qtype, x, weights)
+                best["m1"] = min(best["m1"], seconds)
+                best["m1_from_bf16"] = min(best["m1_from_bf16"], ours_bf16(qtype, t, weights))
+            assert np.array_equal(mine, out), "the wrapper's bytes differ from the direct call's"
+            mparams = rows * n_per_row / 1e6
+            row = {"type": name, "imatrix": weights is not None, "shape": [rows, n_per_row],
+                   **{f"{k}_s": round(v, 4) for k, v in best.items()},
+                   **{f"{k}_mparams_per_s": round(mparams / v, 2) for k, v in best.items()},
+                   "ratio_m1_to_direct": round(best["direct"] / best["m1"], 3),
+                   "ratio_m1_from_bf16_to_direct": round(best["direct"] / best["m1_from_bf16"], 3)}
+            results.append(row)
+            if not args.json:
+                print(f"{name:>7} imatrix={str(row['imatrix']):<5} direct {row['direct_mparams_per_s']:7.1f} "
+                      f"Mparams/s, m1 {row['m1_mparams_per_s']:7.1f} (ratio {row['ratio_m1_to_direct']:.3f}), "
+                      f"m1 from bf16 {row['m1_from_bf16_mparams_per_s']:7.1f} "
+                      f"(ratio {row['ratio_m1_from_bf16_to_direct']:.3f})", flush=True)
+    summary = {"bench": "kquant", "repeat": args.repeat, "threads": 1, "results": results,
+               "min_ratio_m1_to_direct": min(r["ratio_m1_to_direct"] for r in results)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"lowest m1/direct ratio: {summary['min_ratio_m1_to_direct']:.3f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
