@@ -11,7 +11,7 @@ from m1.errors import CheckpointError
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf")  # .gguf: the index m1.gguf.reader synthesizes
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,9 @@ def safe_relative(name: str, index_file: str, tensor: str | None = None) -> str:
         raise CheckpointError(f"weight_map names the file {name!r}, which is outside the checkpoint", file=index_file,
                               tensor=tensor, hint="refusing it; fix the index so it names files inside the folder")
     if not p.parts or not name.endswith(WEIGHT_FILE_SUFFIXES):
-        raise CheckpointError(f"weight_map names {name!r}, which is not a .safetensors or .bin file", file=index_file,
-                              tensor=tensor, hint="fix the index so it names the shard that holds the tensor")
+        raise CheckpointError(f"weight_map names {name!r}, which is not a .safetensors, .bin or .gguf file",
+                              file=index_file, tensor=tensor,
+                              hint="fix the index so it names the shard that holds the tensor")
     return name
 
 

@@ -76,7 +76,9 @@ def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, 
         report.add("unreadable", exc.message, exc.file, exc.tensor)
         return report
     headers = check_checkpoint(ckpt, report, layers)
-    if check_hashes and not ckpt.remote and layers is None:
+    if _gguf_checks(ckpt) is not None:
+        _check_gguf(ckpt, report, check_hashes and layers is None)
+    elif check_hashes and not ckpt.remote and layers is None:
         _check_manifest(Path(ckpt.root), report)
     if deep:
         _check_finite(ckpt, headers, report, show_progress, layers)
@@ -205,7 +207,8 @@ def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityR
             if name not in names and weight in covered:
                 report.add("missing-tensor", "a quantized weight lacks this bitsandbytes tensor", None, name)
     # One float dtype for the whole checkpoint (the router may stay fp32): a stray dtype is damage.
-    if float_dtypes:
+    # Not in a GGUF: its type policy mixes types by design (_check_gguf checks the types by role instead).
+    if float_dtypes and _gguf_checks(ckpt) is None:
         main_dtype, _ = float_dtypes.most_common(1)[0]
         report.stats["dtype"] = main_dtype
         for name, info in present.items():
@@ -232,6 +235,18 @@ def _check_plain(spec: TensorSpec, info: Any, file: str | None, report: Integrit
         report.add("dtype", f"dtype {info.dtype}, expected a float dtype (release: {spec.dtype})", file, spec.name)
     elif spec.role != Role.ROUTER:
         float_dtypes[info.dtype] += 1
+
+
+def _gguf_checks(ckpt: Checkpoint) -> Any:
+    """The GGUF storage's own checks (m1.gguf.reader.GGUFStorage.gguf_findings), or None for any other storage."""
+    return getattr(ckpt.storage, "gguf_findings", None)
+
+
+def _check_gguf(ckpt: Checkpoint, report: IntegrityReport, check_hashes: bool) -> None:
+    """A GGUF read back: tensor types by role, and its m1 manifest (<stem>.m1-manifest.json) when there is one."""
+    for code, message, file, tensor in _gguf_checks(ckpt)(check_hashes):
+        report.add(code, message, file, tensor)
+    report.stats["format"] = "gguf"
 
 
 def _check_manifest(root: Path, report: IntegrityReport) -> None:
