@@ -10,7 +10,13 @@ directly, per worker (one thread), on the same full-size M1 expert tensor.
 
 Target: m1 >= 0.9 x direct. Interleaved repeats, best of each.
 
+With --imatrix-tokens N it also times `m1 verify imatrix` (compute_imatrix, layer-streamed from disk) against
+the engine's plain forward (`run`, the work of `m1 verify perplexity`) on a random M1 of 2 layers (one
+lightning, one softmax), hidden 1024, 8 experts of 2048, over N tokens in chunks of 512, and reports seconds
+per million tokens per layer.
+
     python bench/bench_kquant.py [--types q4_k,q6_k,iq4_xs] [--shape 9216x6144] [--repeat 3] [--json]
+    python bench/bench_kquant.py --types none --imatrix-tokens 16384
 
 9216x6144 is one full-size expert's w1 or w3 (56.6M weights, rows of hidden 6144); 6144x9216 is w2.
 """
@@ -54,14 +60,50 @@ def ours_bf16(qtype: int, t: torch.Tensor, imat: np.ndarray | None) -> float:
     return time.perf_counter() - start
 
 
+def imatrix_timing(n_tokens: int, repeat: int) -> dict:
+    import tempfile
+
+    from m1.tiny import TinySpec, make_tiny
+    from m1.verify.engine import run
+    from m1.verify.imatrix import compute_imatrix
+    from m1.verify.sources import CheckpointWeights
+
+    spec = TinySpec(layers=2, hidden=1024, heads=8, kv_heads=2, head_dim=128, rotary_dim=64, intermediate=2048,
+                    experts=8, vocab=256, softmax_every=2, block_size=256, shards=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny(Path(tmp) / "m", spec)
+        source = CheckpointWeights.open(Path(tmp) / "m")
+        cfg = source.config
+        tokens = torch.randint(0, 256, (n_tokens // 512, 512), generator=torch.Generator().manual_seed(0))
+        best = {"engine_run": float("inf"), "imatrix": float("inf")}
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run(cfg, source, list(tokens.split(4)))
+            best["engine_run"] = min(best["engine_run"], time.perf_counter() - start)
+            start = time.perf_counter()
+            compute_imatrix(cfg, source, tokens, batch_size=4)
+            best["imatrix"] = min(best["imatrix"], time.perf_counter() - start)
+    per = {k: v / cfg.num_hidden_layers / (tokens.numel() / 1e6) for k, v in best.items()}
+    return {"model": "2 layers, hidden 1024, 8 experts x 2048, heads 8 x 128", "tokens": int(tokens.numel()),
+            "threads": torch.get_num_threads(), **{f"{k}_s": round(v, 3) for k, v in best.items()},
+            **{f"{k}_s_per_million_tokens_per_layer": round(v, 2) for k, v in per.items()},
+            "imatrix_over_engine": round(best["imatrix"] / best["engine_run"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", default="q4_k,q6_k,iq4_xs")
     parser.add_argument("--shape", default="9216x6144")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-imatrix", action="store_true", help="Only without an importance matrix.")
+    parser.add_argument("--imatrix-tokens", type=int, default=0, help="Also time m1 verify imatrix over this many.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    summary: dict = {"bench": "kquant", "repeat": args.repeat}
+    if args.imatrix_tokens:
+        summary["imatrix"] = imatrix_timing(args.imatrix_tokens, args.repeat)
+        if not args.json:
+            print(f"imatrix: {summary['imatrix']}", flush=True)
     torch.set_num_threads(1)
     rows, n_per_row = (int(d) for d in args.shape.split("x"))
     rng = np.random.default_rng(0)
@@ -70,7 +112,7 @@ def main() -> None:
     imat = (rng.random(n_per_row, dtype=np.float32) ** 4 * 100 + 1e-3).astype(np.float32)
     lib = ggml_lib.raw_library()
     results = []
-    for name in args.types.split(","):
+    for name in [t for t in args.types.split(",") if t and t != "none"]:
         qtype = int(ggml_lib.type_of(name))
         for weights in ([None] if args.no_imatrix else [None, imat]):
             out = np.empty((rows, ggml_lib.row_size(qtype, n_per_row)), dtype=np.uint8)
@@ -94,11 +136,12 @@ def main() -> None:
                       f"Mparams/s, m1 {row['m1_mparams_per_s']:7.1f} (ratio {row['ratio_m1_to_direct']:.3f}), "
                       f"m1 from bf16 {row['m1_from_bf16_mparams_per_s']:7.1f} "
                       f"(ratio {row['ratio_m1_from_bf16_to_direct']:.3f})", flush=True)
-    summary = {"bench": "kquant", "repeat": args.repeat, "threads": 1, "results": results,
-               "min_ratio_m1_to_direct": min(r["ratio_m1_to_direct"] for r in results)}
+    if results:
+        summary.update(threads=1, results=results,
+                       min_ratio_m1_to_direct=min(r["ratio_m1_to_direct"] for r in results))
     if args.json:
         print(json.dumps(summary, indent=2))
-    else:
+    elif results:
         print(f"lowest m1/direct ratio: {summary['min_ratio_m1_to_direct']:.3f} (target >= 0.9)")
 
 
