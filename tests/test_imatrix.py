@@ -206,6 +206,19 @@ def test_dry_run_plans_the_full_model_from_its_config_and_index_without_data(run
     assert "peak memory about" in out and "layer  79 softmax" in out and "no tensor data read" in out
 
 
+def test_dry_run_of_a_checkpoint_reads_its_headers_and_sizes_the_output(run, trained_imatrix) -> None:
+    code, out, err = run("verify", "imatrix", TRAINED, "x.gguf", "--dry-run", "--tokens", "2048", "--ctx", str(CTX),
+                         "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["sizes_from"] == "shard headers"
+    ckpt = Checkpoint.open(TRAINED)
+    for lp in plan["layers"]:
+        assert lp["weight_bytes"] == sum(ckpt.info(n).nbytes for n in ckpt.names_in_layer(lp["layer"]))
+    actual = trained_imatrix[0].stat().st_size
+    assert 0.8 * actual < plan["output_bytes"] < 1.25 * actual
+
+
 def test_usage_errors(run, tmp_path: Path) -> None:
     out = tmp_path / "im.gguf"
     out.write_bytes(b"x")
