@@ -116,6 +116,16 @@ def test_threads_give_the_same_bytes() -> None:
 
 
 @needs_ggml
+def test_a_bf16_torch_tensor_is_quantized_as_its_f32_values() -> None:
+    import torch
+
+    t = torch.from_numpy(weights()).to(torch.bfloat16)
+    assert np.array_equal(ggml_lib.quantize_rows("q5_k", t), ggml_lib.quantize_rows("q5_k", t.float().numpy()))
+    with pytest.raises(UsageError, match="float values"):
+        ggml_lib.quantize_rows("q5_k", torch.zeros(2, 256, dtype=torch.int32))
+
+
+@needs_ggml
 def test_bad_inputs_are_one_line_usage_errors_not_aborts() -> None:
     x = weights()
     with pytest.raises(UsageError, match="importance matrix has 256 values for rows of 512"):

@@ -207,6 +207,12 @@ def takes_imatrix(qtype: GGMLType) -> bool:
 
 
 def _f32_rows(data: np.ndarray, tensor: str | None) -> np.ndarray:
+    if hasattr(data, "detach") and hasattr(data, "is_floating_point"):  # a torch tensor (bf16 from the release)
+        if not data.is_floating_point():
+            raise UsageError(f"quantize_rows takes float values, got {data.dtype}", tensor=tensor)
+        import torch
+
+        data = data.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
     rows = np.asarray(data)
     if rows.ndim == 1:
         rows = rows[None]
@@ -244,7 +250,8 @@ def _imatrix_row(imatrix: np.ndarray | None, t: GGMLQuantizationType, n_per_row:
 
 def quantize_rows(qtype: GGMLType, data: np.ndarray, imatrix: np.ndarray | None = None, *,
                   tensor: str | None = None, threads: int = 1, check_finite: bool = True) -> np.ndarray:
-    """ggml's quantization of rows `data` f32 [n_rows, n_per_row] (1-D: one row) -> uint8 [n_rows, row_size].
+    """ggml's quantization of rows `data` f32 [n_rows, n_per_row] (1-D: one row; a torch tensor of any float dtype
+    is taken as its f32 values) -> uint8 [n_rows, row_size].
 
     imatrix: f32 [n_per_row] column importances for this 2-D weight (one expert's), or None. `tensor` names the
     tensor in errors. threads > 1 splits the rows over threads (ctypes releases the GIL; ggml's quantizers are
