@@ -19,16 +19,9 @@ import pytest
 import torch
 
 from m1.checkpoint import Checkpoint
+from m1.gguf.imatrix import IMatrix, importance, read_imatrix, write_imatrix
 from m1.verify.engine import DictSource, forward_layer, run
-from m1.verify.imatrix import (
-    IMatrix,
-    compute_imatrix,
-    importance,
-    layer_inputs,
-    read_imatrix,
-    routed_counts,
-    write_imatrix,
-)
+from m1.verify.imatrix import compute_imatrix, layer_inputs, routed_counts
 from m1.verify.sources import CheckpointWeights
 from m1.verify.text import ByteTokenizer, corpus_text, make_windows
 

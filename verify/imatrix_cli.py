@@ -121,8 +121,9 @@ def imatrix_cmd(
         raise UsageError("the folder for OUT does not exist", file=str(out), hint="create it first")
 
     from m1.devices import resolve_device
+    from m1.gguf.imatrix import write_imatrix
     from m1.progress import count_progress
-    from m1.verify.imatrix import compute_imatrix, write_imatrix
+    from m1.verify.imatrix import compute_imatrix
     from m1.verify.sources import CheckpointWeights
 
     weights = CheckpointWeights.open(source)

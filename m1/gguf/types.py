@@ -17,7 +17,10 @@ Q = GGMLQuantizationType
 GGML_TYPES: dict[str, GGMLQuantizationType] = {
     "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16,
     "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "mxfp4": Q.MXFP4,
+    # quantized by llama.cpp's own ggml (m1.schemes.ggml_lib, extra m1[gguf-k]), with an optional imatrix
+    "q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS,
 }
+K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")
 EXPERT_TYPES = tuple(GGML_TYPES)
 DENSE_TYPES = ("bf16", "f16", "f32", "q8_0")  # attention, head, embedding: never below q8_0
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -27,6 +30,8 @@ FILE_TYPES: dict[str, LlamaFileType] = {
     "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
     "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
     "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1, "mxfp4": LlamaFileType.MOSTLY_MXFP4_MOE,
+    "q2_k": LlamaFileType.MOSTLY_Q2_K, "q3_k": LlamaFileType.MOSTLY_Q3_K_M, "q4_k": LlamaFileType.MOSTLY_Q4_K_M,
+    "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K, "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
 }
 SOURCE_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # safetensors dtype -> the type that keeps it exactly
 ATTENTION_ROLES = (Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_OUT, Role.SOFTMAX_ATTN)

@@ -1,8 +1,10 @@
-"""The ggml block types (q8_0, q4_0, q4_1, q5_0, q5_1, mxfp4) as schemes, for the gguf format.
+"""The ggml block types as schemes, for the gguf format.
 
-Blocks are quantized and dequantized by gguf-py (`gguf.quants`, bit-exact with ggml); nothing here does
-block arithmetic. A ggml weight has no companion tensors: its blocks carry their own scales. The K-quants
-and IQ types need llama.cpp's own quantizer and an optional extra (see `m1.schemes.ggml_lib`).
+q8_0, q4_0, q4_1, q5_0, q5_1 and mxfp4 are quantized by gguf-py (`gguf.quants`, bit-exact with ggml); the
+K-quants (q2_k ... q6_k) and iq4_xs by llama.cpp's own ggml (`m1.schemes.ggml_lib`, the extra m1[gguf-k]),
+with an importance matrix from `m1 verify imatrix` when given (`--imatrix`). gguf-py's quantizers take no
+imatrix, so q4_0 and friends ignore one (a warning says so). Dequantizing is gguf-py's for every type.
+Nothing here does block arithmetic. A ggml weight has no companion tensors: its blocks carry their scales.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 from m1.errors import UsageError
 from m1.schemes import Family, Piece
 
-BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4")
+NUMPY_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4")  # gguf.quants
+GGML_LIB_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")  # llama.cpp's ggml, through ctypes
+BLOCK_TYPES = NUMPY_TYPES + GGML_LIB_TYPES
 FAMILY_NAME = "ggml"
 
 
@@ -37,28 +41,64 @@ def type_nbytes(name: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape[:-1]) * (shape[-1] // values) * size
 
 
+_IMATRICES: dict[str, Any] = {}  # path -> m1.verify's IMatrix, read once per process
+
+
 @dataclass(frozen=True)
 class GgmlScheme:
     name: str
+    imatrix: str | None = None  # a GGUF imatrix file (m1 verify imatrix, or llama.cpp's llama-imatrix)
+    imatrix_sha256: str | None = None  # what --resume checks: the same statistics, not just the same path
     family = FAMILY_NAME
     formats = ("gguf",)
 
     @classmethod
-    def make(cls, name: str, **options: Any) -> GgmlScheme:
+    def make(cls, name: str, imatrix: str | None = None, **options: Any) -> GgmlScheme:
         given = [k for k, v in options.items() if v is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} does not apply to the ggml type {name}",
                              hint="ggml block types have a fixed block size and no options")
         if name not in BLOCK_TYPES:
             raise UsageError(f"unknown ggml type {name!r}", hint=f"use one of {', '.join(BLOCK_TYPES)}")
-        return cls(name)
+        if name in GGML_LIB_TYPES:
+            from m1.schemes import ggml_lib
+
+            ggml_lib.raw_library()  # one line saying what to install, before any planning
+        if imatrix is None:
+            return cls(name)
+        import hashlib
+        from pathlib import Path
+
+        path = Path(imatrix)
+        if not path.is_file():
+            raise UsageError("--imatrix is not a file", file=str(path), hint="make one with m1 verify imatrix")
+        if name in NUMPY_TYPES:
+            import warnings
+
+            warnings.warn(f"{name} is quantized by gguf-py, which takes no importance matrix: --imatrix is ignored "
+                          "(use a K-quant such as q4_k to use it)", stacklevel=2)
+            return cls(name)
+        return cls(name, str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest())
+
+    def _importance(self, source: str) -> Any:
+        """The imatrix row for one source weight (an expert's row of its stacked GGUF tensor), or None."""
+        if self.imatrix is None:
+            return None
+        from m1.gguf.imatrix import importance, read_imatrix
+        from m1.gguf.names import to_gguf
+
+        if self.imatrix not in _IMATRICES:
+            _IMATRICES[self.imatrix] = read_imatrix(self.imatrix)
+        target = to_gguf(source)
+        rows = importance(_IMATRICES[self.imatrix], target.name)
+        return rows[target.expert or 0]
 
     def describe(self) -> str:
         values, size = block_shape(self.name)
         return f"{self.name} (ggml, {values} values in {size} bytes, {8 * size / values:.2f} bits per weight)"
 
     def options(self) -> dict[str, Any]:
-        return {}
+        return {"imatrix": self.imatrix, "imatrix_sha256": self.imatrix_sha256} if self.imatrix else {}
 
     def check_supported(self, device: Any) -> None:
         pass  # gguf-py runs on the CPU, whatever --device says
@@ -71,6 +111,8 @@ class GgmlScheme:
         if shape[-1] % values:
             raise UsageError(f"rows of {shape[-1]} values do not split into {self.name} blocks of {values}",
                              file=file, tensor=name, hint="keep this tensor with --keep, or choose another type")
+        if self.imatrix is not None:
+            self._importance(name)  # the imatrix has this weight, with its column count
 
     def pieces(self, dtype: str, shape: tuple[int, ...]) -> list[Piece]:
         return [Piece("weight", self.name.upper(), tuple(shape), type_nbytes(self.name, shape))]
@@ -80,9 +122,17 @@ class GgmlScheme:
 
     def quantize(self, weight: Any, device: Any, name: str = "") -> list[tuple[str, Any]]:
         import torch
-        from gguf.quants import quantize
 
-        data = quantize(weight.to(torch.float32).contiguous().numpy(), _qtype(self.name))
+        rows = weight.to(torch.float32).contiguous().numpy()
+        if self.name in GGML_LIB_TYPES:
+            from m1.schemes import ggml_lib
+
+            data = ggml_lib.quantize_rows(self.name, rows.reshape(-1, rows.shape[-1]), self._importance(name),
+                                          tensor=name or None)
+        else:
+            from gguf.quants import quantize
+
+            data = quantize(rows, _qtype(self.name))
         return [("weight", torch.from_numpy(data.reshape(-1)))]
 
     def dequantize(self, pieces: dict[str, Any], device: Any = "cpu", name: str = "",
