@@ -478,7 +478,8 @@ class GGUFStorage:
         out: dict[str, Any] = {}
         for name in files:
             try:
-                st = (self.folder / (name if name in self.files else self.files[0])).stat()
+                own = name in self.files or name.endswith(".gguf")
+                st = (self.folder / (name if own else self.files[0])).stat()
             except OSError:
                 out[name] = None
                 continue
