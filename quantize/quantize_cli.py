@@ -54,6 +54,8 @@ def quantize_cmd(
     layout: LayoutOpt = "size",
     shard_size: ShardSizeOpt = "5GB",
     revision: RevisionOpt = None,
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="GGUF K-quants: an importance matrix from m1 "
+                                                 "verify imatrix (or llama.cpp's llama-imatrix).")] = None,
     out_format: Annotated[str | None, typer.Option("--format", help="Output format: the source's (default), "
                                                    "'release', 'hf' or 'gguf'.")] = None,
     attn_type: AttnTypeOpt = None,
@@ -73,7 +75,8 @@ def quantize_cmd(
 
     Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
     m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run ;
-    m1 quantize m1-40k/ m1-q4.gguf --format gguf --scheme q4_0
+    m1 quantize m1-40k/ m1-q4.gguf --format gguf --scheme q4_0 ;
+    m1 quantize m1-40k/ m1-q4k.gguf --format gguf --scheme q4_k --imatrix imatrix.gguf
     """
     from m1.checkpoint import Checkpoint
     from m1.devices import resolve_device
@@ -85,7 +88,8 @@ def quantize_cmd(
 
     if out_format is not None and out_format not in format_names():
         raise UsageError(f"--format must be one of {', '.join(format_names())}, got {out_format!r}")
-    chosen_scheme = make_scheme(scheme, blocksize=blocksize, double_quant=double_quant)
+    chosen_scheme = make_scheme(scheme, blocksize=blocksize, double_quant=double_quant,
+                                imatrix=str(imatrix) if imatrix is not None else None)
     chosen_scheme.check_supported(resolve_device(device))
     ckpt = Checkpoint.open(source, revision=revision)
     fmt = out_format or ckpt.config.flavour

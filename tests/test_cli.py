@@ -106,7 +106,7 @@ def test_no_arguments_shows_the_help(run) -> None:
 
 def test_usage_errors_of_m1_options(tiny: Path, tmp_path: Path, run) -> None:
     dest = tmp_path / "never"
-    for bad in (["--layout", "zigzag"], ["--to", "gguf"], ["--dtype", "int3"], ["--router-dtype", "fp8"],
+    for bad in (["--layout", "zigzag"], ["--to", "onnx"], ["--dtype", "int3"], ["--router-dtype", "fp8"],
                 ["--shard-size", "5XB"], ["--shard-size", "0"]):
         code, out, err = run("convert", tiny, dest, *bad)
         assert code == 2, bad

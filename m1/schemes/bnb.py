@@ -53,8 +53,12 @@ class BnbScheme:
     formats = ("release", "hf")  # safetensors checkpoints that transformers + bitsandbytes load
 
     @classmethod
-    def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None) -> BnbScheme:
+    def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None,
+             imatrix: str | None = None) -> BnbScheme:
         """From command-line options; unknown names and options that do not apply are usage errors."""
+        if imatrix is not None:
+            raise UsageError("--imatrix does not apply to bitsandbytes schemes",
+                             hint="it serves the GGUF K-quants: --format gguf --scheme q4_k --imatrix FILE")
         if name not in SCHEMES:
             raise UsageError(f"unknown scheme {name!r}", hint=f"use one of {', '.join(SCHEMES)}")
         if name == "int8":
