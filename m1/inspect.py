@@ -65,13 +65,14 @@ def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, An
     kinds = cfg.layer_kinds
     qc = cfg.quantization_config
     scheme = None
-    if qc:
-        if qc.get("load_in_8bit"):
-            scheme = "int8"
-        elif qc.get("load_in_4bit"):
-            scheme = qc.get("bnb_4bit_quant_type", "nf4")
-        else:
-            scheme = qc.get("quant_method", "unknown")
+    if qc is not None:  # the scheme registry reads it, as every other command does
+        from m1.schemes import scheme_from_config
+
+        try:
+            scheme = scheme_from_config(qc).name
+        except M1Error as exc:
+            scheme = None
+            unreadable.append(f"config.json quantization_config: {exc.message}")
     return {
         "source": str(source),
         "revision": revision,

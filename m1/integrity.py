@@ -150,9 +150,33 @@ def _check_index(ckpt: Checkpoint, headers: dict[str, Header], report: Integrity
                        ckpt.index_file)
 
 
+def _check_quantization_config(ckpt: Checkpoint, report: IntegrityReport) -> bool:
+    """A quantization_config must name a scheme m1 reads, and some weight must carry its tensors: a plain
+    checkpoint that claims to be quantized would be loaded as one. False when the config cannot be used."""
+    from m1.quantized import is_quantized
+    from m1.schemes import scheme_from_config
+
+    qc = ckpt.config.quantization_config
+    if qc is None:
+        return True
+    config = f"{ckpt.root}/config.json"
+    try:
+        scheme = scheme_from_config(qc, config)
+    except M1Error as exc:
+        report.add("quantization-config", exc.message, config)
+        return False
+    if not any(is_quantized(name, ckpt.weight_map) for name in ckpt.weight_map if name.endswith(".weight")):
+        report.add("quantization-config", f"config.json says {scheme.describe()}, but no weight carries its "
+                   "quantization tensors (a plain checkpoint with a stray quantization_config?)", config)
+        return False
+    return True
+
+
 def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport,
                 layers: list[int] | None = None) -> None:
     cfg = ckpt.config
+    if not _check_quantization_config(ckpt, report):
+        return
     expected = {t.name: t for t in inventory(cfg) if layers is None or t.layer in layers}
     present: dict[str, Any] = {}
     for h in headers.values():

@@ -326,3 +326,21 @@ def test_header_of_a_truncated_source_is_one_line(tiny: Path, tmp_path: Path, ru
     shard.write_bytes(struct.pack("<Q", 10**12))
     code, _, err = run("convert", tiny, tmp_path / "out", "-q")
     assert code == 1 and shard.name in one_error(err)
+
+
+# ---- a stray quantization_config on a plain checkpoint -------------------------------------------------------
+
+
+@pytest.mark.parametrize("qc", [{"quant_method": "bitsandbytes", "bnb_4bit_quant_type": 5}, {"quant_method": 5}, {},
+                                {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}],
+                         ids=["bad quant type", "bad method", "empty", "plausible but no tensors"])
+def test_a_plain_checkpoint_claiming_to_be_quantized_is_refused(tiny: Path, tmp_path: Path, run, qc: dict) -> None:
+    config = json.loads((tiny / "config.json").read_text())
+    config["quantization_config"] = qc
+    (tiny / "config.json").write_text(json.dumps(config))
+    code, out, _ = run("verify", "integrity", tiny)
+    assert code == 1 and "quantization-config" in out
+    code, _, err = run("convert", tiny, tmp_path / "out", "--to", "hf", "-q")
+    assert code == 1 and "quantization" in one_error(err)
+    assert not (tmp_path / "out").exists()
+    assert run("inspect", tiny)[0] == 1 or qc.get("load_in_4bit")  # an unreadable config is a finding there too
