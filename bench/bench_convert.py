@@ -108,6 +108,10 @@ def bench_sparse(workdir: Path) -> dict:
         "verify_integrity": M1 + ["verify", "integrity", str(replica), "--json"],
         "convert_dry_run": M1 + ["convert", str(replica), str(workdir / "never-written"), "--to", "hf",
                                  "--layout", "by-layer", "--dry-run", "--json"],
+        "gguf_dry_run": M1 + ["convert", str(replica), str(workdir / "never-written.gguf"), "--to", "gguf",
+                              "--split-max-size", "50GB", "--dry-run", "--json"],
+        "gguf_q4_0_dry_run": M1 + ["quantize", str(replica), str(workdir / "never-written.gguf"), "--format", "gguf",
+                                   "--scheme", "q4_0", "--dry-run", "--json"],
     }.items():
         seconds, _, out = timed(cmd)
         results[f"{label}_s"] = round(seconds, 2)
@@ -115,6 +119,12 @@ def bench_sparse(workdir: Path) -> dict:
             results["integrity_ok"] = json.loads(out)["ok"]
         if label == "convert_dry_run":
             results["planned_shards"] = json.loads(out)["shards"]
+        if label.startswith("gguf"):
+            plan = json.loads(out)
+            results[f"{label}_files"] = plan["shards"]
+            results[f"{label}_tensors"] = plan["tensors"]
+            results[f"{label}_by_type"] = plan["by_type"]
+            results[f"{label}_bytes"] = plan["bytes"]
     assert not (workdir / "never-written").exists(), "--dry-run wrote something"
     shutil.rmtree(replica)
     return results

@@ -166,6 +166,10 @@ class Plan:
         if self.scheme is not None:
             out.update(scheme=self.scheme.name, **self.scheme.options(), params=self.params,
                        by_role=self.by_role(), **self.totals())
+        if not self.writes_config:  # a format that carries its own metadata (GGUF): its sizes by tensor type
+            out["by_type"] = self.by_type()
+            if self.sink_data.get("missing"):
+                out["missing"] = self.sink_data["missing"]
         if verbose:
             out["ops"] = [{"file": f.name, **asdict(op)} for f in self.files for op in f.ops]
         return out
@@ -180,6 +184,19 @@ class Plan:
                f"{human_bytes(self.total_bytes)}")
         for name in self.extra_files:
             yield f"copy: {name}"
+        if not self.writes_config:
+            yield "by type: " + ", ".join(f"{t} {human_bytes(n)}" for t, n in self.by_type().items())
+            missing = self.sink_data.get("missing")
+            if missing:
+                yield f"not ready to write: {missing['message']} ({missing.get('hint')})"
+
+    def by_type(self) -> dict[str, int]:
+        """Bytes by output dtype (GGML type for a GGUF), largest first."""
+        out: dict[str, int] = {}
+        for f in self.files:
+            for t in f.tensors:
+                out[t.dtype] = out.get(t.dtype, 0) + t.nbytes
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def op_lines(self) -> Iterator[str]:
         for f in self.files:

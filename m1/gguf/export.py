@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType
 from gguf.quants import quant_shape_to_byte_shape
 
@@ -33,6 +33,9 @@ from m1.gguf.names import to_gguf
 from m1.gguf.tokenizer import TokenizerFiles, tokenizer_metadata
 from m1.gguf.types import FLOAT_TYPES, TypePolicy, block_size, type_name
 from m1.spec import Role, inventory
+
+if TYPE_CHECKING:
+    import torch
 
 Q = GGMLQuantizationType
 
@@ -112,6 +115,8 @@ def gguf_metadata(
 
 def zero_rows_of(embedding: torch.Tensor, start: int) -> list[int]:
     """Ids >= start whose embedding row is all zero (the release pads 200064 rows with zeros)."""
+    import torch
+
     rows = embedding[start:]
     if rows.numel() == 0:
         return []

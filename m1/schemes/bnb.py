@@ -22,7 +22,7 @@ from typing import Any
 from m1.dtypes import DTYPE_BYTES
 from m1.errors import CheckpointError, ConfigError, UsageError
 from m1.schemes import Family, Piece
-from m1.schemes.bnb_codec import NESTED_BLOCKSIZE, STATE_DTYPES
+from m1.schemes.bnb_layout import NESTED_BLOCKSIZE, STATE_DTYPES
 
 SCHEMES = ("nf4", "fp4", "int8")
 FAMILY_NAME = "bitsandbytes"

@@ -17,10 +17,7 @@ from typing import Protocol
 import torch
 
 from m1.errors import CheckpointError, UsageError
-
-NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) quantizes the absmax in blocks of 256
-# torch dtype names as QuantState.as_dict writes them (str(dtype) without "torch.").
-STATE_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+from m1.schemes.bnb_layout import NESTED_BLOCKSIZE, STATE_DTYPES
 
 
 class Scheme(Protocol):
