@@ -163,13 +163,11 @@ class GGUFStorage:
     def _reader(self, file: str) -> GGUFReader:
         reader = self._readers.get(file)
         if reader is None:
-            from gguf import GGUFReader
-
             path = self.folder / file
             try:
                 if path.stat().st_size == 0:
                     raise ValueError("the file is empty")
-                reader = GGUFReader(path)
+                reader = _plain_reader()(path)
             except FileNotFoundError:
                 raise CheckpointError("missing GGUF file", file=str(path), hint=RE_EXPORT) from None
             except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError, OSError) as exc:
@@ -595,6 +593,29 @@ class GGUFStorage:
                 out.append(("sha256", "sha256 differs from the manifest: the file changed after it was written",
                             file, None))
         return out
+
+
+@cache
+def _plain_reader() -> type[GGUFReader]:
+    """gguf.GGUFReader over a plain ndarray view of its memory map.
+
+    The reader parses every metadata element (a 200064-token vocabulary, its types and merges: 600k elements
+    for MiniMax-M1) as slices of `self.data`; slices of an `np.memmap` pay for memmap's `__array_finalize__`
+    each time. The same map seen as a plain ndarray halves the open time and the memory it takes (full-size
+    M1: 16.4 s -> 7.1 s, 700 -> 330 MB on this project's 2-core box); tensor data is still mapped, not read.
+    """
+    from gguf import GGUFReader
+
+    class PlainGGUFReader(GGUFReader):
+        @property  # type: ignore[override]
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray)  # keeps the map alive through .base
+
+    return PlainGGUFReader
 
 
 def _contents(field: Any) -> Any:
