@@ -399,3 +399,40 @@ def test_a_damaged_gguf_is_a_finding(exports, tmp_path: Path, run) -> None:
     shutil.copy(manifest, tmp_path / manifest.name)
     line = one_line_finding(run, path)
     assert line.startswith("[sha256]") and src.name in line
+
+
+# ---- GGUFs the pipeline writes ---------------------------------------------------------------------------------
+
+
+def test_a_gguf_exported_again_from_a_gguf_is_the_same(exports, tmp_path: Path, run) -> None:
+    path = exports("bf16")
+    again = tmp_path / "again.gguf"
+    code, _, err = run("convert", path, again, "--to", "gguf", "--quiet")
+    assert code == 0, err
+    a, b = gguf.GGUFReader(path), gguf.GGUFReader(again)
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    for t, u in zip(a.tensors, b.tensors, strict=True):
+        assert np.array_equal(np.asarray(t.data), np.asarray(u.data)), t.name
+    meta = lambda r: {k: f.contents() for k, f in r.fields.items() if k != "general.name"}  # noqa: E731
+    assert meta(a) == meta(b)
+
+
+def test_a_split_set_written_by_the_pipeline(source: Path, tmp_path: Path, run) -> None:
+    folder = tmp_path / "out"
+    code, out, err = run("convert", source, folder / "tiny.gguf", "--to", "gguf", "--split-max-size", "300KB",
+                         "--quiet")
+    assert code == 0, err
+    files = sorted(folder.glob("tiny-*-of-*.gguf"))
+    assert len(files) > 1 and files[0].name == f"tiny-00001-of-{len(files):05d}.gguf"
+    src = Checkpoint.open(source)
+    for opened in (Checkpoint.open(files[0]), Checkpoint.from_storage(GGUFStorage(folder / "tiny.gguf"))):
+        assert opened.files() == [f.name for f in files]
+        for name in src.names():
+            assert same(opened.get(name), src.get(name)), name
+    code, out, err = run("verify", "integrity", files[0], "--deep")
+    assert code == 0 and f"{len(files)} shards" in out, out + err
+    data = bytearray(files[1].read_bytes())
+    data[-100] ^= 0x01
+    files[1].write_bytes(bytes(data))
+    line = one_line_finding(run, files[0])  # the manifest beside the set
+    assert line.startswith("[sha256]") and files[1].name in line

@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 from functools import cache
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,15 @@ RELEASE_AUTO_MAP = {"AutoConfig": "configuration_minimax_m1.MiniMaxM1Config",
 def split_names(stem: str, count: int) -> list[str]:
     """llama.cpp's names of a split set: NAME-00001-of-0000N.gguf ..."""
     return [f"{stem}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def first_split(path: Path) -> Path:
+    """`path` itself, or, where it does not exist, the first split of the set written for it (NAME.gguf ->
+    NAME-00001-of-0000N.gguf, as `m1 convert ... NAME.gguf --split-max-size` and gguf-split name them)."""
+    if path.exists() or not path.name.endswith(".gguf"):
+        return path
+    found = sorted(path.parent.glob(f"{glob_escape(path.name[:-5])}-00001-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
+    return found[0] if len(found) == 1 else path
 
 
 def _nice_float(value: float) -> float:
@@ -136,8 +146,8 @@ class GGUFStorage:
     revision = None
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.root = str(path)
+        self.path = first_split(Path(path))
+        self.root = str(self.path)
         self.folder = self.path.parent
         self._readers: dict[str, GGUFReader] = {}
         self._cache: Path | None = None
