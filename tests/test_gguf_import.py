@@ -24,13 +24,15 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 from gguf.quants import dequantize
 from safetensors import safe_open
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from m1.checkpoint import Checkpoint
 from m1.errors import CheckpointError
 from m1.gguf import export_gguf, to_gguf
+from m1.gguf.metadata import KV, apply
 from m1.gguf.names import ARCH
 from m1.gguf.reader import GGUFStorage
+from m1.gguf.tokenizer import PRE_TOKENIZERS, TokenizerFiles, tokenizer_metadata
 from m1.tiny import TinySpec, make_tiny
 from m1.verify.text import corpus_text
 
@@ -169,6 +171,38 @@ def test_synthesized_files(source: Path, exports, cache_home: Path) -> None:
     assert json.loads(storage.local_path("tokenizer_config.json").read_text())["model_max_length"] == 4096
 
 
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_a_tokenizer_with_real_merges_and_special_tokens_comes_back(exports, tmp_path: Path, pre: str) -> None:
+    """Trained BPE merges, a split regex other than GPT-2's, a special token: the tokenizer.json rebuilt from the
+    GGUF's tokenizer.ggml.* keys tokenizes as the original does."""
+    text = corpus_text("mr-niah", holdout=False)[:60000]
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre == "gpt-2")
+    tok.pre_tokenizer = byte_level if pre == "gpt-2" else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(tokenizers_regex(PRE_TOKENIZERS[pre][0]), "isolated"), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, special_tokens=["<|eot|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    original = json.loads(tok.to_str())
+    files = TokenizerFiles(original, {"eos_token": "<|eot|>", "add_bos_token": False}, None, "tokenizer.json")
+    kvs, _ = tokenizer_metadata(files, n_rows=tok.get_vocab_size() + 4)
+    path = tmp_path / "x.gguf"
+    rewrite(exports("f32"), path, kvs=kvs, drop="tokenizer.")
+    storage = GGUFStorage(path)
+    back = Tokenizer.from_file(str(storage.local_path("tokenizer.json")))
+    sample = corpus_text("mr-niah")[:20000] + "<|eot|>" + corpus_text("mr-niah")[20000:30000]
+    assert back.encode(sample).ids == tok.encode(sample).ids
+    assert len(original["model"]["merges"]) > 300
+    config = json.loads(storage.read_bytes("tokenizer_config.json"))
+    assert config["eos_token"] == "<|eot|>" and config["add_bos_token"] is False
+
+
+def tokenizers_regex(pattern: str):  # noqa: ANN201
+    from tokenizers import Regex
+
+    return Regex(pattern)
+
+
 # ---- the commands on a GGUF ------------------------------------------------------------------------------------
 
 
@@ -251,15 +285,17 @@ def fields_of(reader: gguf.GGUFReader) -> Iterator[tuple[str, Any, GGUFValueType
 
 
 def rewrite(src: Path, dest: Path, edit: Callable[[str, np.ndarray, Q], tuple[np.ndarray, Q] | None] | None = None,
-            arch: str = ARCH, split_max_tensors: int = 0, kv: dict[str, Any] | None = None) -> list[Path]:
+            arch: str = ARCH, split_max_tensors: int = 0, kvs: list[KV] = (), drop: str | None = None) -> list[Path]:
     """A copy of the GGUF `src`, written by gguf-py's GGUFWriter: `edit(name, data, type)` may drop a tensor
-    (None) or replace its data and type; `split_max_tensors` makes llama.cpp-style splits; `kv` overrides keys."""
+    (None) or replace its data and type; `split_max_tensors` makes llama.cpp-style splits; `kvs` replace or add
+    keys, and keys starting with `drop` are left out."""
     reader = gguf.GGUFReader(src)
     writer = gguf.GGUFWriter(dest, arch, split_max_tensors=split_max_tensors)
+    replaced = {kv.key for kv in kvs}
     for key, value, vtype, sub in fields_of(reader):
-        if kv and key in kv:
-            value = kv[key]
-        writer.add_key_value(key, value, vtype, sub_type=sub)
+        if key not in replaced and not (drop and key.startswith(drop)):
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+    apply(writer, kvs)
     for t in reader.tensors:
         data, qtype = np.asarray(t.data), t.tensor_type
         if edit is not None:

@@ -386,11 +386,12 @@ class GGUFStorage:
         vocab: dict[str, int] = {}
         added = []
         for i, (text, kind) in enumerate(zip(tokens, types, strict=True)):
+            if kind == TokenType.UNUSED:  # the export's [PAD{id}] rows past the tokenizer's ids
+                continue
+            vocab.setdefault(text, i)  # added tokens too: tokenizers keeps their ids only when the vocab has them
             if kind in (TokenType.CONTROL, TokenType.USER_DEFINED):
                 added.append({"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": kind != TokenType.CONTROL, "special": kind == TokenType.CONTROL})
-            elif kind != TokenType.UNUSED:
-                vocab.setdefault(text, i)
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
         pre = get("tokenizer.ggml.pre")
         if pre == "gpt-2":
