@@ -169,6 +169,9 @@ def test_synthesized_files(source: Path, exports, cache_home: Path) -> None:
     theirs = Tokenizer.from_file(str(source / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     assert ours == theirs == list(text.encode())
     assert json.loads(storage.local_path("tokenizer_config.json").read_text())["model_max_length"] == 4096
+    q4 = GGUFStorage(exports("q4_0")).stored_types()
+    assert set(q4) == {"F32", "BF16", "Q4_0"} and q4["Q4_0"]["tensors"] == 3 * 4  # three stacks a layer
+    assert sum(t["bytes"] for t in q4.values()) < exports("q4_0").stat().st_size
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])

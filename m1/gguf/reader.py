@@ -513,6 +513,15 @@ class GGUFStorage:
             self.local_path(name)
         return self.cache_dir()
 
+    def stored_types(self) -> dict[str, dict[str, int]]:
+        """GGML type -> {"tensors", "bytes"} of the GGUF tensors as stored (the headers give decoded sizes)."""
+        out: dict[str, dict[str, int]] = {}
+        for _file, qtype, _shape in self.gguf_tensors.values():
+            out.setdefault(qtype.name, {"tensors": 0, "bytes": 0})["tensors"] += 1
+        for slot in self.slots.values():
+            out[slot.qtype.name]["bytes"] += slot.stored_bytes
+        return out
+
     # ---- tensors ------------------------------------------------------------------------------------
     def read_tensor(self, name: str) -> torch.Tensor:
         """One spec tensor, dequantized (block types, F32) or as stored (F16, BF16), in torch order."""
