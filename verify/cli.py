@@ -44,9 +44,11 @@ def integrity_cmd(
 def register(app: typer.Typer) -> typer.Typer:
     """Adds `m1 verify` to `app`; returns the group, so that other modules add their checks to it."""
     from m1.verify.imatrix_cli import register as register_imatrix
+    from m1.verify.llama_cli import register as register_llama
     from m1.verify.metrics_cli import register as register_metrics
 
     register_metrics(verify_app)
     register_imatrix(verify_app)
+    register_llama(verify_app)
     app.add_typer(verify_app, name="verify")
     return verify_app
