@@ -65,10 +65,11 @@ class Checkpoint:
     @classmethod
     def open(cls, source: str | Path, revision: str | None = None) -> Checkpoint:
         source = str(source)
-        if source.endswith(".gguf") and Path(source).is_file():  # llama.cpp's format, read back dequantized
-            from m1.gguf.reader import GGUFStorage
+        if source.endswith(".gguf"):  # llama.cpp's format (a file, or the split set named after it), dequantized
+            from m1.gguf.reader import GGUFStorage, first_split
 
-            return cls.from_storage(GGUFStorage(source))
+            if Path(source).is_file() or first_split(Path(source)).is_file():
+                return cls.from_storage(GGUFStorage(source))
         if is_repo_id(source):
             from m1.hub_read import HubStorage
 

@@ -51,6 +51,10 @@ def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: P
         if vocab_size is not None:
             check_token_ids(ids, vocab_size, str(token_ids), tokenizer_source)
     else:
+        if tokenizer_source.endswith(".gguf"):  # a GGUF carries its tokenizer: rebuilt as tokenizer.json
+            from m1.gguf.reader import GGUFStorage
+
+            tokenizer_source = str(GGUFStorage(tokenizer_source).tokenizer_folder())
         if not Path(tokenizer_source).is_dir():
             raise UsageError("tokenizing needs a local checkpoint folder", file=tokenizer_source,
                              hint="pull the tokenizer files, or pass --token-ids FILE")
