@@ -19,6 +19,7 @@ from m1.cli_options import (
     QuietOpt,
     ResumeOpt,
     RevisionOpt,
+    ScratchOpt,
     ShardSizeOpt,
     SplitOpt,
     TokenizerPreOpt,
@@ -48,6 +49,7 @@ def convert_cmd(
     split_max_size: SplitOpt = None,
     tokenizer_pre: TokenizerPreOpt = None,
     chat_template: ChatTemplateOpt = None,
+    scratch: ScratchOpt = None,
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
     workers: WorkersOpt = 1,
@@ -64,6 +66,7 @@ def convert_cmd(
     """
     from m1.checkpoint import Checkpoint
     from m1.convert.job import ConvertOptions, plan_convert, run_convert, warn_plan
+    from m1.distributed import is_main_process
     from m1.formats import format_names
     from m1.units import parse_size
 
@@ -75,12 +78,18 @@ def convert_cmd(
     opts = ConvertOptions(to=to, by_layer=check_layout(layout), shard_size=parse_size(shard_size), dtype=dtype,
                           router_dtype=router_dtype, format_options=fmt_options)
     plan = plan_convert(ckpt, opts)
+    bound = parse_size(scratch) if scratch is not None else None
     if dry_run:
+        from m1.scratch import dry_run as scratch_dry_run
+
         warn_plan(plan)
-        print_plan(plan, dest, json_out, verbose)
+        print_plan(plan, dest, json_out, verbose,
+                   scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None)
         return
     manifest = run_convert(ckpt, dest, opts, resume=resume, overwrite=overwrite, show_progress=not quiet,
-                           workers=workers, plan=plan)
+                           workers=workers, plan=plan, scratch=bound)
+    if not is_main_process():  # under torchrun, rank 0 says what the job wrote
+        return
     if json_out:
         print_json({"dest": str(dest), "shards": manifest["shards"]})
     else:

@@ -42,10 +42,12 @@ def warn_plan(plan: Plan) -> None:
 
 
 def run_convert(ckpt: Checkpoint, dest: Path, opts: ConvertOptions, resume: bool = False, overwrite: bool = False,
-                show_progress: bool = True, workers: int = 1, plan: Plan | None = None) -> dict[str, Any]:
-    """Convert `ckpt` into `dest`; returns the manifest."""
+                show_progress: bool = True, workers: int = 1, plan: Plan | None = None,
+                scratch: int | None = None) -> dict[str, Any]:
+    """Convert `ckpt` into `dest`; returns the manifest. `scratch`: stream a Hub source through at most that
+    many bytes of disk (m1.scratch)."""
     plan = plan or plan_convert(ckpt, opts)
     warn_plan(plan)
     run = RunOptions(resume=resume, overwrite=overwrite, workers=workers, show_progress=show_progress,
-                     label="convert")
+                     label="convert", scratch=scratch)
     return execute(plan, dest, ckpt, run).manifest

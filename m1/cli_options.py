@@ -68,13 +68,22 @@ def print_report(report: IntegrityReport, source: str, deep: bool, json_out: boo
         raise typer.Exit(1)
 
 
-def print_plan(plan: Plan, dest: Path, json_out: bool, verbose: bool) -> None:
-    """--dry-run: the plan's summary (every op with --verbose), or JSON; nothing is written."""
+ScratchOpt = Annotated[str | None, typer.Option("--scratch", help="Hub source: stream it through at most this "
+                                                "much disk, e.g. 40GB (each shard downloaded once, deleted after "
+                                                "its last use; per node under torchrun).")]
+
+
+def print_plan(plan: Plan, dest: Path, json_out: bool, verbose: bool, scratch: Any = None) -> None:
+    """--dry-run: the plan's summary (every op with --verbose), or JSON; nothing is written. `scratch`: an
+    m1.scratch.ScratchPlan, whose peak disk and downloads are stated too."""
     if json_out:
-        print_json({"dry_run": True, "dest": str(dest), **plan.summary(verbose), "job": plan.job})
+        extra = {"scratch": scratch.summary()} if scratch is not None else {}
+        print_json({"dry_run": True, "dest": str(dest), **plan.summary(verbose), "job": plan.job, **extra})
         return
     typer.echo(f"plan for {dest} (dry run, nothing written):")
     for line in plan.lines():
+        typer.echo("  " + line)
+    for line in scratch.lines() if scratch is not None else []:
         typer.echo("  " + line)
     if verbose:
         for line in plan.op_lines():

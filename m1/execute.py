@@ -6,14 +6,26 @@ them in (the index), then `m1-manifest.json` (sha256 and size of every file, has
 `--resume` re-checks each finished file's size and sha256 before trusting it.
 
 Files are written in this process (file i is fsynced and renamed on a thread while file i+1 is written)
-or by `--workers` processes that each write whole files; workers die with the main process, and
+or by `--workers` processes that each write whole files, each on its own device (`--device cuda`: round
+robin over the visible GPUs; a set such as `cuda:0,cuda:3`); workers die with the main process, and
 SIGINT/SIGTERM stop the whole job and remove its temporary files.
+
+Under torchrun (RANK, WORLD_SIZE set; m1.distributed) the same steps run on every rank: rank 0 locks and
+prepares the destination and decides what is left to write, the output files are split over the ranks in
+contiguous runs of about equal bytes, each rank writes its own (recorded in its own progress file,
+`.m1-progress.rank<r>.json`, which any later `--resume` reads, whatever its world size), and once every
+rank is done rank 0 writes the index and the manifest. A rank that fails or dies fails the job.
+
+With `--scratch` (a Hub source; m1.scratch) the files are written in the order that holds fewest source
+shards at once, each shard downloaded once into a scratch folder beside the output and deleted after
+its last read, never more than the bound on disk.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -21,9 +33,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from m1 import __version__
 from m1.checkpoint import Checkpoint
@@ -41,7 +53,12 @@ from m1.plan import OutputFile, Plan
 from m1.sinks import Sink, get_sink
 from m1.streaming import PendingShard, file_sha256, write_bytes_atomic, write_json_atomic
 
+if TYPE_CHECKING:
+    from m1.distributed import Ranks
+    from m1.scratch import Scratch, ScratchPlan
+
 REPORT_EVERY = 16 << 20  # a worker reports progress in steps of this many bytes
+RANK_PROGRESS = re.compile(r"\.rank(\d+)\.json$")
 
 
 @dataclass(frozen=True)
@@ -50,19 +67,25 @@ class RunOptions:
     overwrite: bool = False
     workers: int = 1
     threads: int | None = None  # torch threads per worker (default: CPUs / workers)
-    device: str = "cpu"
+    device: str = "cpu"  # a --device value: cpu, cuda, cuda:N or a set such as cuda:0,cuda:3 (m1.devices)
     show_progress: bool = True
     label: str = "write"
+    scratch: int | None = None  # --scratch: stream a Hub source through at most this many bytes of disk
 
 
 @dataclass
 class RunResult:
     manifest: dict[str, Any]
-    written: list[str]  # files written by this run (not those a --resume found finished)
+    written: list[str]  # files written by this process (not those a --resume found finished, nor other ranks')
     seconds: float
     workers: int
     threads: int
     timing: Timing = field(default_factory=Timing)
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)  # per device: files, bytes, seconds, bytes/s
+    rank: int = 0
+    world: int = 1
+    scratch: dict[str, Any] | None = None  # with --scratch: the bound, the planned and held peak, the downloads
+    writer_devices: list[str] = field(default_factory=list)  # the device each writing process took
 
 
 def available_cpus() -> int:
@@ -73,81 +96,209 @@ def available_cpus() -> int:
 
 
 def execute(plan: Plan, dest: Path, ckpt: Checkpoint, opts: RunOptions = RunOptions()) -> RunResult:
-    """Write `plan` into `dest`, reading from `ckpt`."""
+    """Write `plan` into `dest`, reading from `ckpt` (under torchrun: this rank's share of it)."""
+    from m1.devices import device_set
+    from m1.distributed import current
+
     if opts.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {opts.workers}")
     if opts.threads is not None and opts.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {opts.threads}")
+    if opts.scratch is not None and opts.workers > 1:
+        raise UsageError("--scratch streams the source through one writer per process",
+                         hint="use --workers 1 (under torchrun every rank streams its own share)")
+    device_set(opts.device)
+    ranks = current()
     threads = opts.threads or max(1, available_cpus() // opts.workers)
     sink = get_sink(plan.sink)
     sink.check(plan)
     stem = plan.stem if plan.stem is not None and dest.suffix == ".gguf" else None
+    folder = dest.parent if stem is not None else dest
+    if opts.scratch is not None and not opts.resume:  # refuse a bound that cannot work before touching anything
+        files = list(plan.files)
+        last = files[:1] if sink.first_last and len(files) > 1 else []
+        _share(files[len(last):], last, ckpt, opts, ranks)
+    lock = None
+    if ranks is None or ranks.main:  # under torchrun rank 0 locks; the others wait for it in _run
+        try:
+            lock = _prepare(plan, dest, folder, ckpt, stem, opts)
+        except Exception as exc:
+            if ranks is not None:
+                ranks.broadcast({"error": _portable(exc)})
+            raise
+    try:
+        with _terminate_as_interrupt():
+            return _run(plan, folder, ckpt, sink, opts, threads, stem, ranks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _prepare(plan: Plan, dest: Path, folder: Path, ckpt: Checkpoint, stem: str | None, opts: RunOptions) -> Any:
     if stem is not None:  # a file set (a GGUF) in a folder that may hold other things
-        folder = dest.parent
         if not ckpt.remote and any(dest.resolve() == (Path(ckpt.root) / f).resolve() for f in ckpt.files()):
             raise DestinationError("the destination is a file of the source", file=str(dest),
                                    hint="write to another file")
-        lock = prepare_files(folder, [f.name for f in plan.files], stem, opts.resume, opts.overwrite)
-    else:
-        folder = dest
-        if not ckpt.remote:
-            guard_source(dest, [Path(ckpt.root)])
-        lock = prepare_destination(dest, opts.resume, opts.overwrite)
-    try:
-        with _terminate_as_interrupt():
-            return _run(plan, folder, ckpt, sink, opts, threads, stem)
-    finally:
-        lock.release()
+        return prepare_files(folder, [f.name for f in plan.files], stem, opts.resume, opts.overwrite)
+    if not ckpt.remote:
+        guard_source(dest, [Path(ckpt.root)])
+    return prepare_destination(dest, opts.resume, opts.overwrite)
 
 
 def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions, threads: int,
-         stem: str | None) -> RunResult:
-    from m1.progress import byte_progress
+         stem: str | None, ranks: Ranks | None) -> RunResult:
+    from m1.devices import writer_devices
+    from m1.progress import lane_progress
 
     fingerprint = plan.fingerprint()
-    done = _verified(dest, finished_files(dest, fingerprint, stem)) if opts.resume else {}
-    if plan.writes_config:
-        write_json_atomic(dest / "config.json", plan.config)
-        for name in plan.extra_files:
-            write_bytes_atomic(dest / name, ckpt.storage.local_path(name).read_bytes())
+    main = ranks is None or ranks.main
+    if main:
+        try:
+            done = _start(plan, dest, ckpt, stem, fingerprint, opts, ranks)
+        except Exception as exc:
+            if ranks is not None:
+                ranks.broadcast({"error": _portable(exc)})
+            raise
+        if ranks is not None:
+            ranks.broadcast({"fingerprint": fingerprint, "done": done})
+    else:
+        assert ranks is not None
+        start = ranks.broadcast()
+        if "error" in start:
+            raise _from_rank(start["error"], 0)
+        if start["fingerprint"] != fingerprint:
+            raise UsageError("this rank planned another job than rank 0 (other options, or a source that differs "
+                             "between nodes)", hint="run the same command on every rank, over the same source")
+        done = start["done"]
+
     records = {f.name: done[f.name] for f in plan.files if f.name in done}
     todo = [f for f in plan.files if f.name not in done]
     last: list[OutputFile] = []
     if sink.first_last and todo and todo[0] is plan.files[0] and len(plan.files) > 1:
         last, todo = todo[:1], todo[1:]
+    mine, streaming = _share(todo, last, ckpt, opts, ranks)
+    mine_last = last if main else []
+    own: dict[str, dict[str, Any]] = {}  # what this process wrote
+    progress_file = dest / (progress_name(stem) if ranks is None else _rank_progress(stem, ranks.rank))
 
     def record(name: str, rec: dict[str, Any]) -> None:
         records[name] = rec
-        write_json_atomic(dest / progress_name(stem), {"fingerprint": fingerprint, "shards": records})
+        own[name] = rec
+        write_json_atomic(progress_file, {"fingerprint": fingerprint, "shards": records if ranks is None else own})
 
     timing = Timing()
+    devices: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
-    ctx = _Context(plan, ckpt, str(dest), opts.device, threads)
-    parallel = opts.workers > 1 and len(todo) > 1
-    pool = _WorkerPool(ctx, min(opts.workers, len(todo))) if parallel else None
+    parallel = opts.workers > 1 and len(mine) > 1
+    first_writer = ranks.local_rank * opts.workers if ranks is not None else 0
+    writers = writer_devices(opts.device, min(opts.workers, len(mine)) if parallel else 1, first_writer)
+    ctx = _Context(plan, ckpt, str(dest), writers[0], threads)
+    pool = _WorkerPool(ctx, writers, fork_ok=ranks is None) if parallel else None
+    scratch = _open_scratch(streaming, ckpt, dest, stem, ranks) if streaming is not None else None
+    lanes = sorted(set(writers)) if len(set(writers)) > 1 else []
+    here = ([] if pool is not None else mine) + (last if ranks is None else [])
     if pool is not None:
-        pool.start(todo)  # before the progress bar's thread exists: fork copies only this thread
+        pool.start(mine)  # before the progress bar's thread exists: fork copies only this thread
+    total = plan.total_bytes if ranks is None else sum(f.nbytes for f in mine + mine_last)
     try:
-        with byte_progress(plan.total_bytes, opts.label, opts.show_progress) as advance:
-            advance(sum(f.nbytes for f in plan.files if f.name in done))
-            if pool is not None:
-                for result in pool.results(advance):
-                    record(result["file"], result["record"])
-                    timing.add(result["timing"])
-            with _torch_threads(threads, plan):
-                _write_here(ctx, sink, ([] if pool is not None else todo) + last, record, advance, timing)
-    except BaseException:
-        if pool is not None:
-            pool.kill()
-        for f in todo + last:  # a killed worker leaves its temporary file behind
-            (dest / f".{f.name}.tmp").unlink(missing_ok=True)
-        raise
+        with lane_progress(total, opts.label, lanes, opts.show_progress and main) as advance:
+            error: Exception | None = None
+            try:
+                if ranks is None:
+                    advance(sum(f.nbytes for f in plan.files if f.name in done), None)
+                if pool is not None:
+                    for result in pool.results(advance):
+                        record(result["file"], result["record"])
+                        timing.add(result["timing"])
+                        _count(devices, result["device"], result["record"])
+                with _torch_threads(threads, plan):
+                    _write_here(ctx, sink, here, record, advance, timing, devices, scratch)
+            except Exception as exc:
+                _discard(dest, mine + mine_last, pool)
+                if ranks is None:
+                    raise
+                error = exc  # the other ranks hear of it at the gather, then every rank fails
+            except BaseException:
+                _discard(dest, mine + mine_last, pool)
+                raise
+            finally:
+                if pool is not None:
+                    pool.close()
+            if ranks is not None:
+                outcomes = ranks.gather({"rank": ranks.rank, "error": None if error is None else _portable(error),
+                                         "records": own})
+                if error is not None:
+                    raise error
+                failed = [o for o in outcomes if o["error"] is not None]
+                if failed:
+                    raise _from_rank(failed[0]["error"], failed[0]["rank"])
+                for outcome in outcomes:
+                    records.update(outcome["records"])
+                if mine_last:  # the file that marks the set whole, once all the others exist
+                    try:
+                        with _torch_threads(threads, plan):
+                            _write_here(ctx, sink, mine_last, record, advance, timing, devices, scratch)
+                    except BaseException as exc:
+                        _discard(dest, mine_last, None)
+                        if isinstance(exc, Exception):
+                            ranks.broadcast({"error": _portable(exc)})
+                        raise
     finally:
-        if pool is not None:
-            pool.close()
+        scratch_result = _close_scratch(scratch, ckpt, dest, stem)
     seconds = time.perf_counter() - started
 
-    todo += last
+    if ranks is None:
+        manifest = _finish(plan, dest, sink, records, fingerprint, stem)
+    elif main:
+        try:
+            manifest = _finish(plan, dest, sink, records, fingerprint, stem)
+        except Exception as exc:
+            ranks.broadcast({"error": _portable(exc)})
+            raise
+        ranks.broadcast({"manifest": manifest})  # every rank returns once the manifest exists
+    else:
+        final = ranks.broadcast()
+        if "error" in final:
+            raise _from_rank(final["error"], 0)
+        manifest = final["manifest"]
+    for stats in devices.values():
+        stats["bytes_per_s"] = round(stats["bytes"] / stats["seconds"]) if stats["seconds"] > 0 else None
+        stats["seconds"] = round(stats["seconds"], 3)
+    taken = [pool.assigned[pid] for pid in sorted(pool.assigned)] if pool is not None else [ctx.device]
+    return RunResult(manifest, list(own), seconds, pool.size if pool else (1 if own else 0), threads, timing,
+                     devices, ranks.rank if ranks else 0, ranks.world if ranks else 1, scratch_result, taken)
+
+
+def _start(plan: Plan, dest: Path, ckpt: Checkpoint, stem: str | None, fingerprint: str, opts: RunOptions,
+           ranks: Ranks | None) -> dict[str, dict[str, Any]]:
+    """Rank 0 (or the only process): what earlier runs finished, the config and extra files, and the progress
+    record every rank's files are added to."""
+    import shutil
+
+    rank_files = _rank_progress_files(dest, stem)
+    done: dict[str, dict[str, Any]] = {}
+    if opts.resume:
+        found = dict(finished_files(dest, fingerprint, stem))
+        for path in rank_files:  # what the ranks of an earlier torchrun run finished, whatever its world size
+            rec = _read_json(path)
+            if isinstance(rec, dict) and rec.get("fingerprint") == fingerprint and isinstance(rec.get("shards"), dict):
+                found.update(rec["shards"])
+        done = _verified(dest, found)
+    shutil.rmtree(_scratch_root(dest, stem), ignore_errors=True)  # what a killed run left
+    if plan.writes_config:
+        write_json_atomic(dest / "config.json", plan.config)
+        for name in plan.extra_files:
+            write_bytes_atomic(dest / name, ckpt.storage.local_path(name).read_bytes())
+    if ranks is not None or rank_files:  # one record of what is finished, before any rank writes
+        write_json_atomic(dest / progress_name(stem), {"fingerprint": fingerprint, "shards": done})
+        for path in rank_files:
+            path.unlink(missing_ok=True)
+    return done
+
+
+def _finish(plan: Plan, dest: Path, sink: Sink, records: dict[str, dict[str, Any]], fingerprint: str,
+            stem: str | None) -> dict[str, Any]:
+    """Once every file exists: what lists them (the index), then the manifest; progress records go."""
     small = sink.finish(dest, plan)
     manifest = {
         "m1_manifest_version": 1,
@@ -163,8 +314,9 @@ def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions,
     }
     write_json_atomic(dest / manifest_name(stem), manifest)
     (dest / progress_name(stem)).unlink(missing_ok=True)
-    return RunResult(manifest, [f.name for f in todo], seconds, pool.size if pool else (1 if todo else 0), threads,
-                     timing)
+    for path in _rank_progress_files(dest, stem):
+        path.unlink(missing_ok=True)
+    return manifest
 
 
 def _verified(dest: Path, done: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -177,6 +329,131 @@ def _verified(dest: Path, done: dict[str, dict[str, Any]]) -> dict[str, dict[str
         if file_sha256(path).hexdigest() == rec.get("sha256"):
             ok[name] = rec
     return ok
+
+
+def _discard(dest: Path, files: list[OutputFile], pool: _WorkerPool | None) -> None:
+    """After an error or an interrupt: stop the workers, drop this process's temporary files."""
+    if pool is not None:
+        pool.kill()
+    for f in files:  # a killed worker leaves its temporary file behind
+        (dest / f".{f.name}.tmp").unlink(missing_ok=True)
+
+
+def _count(devices: dict[str, dict[str, Any]], device: str, rec: dict[str, Any]) -> None:
+    stats = devices.setdefault(device, {"files": 0, "bytes": 0, "seconds": 0.0})
+    stats["files"] += 1
+    stats["bytes"] += rec["size"]
+    stats["seconds"] += rec["seconds"]
+
+
+# ---- torchrun: progress records per rank, errors passed between ranks -------------------------------------
+
+
+def _rank_progress(stem: str | None, rank: int) -> str:
+    return progress_name(stem)[: -len(".json")] + f".rank{rank}.json"
+
+
+def _rank_progress_files(dest: Path, stem: str | None) -> list[Path]:
+    prefix = progress_name(stem)[: -len(".json")]
+    try:
+        entries = list(dest.iterdir())
+    except OSError:
+        return []
+    return sorted(p for p in entries if p.name.startswith(prefix) and RANK_PROGRESS.fullmatch(p.name[len(prefix):]))
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _portable(exc: BaseException) -> M1Error:
+    """An error another rank can unpickle and show as its one line."""
+    if isinstance(exc, M1Error):
+        return exc
+    return M1Error(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+
+
+def _from_rank(exc: M1Error, rank: int) -> M1Error:
+    from m1.distributed import RankFailed
+
+    if isinstance(exc, UsageError | DestinationError):  # the same for every rank: say it as it is
+        return exc
+    return RankFailed(f"rank {rank} failed: {exc.one_line()}",
+                      hint="finished files are kept: fix that, then run the same command with --resume")
+
+
+def _share(todo: list[OutputFile], last: list[OutputFile], ckpt: Checkpoint, opts: RunOptions,
+           ranks: Ranks | None) -> tuple[list[OutputFile], ScratchPlan | None]:
+    """This process's files in the order it writes them, and with --scratch its streaming schedule.
+
+    Under torchrun the files (in the scratch order when streaming, so each rank reads its own stretch of
+    the source) are split into contiguous runs of about equal bytes, one per rank; rank 0 also writes
+    `last`. Every rank computes every rank's share, so a bound that does not fit fails them all alike.
+    """
+    from m1.distributed import split
+
+    base = todo
+    sizes: dict[str, int] = {}
+    if opts.scratch is not None:
+        from m1.scratch import ordered, schedule, source_sizes
+
+        sizes = source_sizes(ckpt.storage)
+        base = ordered(todo, schedule(todo, sizes))
+    if ranks is None:
+        shares = [base]
+    else:
+        shares = [base[a:b] for a, b in split([f.nbytes for f in base], ranks.world)]
+    rank = ranks.rank if ranks is not None else 0
+    if opts.scratch is None:
+        return shares[rank], None
+    from m1.scratch import check_fits
+
+    bound = opts.scratch // (ranks.local_world if ranks is not None else 1)  # --scratch is per node
+    plans = [schedule(share, sizes, bound, last if r == 0 else None) for r, share in enumerate(shares)]
+    for p in plans:
+        check_fits(p)
+    return ordered(shares[rank], plans[rank]), plans[rank]
+
+
+# ---- streaming from the Hub through bounded scratch -------------------------------------------------------
+
+
+def _scratch_root(dest: Path, stem: str | None) -> Path:
+    return dest / (f".{stem}.m1-scratch" if stem is not None else ".m1-scratch")
+
+
+def _open_scratch(streaming: ScratchPlan, ckpt: Checkpoint, dest: Path, stem: str | None,
+                  ranks: Ranks | None) -> Scratch:
+    from m1.scratch import Scratch
+
+    folder = _scratch_root(dest, stem)
+    if ranks is not None:
+        folder = folder / f"rank{ranks.rank}"
+    storage: Any = ckpt.storage
+    scratch = Scratch(streaming, folder, storage.download_to)
+    storage.scratch = scratch
+    scratch.start()
+    return scratch
+
+
+def _close_scratch(scratch: Scratch | None, ckpt: Checkpoint, dest: Path, stem: str | None) -> dict[str, Any] | None:
+    if scratch is None:
+        return None
+    storage: Any = ckpt.storage
+    storage.scratch = None
+    scratch.close()
+    try:
+        _scratch_root(dest, stem).rmdir()  # under torchrun: the last rank to finish removes it
+    except OSError:
+        pass
+    return {"bound": scratch.bound, "planned_peak_bytes": scratch.plan.peak, "held_peak_bytes": scratch.peak_held,
+            "downloaded": list(scratch.downloaded),
+            "download_bytes": sum(scratch.plan.sizes[s] for s in scratch.downloaded)}
 
 
 # ---- writing files --------------------------------------------------------------------------------------
@@ -192,14 +469,22 @@ class _Context:
 
 
 def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Callable[[int], None],
-                    timing: Timing) -> tuple[PendingShard, dict[str, Any]]:
+                    timing: Timing, scratch: Scratch | None = None) -> tuple[PendingShard, dict[str, Any]]:
     started, cpu = time.perf_counter(), time.process_time()
     own = Timing()
     runner = OpRunner(ctx.ckpt, file, ctx.plan.scheme, ctx.device, own)
+    produce: Callable[[str], Any] = runner
+    tracker = None
+    if scratch is not None:
+        from m1.scratch import StepTracker
+
+        produce = tracker = StepTracker(runner, file, scratch)
     try:
-        sha, size, pending = sink.write_file(Path(ctx.dest) / file.name, file, runner, on_bytes, ctx.plan)
+        sha, size, pending = sink.write_file(Path(ctx.dest) / file.name, file, produce, on_bytes, ctx.plan)
     finally:
         runner.close()
+    if tracker is not None:
+        tracker.finish()  # the file's bytes are all in its temporary file: its last shards may go
     seconds = time.perf_counter() - started
     own.write_s = max(0.0, seconds - own.read_s - own.quantize_s)
     own.cpu_s = time.process_time() - cpu
@@ -208,18 +493,23 @@ def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Calla
 
 
 def _write_here(ctx: _Context, sink: Sink, todo: list[OutputFile], record: Callable[[str, dict[str, Any]], None],
-                advance: Callable[[int], None], timing: Timing) -> None:
+                advance: Callable[[int, str | None], None], timing: Timing, devices: dict[str, dict[str, Any]],
+                scratch: Scratch | None = None) -> None:
     """In this process; file i is committed (fsync, rename) on a thread while file i+1 is written."""
 
     def commit(pending: PendingShard, name: str, rec: dict[str, Any]) -> None:
         pending.commit()
         record(name, rec)  # progress only after the rename
+        _count(devices, ctx.device, rec)
+
+    def on_bytes(n: int) -> None:
+        advance(n, ctx.device)
 
     with ThreadPoolExecutor(max_workers=1) as committer:
         in_flight: Future | None = None
         try:
             for file in todo:
-                pending, rec = _write_unsynced(ctx, sink, file, advance, timing)
+                pending, rec = _write_unsynced(ctx, sink, file, on_bytes, timing, scratch)
                 if in_flight is not None:
                     try:
                         in_flight.result()  # at most one file waits for the disk
@@ -241,14 +531,19 @@ def _write_here(ctx: _Context, sink: Sink, todo: list[OutputFile], record: Calla
 _WORKER: dict[str, Any] = {}  # a worker process's context and progress queue
 
 
-def _init_worker(ctx: _Context, queue: Any) -> None:
+def _init_worker(ctx: _Context, queue: Any, slots: Any) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the job; workers just die with it
+    device = slots.get(timeout=600)  # this worker's own device (--device cuda: one GPU each)
+    ctx = replace(ctx, device=device)
     if "torch" in sys.modules or ctx.plan.scheme is not None:
         import torch
 
         torch.set_num_threads(ctx.threads)  # one core a worker: two workers must not fight over two cores
+        if device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(torch.device(device))
     _WORKER.update(ctx=ctx, queue=queue)
+    queue.put(("ready", os.getpid(), device))
 
 
 def _die_with_parent() -> None:
@@ -274,38 +569,44 @@ def _write_in_worker(file: OutputFile) -> dict[str, Any]:
     def on_bytes(n: int) -> None:
         pending_bytes[0] += n
         if pending_bytes[0] >= REPORT_EVERY:
-            queue.put(pending_bytes[0])
+            queue.put((ctx.device, pending_bytes[0]))
             pending_bytes[0] = 0
 
     timing = Timing()
     pending, rec = _write_unsynced(ctx, get_sink(ctx.plan.sink), file, on_bytes, timing)
     pending.commit()
-    queue.put(pending_bytes[0])
-    return {"file": file.name, "record": rec, "timing": asdict(timing)}
+    queue.put((ctx.device, pending_bytes[0]))
+    return {"file": file.name, "record": rec, "timing": asdict(timing), "device": ctx.device}
 
 
 class _WorkerPool:
-    """Worker processes that each write whole files; results come back as files finish."""
+    """Worker processes that each write whole files, each on its own device; results come back as files finish."""
 
-    def __init__(self, ctx: _Context, size: int) -> None:
+    def __init__(self, ctx: _Context, devices: list[str], fork_ok: bool = True) -> None:
         self.ctx = ctx
-        self.size = size
+        self.devices = devices
+        self.size = len(devices)
+        self.fork_ok = fork_ok  # not under torchrun: the process group's threads must not be forked
         self.pool: ProcessPoolExecutor | None = None
         self.queue: Any = None
         self.futures: list[Future] = []
+        self.assigned: dict[int, str] = {}  # worker pid -> the device it took
 
     def start(self, todo: list[OutputFile]) -> None:
         # fork is fast and safe when each child runs one thread (GNU OpenMP hangs in a forked child that
         # starts a thread team); otherwise, and for CUDA, a fresh interpreter per worker.
-        method = "fork" if (self.ctx.threads == 1 and self.ctx.device == "cpu"
+        method = "fork" if (self.fork_ok and self.ctx.threads == 1 and all(d == "cpu" for d in self.devices)
                             and "fork" in multiprocessing.get_all_start_methods()) else "spawn"
         mp = multiprocessing.get_context(method)
         self.queue = mp.Queue()
+        slots = mp.Queue()
+        for device in self.devices:
+            slots.put(device)
         self.pool = ProcessPoolExecutor(self.size, mp_context=mp, initializer=_init_worker,
-                                        initargs=(self.ctx, self.queue))
+                                        initargs=(self.ctx, self.queue, slots))
         self.futures = [self.pool.submit(_write_in_worker, f) for f in todo]
 
-    def results(self, advance: Callable[[int], None]) -> Iterator[dict[str, Any]]:
+    def results(self, advance: Callable[[int, str | None], None]) -> Iterator[dict[str, Any]]:
         pending = set(self.futures)
         error: BaseException | None = None
         while pending:
@@ -328,14 +629,18 @@ class _WorkerPool:
         if error is not None:
             raise error
 
-    def _drain(self, advance: Callable[[int], None]) -> None:
+    def _drain(self, advance: Callable[[int, str | None], None]) -> None:
         import queue as queue_module
 
         while True:
             try:
-                advance(self.queue.get_nowait())
+                message = self.queue.get_nowait()
             except queue_module.Empty:
                 return
+            if message[0] == "ready":
+                self.assigned[message[1]] = message[2]
+            else:
+                advance(message[1], message[0])
 
     def kill(self) -> None:
         """Stop every worker now (an interrupt, or an error in this process)."""
@@ -346,6 +651,8 @@ class _WorkerPool:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        if self.queue is not None:
+            self._drain(lambda n, lane=None: None)  # the last "ready" messages
 
 
 @contextmanager

@@ -197,6 +197,13 @@ class HubStorage:
         self.revision = commit
         self.sizes = sizes
         self._paths: dict[str, Path] = {}
+        self.scratch: Any = None  # an m1.scratch.Scratch while a job streams shards through bounded disk
+
+    @property
+    def copy_in_kernel(self) -> bool:
+        """Whether a reader may hand out byte ranges of a shard file to be copied later (not while streaming:
+        a shard is deleted once its last reader is done)."""
+        return self.scratch is None
 
     @classmethod
     def open(cls, repo_id: str, revision: str | None = None) -> HubStorage:
@@ -225,9 +232,18 @@ class HubStorage:
         return remote_header(self.root, file, self.revision, self.sizes.get(file))
 
     def local_path(self, file: str) -> Path:
+        if self.scratch is not None and self.scratch.manages(file):
+            return self.scratch.path(file)  # downloaded into the scratch area, deleted after its last use
         if file not in self._paths:
             self._paths[file] = download_file(self.root, file, self.revision)
         return self._paths[file]
+
+    def download_to(self, file: str, folder: Path) -> Path:
+        """`file` downloaded into `folder` (not the Hugging Face cache), with huggingface_hub's retries."""
+        return download_file(self.root, file, self.revision, folder)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "scratch": None}  # a worker process reads through its own storage
 
     def extra_files(self) -> list[str]:
         return list_extra_files(self.root, self.revision)
@@ -275,10 +291,12 @@ def remote_header(repo_id: str, file: str, revision: str | None, size: int | Non
     return parse_header(head, display, size, relative=file)
 
 
-def download_file(repo_id: str, file: str, revision: str | None) -> Path:
+def download_file(repo_id: str, file: str, revision: str | None, local_dir: Path | None = None) -> Path:
+    """`file` at `revision` through hf_hub_download: into its cache, or into `local_dir` when given."""
     from huggingface_hub import hf_hub_download
 
-    return Path(_call(repo_id, revision, lambda: hf_hub_download(repo_id, file, revision=revision), file))
+    return Path(_call(repo_id, revision, lambda: hf_hub_download(repo_id, file, revision=revision,
+                                                                 local_dir=local_dir), file))
 
 
 def list_extra_files(repo_id: str, revision: str | None) -> list[str]:

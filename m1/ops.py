@@ -98,8 +98,10 @@ class OpRunner:
 
     def _raw(self, source: str) -> Iterator[Any]:
         info = self.ckpt.info(source)
-        if info.file.endswith(".safetensors") and not hasattr(self.ckpt.storage, "read_tensor"):
-            # byte ranges: copied in the kernel, like cp
+        storage = self.ckpt.storage
+        if (info.file.endswith(".safetensors") and not hasattr(storage, "read_tensor")
+                and getattr(storage, "copy_in_kernel", True)):
+            # byte ranges: copied in the kernel, like cp (not while streaming: the shard may be gone by then)
             yield from file_ranges(self.ckpt.local_path(info.file), info.start, info.nbytes)
             return
         chunks = self.ckpt.iter_chunks(source)

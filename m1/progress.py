@@ -36,6 +36,28 @@ def byte_progress(total: int, description: str, enabled: bool = True) -> Iterato
 
 
 @contextmanager
+def lane_progress(total: int, description: str, lanes: list[str], enabled: bool = True
+                  ) -> Iterator[Callable[[int, str | None], None]]:
+    """`byte_progress` with one more row per lane (a device, say) showing its own bytes and throughput;
+    yields `advance(n_bytes, lane)`."""
+    if not enabled:
+        yield lambda n, lane=None: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_console, transient=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(description, total=total)
+        rows = {lane: bar.add_task(f"  {lane}", total=None) for lane in lanes}
+
+        def advance(n: int, lane: str | None = None) -> None:
+            bar.advance(task, n)
+            if lane in rows:
+                bar.advance(rows[lane], n)
+
+        yield advance
+
+
+@contextmanager
 def count_progress(total: int, description: str, unit: str = "", enabled: bool = True
                    ) -> Iterator[Callable[[float], None]]:
     """A bar over a count (parameters, tokens, layers) with rate and ETA; yields `advance(n)`."""

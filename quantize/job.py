@@ -51,8 +51,11 @@ def plan_from_checkpoint(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
 
 def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device: str = "auto", workers: int = 1,
                  threads: int | None = None, resume: bool = False, overwrite: bool = False,
-                 show_progress: bool = True, plan: Plan | None = None) -> dict[str, Any]:
-    """Quantize `ckpt` into `dest`; returns what was written and how fast."""
+                 show_progress: bool = True, plan: Plan | None = None, scratch: int | None = None) -> dict[str, Any]:
+    """Quantize `ckpt` into `dest`; returns what was written and how fast (per device too).
+
+    `device` is a --device value (m1.devices: a set or `cuda` gives each worker its own GPU); `scratch`
+    streams a Hub source through at most that many bytes of disk (m1.scratch)."""
     from m1.devices import resolve_device
 
     dev = resolve_device(device)
@@ -60,14 +63,16 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
     if check is not None:
         check(dev)
     plan = plan or plan_from_checkpoint(ckpt, opts)
+    spec = device if "," in device else str(dev)  # a set of devices goes to the executor as it is
     run = execute(plan, dest, ckpt, RunOptions(resume=resume, overwrite=overwrite, workers=workers, threads=threads,
-                                               device=str(dev), show_progress=show_progress, label="quantize"))
+                                               device=spec, show_progress=show_progress, label="quantize",
+                                               scratch=scratch))
     params_done = sum(f.params for f in plan.files if f.name in run.written)
     shards = run.manifest["shards"]
     return {
         "dest": str(dest),
         "scheme": plan.scheme.name,
-        "device": str(dev),
+        "device": spec,
         "workers": run.workers,
         "threads": run.threads,
         "shards": shards,
@@ -76,5 +81,10 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
         "seconds": round(run.seconds, 3),
         "params_per_s": round(params_done / run.seconds) if run.seconds > 0 else None,
         "timing": {k: round(v, 3) for k, v in asdict(run.timing).items()},
+        "devices": run.devices,
+        "writer_devices": run.writer_devices,
+        "rank": run.rank,
+        "world": run.world,
+        **({"scratch": run.scratch} if run.scratch is not None else {}),
         **plan.totals(),
     }

@@ -19,6 +19,7 @@ from m1.cli_options import (
     QuietOpt,
     ResumeOpt,
     RevisionOpt,
+    ScratchOpt,
     ShardSizeOpt,
     SplitOpt,
     TokenizerPreOpt,
@@ -47,7 +48,9 @@ def quantize_cmd(
                                                    "re:REGEX (repeatable).")] = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="Quantize only matching expert weights: a name "
                                                    "or re:REGEX (repeatable).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda: where bitsandbytes runs.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda (each worker its own GPU, round robin), "
+                                        "cuda:N, or a set such as cuda:0,cuda:3: where bitsandbytes runs.")
+                      ] = "auto",
     workers: WorkersOpt = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch threads per worker (default: CPUs / "
                                                 "workers).")] = None,
@@ -64,6 +67,7 @@ def quantize_cmd(
     split_max_size: SplitOpt = None,
     tokenizer_pre: TokenizerPreOpt = None,
     chat_template: ChatTemplateOpt = None,
+    scratch: ScratchOpt = None,
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
     resume: ResumeOpt = False,
@@ -80,6 +84,7 @@ def quantize_cmd(
     """
     from m1.checkpoint import Checkpoint
     from m1.devices import resolve_device
+    from m1.distributed import is_main_process
     from m1.formats import format_names
     from m1.policy import Policy
     from m1.quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
@@ -103,11 +108,17 @@ def quantize_cmd(
                                       chat_template),
     )
     plan = plan_from_checkpoint(ckpt, opts)
+    bound = parse_size(scratch) if scratch is not None else None
     if dry_run:
-        print_plan(plan, dest, json_out, verbose)
+        from m1.scratch import dry_run as scratch_dry_run
+
+        print_plan(plan, dest, json_out, verbose,
+                   scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None)
         return
     result = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
-                          overwrite=overwrite, show_progress=not quiet, plan=plan)
+                          overwrite=overwrite, show_progress=not quiet, plan=plan, scratch=bound)
+    if not is_main_process():  # under torchrun, rank 0 says what the job wrote
+        return
     if json_out:
         print_json(result)
     else:
