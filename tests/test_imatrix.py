@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import gguf
@@ -259,11 +260,36 @@ def test_llama_imatrix_on_our_f32_gguf_agrees_with_m1_verify_imatrix(tmp_path: P
     theirs, ours = read_imatrix(tmp_path / "llama.gguf"), read_imatrix(tmp_path / "ours.gguf")
     assert list(ours.entries) == list(theirs.entries)  # the same weights, router and head included
     assert (ours.chunk_count, ours.chunk_size) == (theirs.chunk_count, theirs.chunk_size) == (chunks, CTX)
+    near_ties = router_near_ties(chunks * CTX)
     worst = (0.0, "")
     for name, t in theirs.entries.items():
         o = ours.entries[name]
-        assert o.counts.tolist() == t.counts.tolist(), name
+        # A token whose 2nd and 3rd router probabilities are within float32 noise may pick another expert in
+        # llama.cpp: say so if it happens (these tokens hold none; see router_near_ties).
+        assert o.counts.tolist() == t.counts.tolist(), f"{name}: {o.counts} vs llama.cpp {t.counts}; router " \
+            f"near-ties (2nd-3rd probability gap < 1e-4) per layer: {near_ties}"
         assert o.sums.shape == t.sums.shape, name
         rel = float(np.max(np.abs(o.sums - t.sums) / np.maximum(np.abs(t.sums), 1e-30)))
         worst = max(worst, (rel, name))
+    warnings.warn(f"m1 verify imatrix vs llama-imatrix, trained tiny M1, {chunks} chunks of {CTX}: "
+                  f"{len(theirs.entries)} entries, counts equal, worst in_sum2 relative difference {worst[0]:.3g} "
+                  f"({worst[1]})", stacklevel=1)
     assert worst[0] < 1e-3, f"worst relative difference {worst[0]:.3g} in {worst[1]}"
+
+
+def router_near_ties(n_tokens: int) -> dict[int, int]:
+    """Per layer, the calibration tokens whose 2nd and 3rd expert probabilities differ by less than 1e-4."""
+    ckpt = Checkpoint.open(TRAINED)
+    cfg = ckpt.config
+    windows = torch.tensor(list(corpus_text("mr-niah", holdout=False).encode()[:n_tokens])).reshape(-1, CTX)
+    hidden = run(cfg, ckpt, [windows], capture_hidden=True).hidden
+    assert hidden is not None
+    out = {}
+    for layer in range(cfg.num_hidden_layers):
+        trace: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            forward_layer(cfg, layer, ckpt.layer_weights(layer), hidden[layer][0], trace=trace)
+        p = torch.softmax(trace["router_logits"], -1).sort(-1, descending=True).values
+        k = cfg.num_experts_per_tok
+        out[layer] = int((p[:, k - 1] - p[:, k] < 1e-4).sum())
+    return out
