@@ -47,9 +47,10 @@ class OpRunner:
     """
 
     def __init__(self, ckpt: Checkpoint, file: OutputFile, scheme: Any, device: str = "cpu",
-                 timing: Timing | None = None) -> None:
+                 timing: Timing | None = None, schemes: dict[str, Any] | None = None) -> None:
         self.ckpt = ckpt
         self.scheme = scheme
+        self.schemes = schemes or {}
         self.device = device
         self.timing = timing or Timing()
         self.op_of = {o.name: op for op in file.ops for o in op.outputs}
@@ -127,6 +128,8 @@ class OpRunner:
     def _scheme_for(self, op: TensorOp) -> Any:
         if self.scheme is not None and self.scheme.name == op.scheme:
             return self.scheme
+        if op.scheme in self.schemes:  # a mix: the plan made each scheme with its options
+            return self.schemes[op.scheme]
         if op.scheme not in self._schemes:  # e.g. an attention type beside the experts' in a GGUF
             from m1.schemes import make_scheme
 

@@ -93,7 +93,8 @@ class Plan:
     extra_files: list[str]  # copied from the source
     job: dict[str, Any] = field(default_factory=dict)  # what made it: command, source, options (for people)
     inputs: dict[str, Any] = field(default_factory=dict)  # what was read to plan it (for the fingerprint)
-    scheme: Any = None  # the m1.schemes Scheme of the quantize ops, if any
+    scheme: Any = None  # the m1.schemes Scheme of the quantize ops, if any (the main one of a mix)
+    schemes: dict[str, Any] = field(default_factory=dict)  # every scheme the ops name, by name (a mix has several)
     warnings: list[str] = field(default_factory=list)
     sink_data: dict[str, Any] = field(default_factory=dict)  # what the format's sink writes besides tensors
     writes_config: bool = True  # config.json and the extra files beside the weights

@@ -24,6 +24,7 @@ from m1.safetensors_io import TensorInfo
 from m1.schemes import Scheme, companion_suffixes, scheme_from_config
 from m1.spec import Role, classify, inventory, spec_by_name
 
+KEEP = "keep"
 DTYPE_OPTIONS: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -39,6 +40,9 @@ class JobRequest:
     scheme: Scheme | None = None  # quantize the weights `policy` picks with it
     policy: Policy = field(default_factory=Policy)
     format_options: dict[str, Any] = field(default_factory=dict)  # the output format's own (GGUF: types, splits)
+    # A measured mix: weight (spec name, or a GGUF tensor name) -> the scheme it gets instead of `scheme`;
+    # KEEP leaves it unquantized. The schemes are made like --scheme (same family options).
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 def ordered(cfg: M1Config, tensors: list[TensorInfo]) -> list[TensorInfo]:
@@ -130,8 +134,11 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
         aliases = _stack_aliases(tensors) if fmt.plan_ops is not None else \
             {} if fmt.names.identity else {t.name: fmt.names.from_spec(t.name) for t in tensors}
         chosen = request.policy.select(((t.name, classify(t.name).rule.role) for t in tensors), source, aliases)
+    mix = _mix(request, chosen)
+    chosen -= {name for name, sch in mix.items() if sch is None}
     if scheme is not None:
-        _check_chosen(scheme, [t for t in tensors if t.name in chosen])
+        for sch in {id(x): x for x in [scheme, *(v for v in mix.values() if v is not None)]}.values():
+            _check_chosen(sch, [t for t in tensors if t.name in chosen and mix.get(t.name, scheme) is sch])
     if fmt.plan_ops is not None:  # the format builds its own ops (GGUF: experts stacked, types per tensor)
         return _plan_by_format(fmt, cfg, tensors, request, chosen, source, ckpt, inputs, base_model, revision)
     dequantize = cfg.quantization_config is not None and request.dtype != "keep"
@@ -169,9 +176,10 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
             ops.append(TensorOp(_kind("copy", outs, src), src, outs, **common))
         elif t.name in chosen:
             module = t.name[: -len(".weight")]
+            sch = mix.get(t.name) or scheme
             outs = tuple(OutputTensor(rename(f"{module}.{p.suffix}"), p.dtype, p.shape if p.exact else (p.nbytes,),
-                                      p.nbytes, p.exact, p.suffix) for p in scheme.pieces(t.dtype, t.shape))
-            ops.append(TensorOp("quantize", src, outs, scheme=scheme.name, **common))
+                                      p.nbytes, p.exact, p.suffix) for p in sch.pieces(t.dtype, t.shape))
+            ops.append(TensorOp("quantize", src, outs, scheme=sch.name, **common))
         else:
             dtype = _target_dtype(t.dtype, role, request)
             out = OutputTensor(out_name, dtype, t.shape, math.prod(t.shape) * DTYPE_BYTES[dtype])
@@ -180,7 +188,12 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
     out_cfg = cfg
     if scheme is not None:
         kept = [t.name for t in weights if classify(t.name).rule.role == Role.EXPERT and t.name not in chosen]
-        out_cfg = cfg.with_raw(quantization_config=scheme.quantization_config(kept))
+        qc = scheme.quantization_config(kept)
+        others = {name: sch for name, sch in mix.items() if sch is not None and sch.name != scheme.name}
+        if others:  # one config block names one scheme: the others, per weight (m1.load_pretrained reads them)
+            qc["m1_mix"] = {"schemes": {sch.name: sch.quantization_config([]) for sch in others.values()},
+                            "weights": {name: sch.name for name, sch in sorted(others.items())}}
+        out_cfg = cfg.with_raw(quantization_config=qc)
     config = out_cfg.to_dict(fmt.name)
     if dequantize:
         config.pop("quantization_config", None)
@@ -194,8 +207,43 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
     else:
         job = {"command": request.command, "source": source, "revision": revision, "scheme": scheme.name,
                **scheme.options(), **request.policy.describe(), "layout": layout, "base_model": base_model}
+    if request.recipe:
+        job["recipe"] = {k: v if isinstance(v, str) else v.name for k, v in sorted(request.recipe.items())}
     return Plan(fmt.name, fmt.sink, files, config, [f for f in extra_files if fmt.extra_file(f)], job,
-                inputs=inputs or {}, scheme=scheme, warnings=fmt.warnings(cfg) if request.to else [])
+                inputs=inputs or {}, scheme=scheme, warnings=fmt.warnings(cfg) if request.to else [],
+                schemes=_schemes_of(scheme, mix))
+
+
+def _mix(request: JobRequest, chosen: set[str]) -> dict[str, Any]:
+    """The recipe's weights -> their Scheme (None: kept), for weights the policy lets be quantized."""
+    from m1.schemes import make_scheme
+
+    out: dict[str, Any] = {}
+    made: dict[str, Any] = {}
+    for name, value in request.recipe.items():
+        if name not in chosen:
+            continue
+        if value == KEEP:
+            out[name] = None
+            continue
+        if not isinstance(value, str):
+            out[name] = value
+            continue
+        if request.scheme is not None and value == request.scheme.name:
+            out[name] = request.scheme
+            continue
+        if value not in made:
+            made[value] = make_scheme(value)
+        out[name] = made[value]
+    return out
+
+
+def _schemes_of(scheme: Scheme | None, mix: dict[str, Any]) -> dict[str, Any]:
+    out = {scheme.name: scheme} if scheme is not None else {}
+    for sch in mix.values():
+        if sch is not None:
+            out.setdefault(sch.name, sch)
+    return out
 
 
 def _stack_aliases(tensors: list[TensorInfo]) -> dict[str, str]:
@@ -217,9 +265,18 @@ def _plan_by_format(fmt: Any, cfg: M1Config, tensors: list[TensorInfo], request:
     job = {"command": request.command, "source": source, "revision": revision, "to": fmt.name,
            "scheme": scheme.name if scheme else None, **request.policy.describe(), "dtype": request.dtype,
            **{k: v for k, v in request.format_options.items() if k != "stem"}, "base_model": base_model}
+    if request.recipe:
+        job["recipe"] = dict(sorted(request.recipe.items()))
+    schemes = {scheme.name: scheme} if scheme is not None else {}
+    for op in ops:  # every block type a mix uses, made like the main one (its imatrix too)
+        if op.scheme is not None and op.scheme not in schemes:
+            from m1.schemes import make_scheme
+
+            imatrix = getattr(scheme, "imatrix", None)
+            schemes[op.scheme] = make_scheme(op.scheme, imatrix=imatrix) if imatrix else make_scheme(op.scheme)
     return Plan(fmt.name, fmt.sink, files, {}, [], job, inputs=inputs or {}, scheme=scheme,
                 warnings=list(sink_data.get("warnings", [])), sink_data=sink_data, writes_config=fmt.writes_config,
-                stem=request.format_options.get("stem"))
+                stem=request.format_options.get("stem"), schemes=schemes)
 
 
 def read_rows_from(ckpt: Checkpoint, name: str, start: int) -> Any:

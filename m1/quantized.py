@@ -25,17 +25,32 @@ def is_quantized(weight_name: str, names: Container[str]) -> bool:
     return bool(companions_in(weight_name, names))
 
 
-def checkpoint_scheme(ckpt: Checkpoint) -> Scheme:
+def checkpoint_scheme(ckpt: Checkpoint, weight_name: str | None = None) -> Scheme:
+    """The scheme config.json names (for `weight_name`, the one a measured mix gives it)."""
     qc = ckpt.config.quantization_config
     if qc is None:
         raise CheckpointError("the checkpoint holds quantization tensors but config.json has no quantization_config",
                               file=f"{ckpt.root}/config.json", hint="restore config.json from the quantized output")
-    return scheme_from_config(qc, f"{ckpt.root}/config.json")
+    return scheme_for_weight(qc, weight_name, f"{ckpt.root}/config.json")
+
+
+def scheme_for_weight(qc: dict, weight_name: str | None, file: str | None = None) -> Scheme:
+    """A mix (`m1_mix`: per-weight schemes beside the main one) gives some weights another scheme."""
+    mix = qc.get("m1_mix") if isinstance(qc, dict) else None
+    if isinstance(mix, dict) and weight_name is not None:
+        name = (mix.get("weights") or {}).get(weight_name)
+        if name is not None:
+            try:
+                return scheme_from_config(mix["schemes"][name], file)
+            except (KeyError, TypeError):
+                raise CheckpointError(f"m1_mix gives {weight_name} the scheme {name!r} but does not describe it",
+                                      file=file, tensor=weight_name, hint="re-run m1 quantize") from None
+    return scheme_from_config(qc, file)
 
 
 def check_stored(ckpt: Checkpoint, weight_name: str, shape: tuple[int, ...]) -> Scheme:
     """The scheme of a stored quantized weight, after checking its companions' headers against it."""
-    scheme = checkpoint_scheme(ckpt)
+    scheme = checkpoint_scheme(ckpt, weight_name)
     found = {"weight": (ckpt.info(weight_name).dtype, ckpt.info(weight_name).shape)}
     for suffix, name in companions_in(weight_name, ckpt.weight_map).items():
         info = ckpt.info(name)
@@ -81,7 +96,7 @@ def expected_tensors(qconfig: dict, spec: TensorSpec,
     """
     if not spec.name.endswith(".weight") or len(spec.shape) != 2 or not is_quantized(spec.name, names):
         return {}
-    scheme = scheme_from_config(qconfig)
+    scheme = scheme_for_weight(qconfig, spec.name)
     module = module_of(spec.name)
     out: dict[str, tuple[str, tuple[int, ...] | None]] = {}
     for piece in scheme.pieces(spec.dtype if spec.dtype in ("BF16", "F16", "F32") else "BF16", spec.shape):

@@ -56,6 +56,13 @@ def plan_ops(cfg: Any, tensors: list[Any], request: Any, chosen: set[str], sourc
         ggml = type_name(p.type)
         if p.role == Role.EXPERT and scheme is not None and not all(n in chosen for n in p.sources):
             ggml = SOURCE_TYPES.get(srcs[0].dtype, "bf16")  # kept by --keep/--only: as it was
+        elif p.role == Role.EXPERT and p.name in request.recipe:  # a measured mix: this tensor's own type
+            ggml = str(request.recipe[p.name])
+            if ggml == "keep":
+                ggml = SOURCE_TYPES.get(srcs[0].dtype, "bf16")
+            elif ggml not in GGML_TYPES:
+                raise UsageError(f"the recipe gives {p.name} the type {ggml!r}", tensor=p.name,
+                                 hint=f"GGUF types: {', '.join(GGML_TYPES)}")
         block = ggml not in FLOAT_TYPES
         out = OutputTensor(p.name, ggml.upper(), p.shape, type_nbytes(ggml, p.shape), piece="weight")
         if p.role == Role.EXPERT:

@@ -1,0 +1,68 @@
+"""A measured mix needs a plan whose weights have different schemes: the planner takes a recipe (weight ->
+scheme), and every reader (integrity, the loader, dequantizing convert, the GGUF reader, llama.cpp) reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from m1.checkpoint import Checkpoint
+from m1.execute import RunOptions, execute
+from m1.planner import JobRequest, plan_checkpoint
+from m1.schemes import make_scheme
+
+INT8 = ["model.layers.0.block_sparse_moe.experts.1.w2.weight", "model.layers.2.block_sparse_moe.experts.0.w1.weight"]
+KEPT = "model.layers.3.block_sparse_moe.experts.3.w3.weight"
+
+
+def quantize_mix(src: Path, dest: Path, request: JobRequest) -> Checkpoint:
+    ckpt = Checkpoint.open(src)
+    execute(plan_checkpoint(ckpt, request), dest, ckpt, RunOptions(show_progress=False))
+    return Checkpoint.open(dest)
+
+
+def test_a_bnb_mix_of_nf4_and_int8_is_read_by_every_reader(make_tiny_ckpt, tmp_path: Path, run) -> None:
+    src = make_tiny_ckpt("src", hidden=64, intermediate=128)
+    recipe = {**dict.fromkeys(INT8, "int8"), KEPT: "keep"}
+    out = quantize_mix(src, tmp_path / "mix", JobRequest("quantize", scheme=make_scheme("nf4"), recipe=recipe))
+    assert f"{INT8[0][: -len('weight')]}SCB" in out.weight_map
+    assert f"{INT8[0]}.absmax" not in out.weight_map and f"{KEPT}.absmax" not in out.weight_map
+    qc = json.loads((tmp_path / "mix" / "config.json").read_text())["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == "nf4" and qc["m1_mix"]["weights"] == dict.fromkeys(INT8, "int8")
+    assert KEPT[: -len(".weight")] in qc["llm_int8_skip_modules"]
+    assert run("verify", "integrity", tmp_path / "mix")[0] == 0
+    code, _, err = run("convert", tmp_path / "mix", tmp_path / "deq", "--dtype", "fp32", "-q")
+    assert code == 0, err
+    original, deq = Checkpoint.open(src), Checkpoint.open(tmp_path / "deq")
+    for name, tol in ((INT8[0], 0.02), ("model.layers.1.block_sparse_moe.experts.2.w1.weight", 0.25), (KEPT, 0)):
+        ref = original.get(name).float()
+        assert (deq.get(name) - ref).abs().max() <= tol * ref.abs().max(), name
+    pytest.importorskip("transformers")
+    from m1.quantize.loader import load_pretrained
+
+    model = load_pretrained(str(tmp_path / "mix"), dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts.experts
+    assert experts[1]["w2"].kind == "int8" and experts[1]["w1"].kind == "4bit"
+    assert model.model.layers[3].mlp.experts.experts[3]["w3"].kind == "plain"
+
+
+def test_a_gguf_mix_gives_each_stacked_tensor_its_type(tmp_path: Path, run) -> None:
+    import gguf
+
+    src = Path(__file__).parent / "data" / "tiny-trained"
+    recipe = {"blk.0.ffn_down_exps.weight": "q8_0", "blk.3.ffn_up_exps.weight": "keep"}
+    options = {"stem": "mix"}
+    ckpt = Checkpoint.open(src)
+    plan = plan_checkpoint(ckpt, JobRequest("quantize", "gguf", scheme=make_scheme("q4_0"), recipe=recipe,
+                                            format_options=options))
+    execute(plan, tmp_path / "mix.gguf", ckpt, RunOptions(show_progress=False))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "mix.gguf").tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q8_0" and types["blk.3.ffn_up_exps.weight"] == "BF16"
+    assert types["blk.1.ffn_down_exps.weight"] == "Q4_0"
+    assert run("verify", "integrity", tmp_path / "mix.gguf")[0] == 0
+    code, out, err = run("verify", "compare", src, tmp_path / "mix.gguf", "--tokens", "512", "--ctx", "128", "-q",
+                         "--json")
+    assert code == 0, err
