@@ -157,6 +157,8 @@ def split(sizes: list[int], world: int) -> list[tuple[int, int]]:
     ranks read disjoint stretches of the source. A cut is placed where the running total is nearest to
     k/world of the whole.
     """
+    if len(sizes) <= world:  # one item each while they last
+        return [(min(r, len(sizes)), min(r + 1, len(sizes))) for r in range(world)]
     total = sum(sizes)
     bounds = [0]
     running = 0
