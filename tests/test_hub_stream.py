@@ -1,0 +1,214 @@
+"""Issue 13: quantizing (and converting) straight from a Hub repo id with bounded disk (`--scratch`), against
+the loopback Hub server of the tests: the scratch folder never holds more than the bound (measured while the
+job runs), each shard is downloaded once and never into the Hugging Face cache, and the output has the
+bytes of the same job run on a local copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hubserver import HubServer, hub_env
+
+import m1.hub_read as hub_read
+from m1.cli import run_cli
+
+REPO = "org/tiny-by-layer"
+SPREAD = "org/tiny-spread"  # make-tiny's layout: every layer's tensors dealt over all three shards
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubServer, Path]]:
+    """A tiny M1 whose shards each hold one layer (as the release's hold consecutive layers), served as REPO."""
+    from m1.tiny import TinySpec, make_tiny
+
+    root = tmp_path_factory.mktemp("served")
+    make_tiny(root / "tiny", TinySpec(layers=6, hidden=64, intermediate=128))
+    assert run_cli(["convert", str(root / "tiny"), str(root / "local"), "--layout", "by-layer", "-q"]) == 0
+    (root / "local" / "m1-manifest.json").unlink()  # a plain checkpoint, as a publisher uploads it
+    with HubServer() as server:
+        server.add_repo(REPO, {p.name: p for p in (root / "local").iterdir()})
+        server.add_repo(SPREAD, {p.name: p for p in (root / "tiny").iterdir()})
+        yield server, root / "local"
+
+
+@pytest.fixture
+def hub(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[HubServer, Path]]:
+    server, local = served
+    server.reset_counters()
+    server.clear_faults()
+    monkeypatch.setattr(hub_read, "RETRY_WAIT_S", 0.0)
+    with hub_env(server, home=tmp_path / "hf_home"):
+        yield server, local
+    assert not server.server_errors, server.server_errors[-1]
+
+
+def shard_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
+
+
+def weights(folder: Path, pattern: str = "*") -> dict[str, bytes]:
+    """What a job wrote, but the manifest (it names the source, which differs: a repo id or a folder)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob(pattern))
+            if p.is_file() and not p.name.endswith("m1-manifest.json")}
+
+
+class DiskWatch:
+    """The bytes under a folder, sampled every millisecond while a job runs and right after every download
+    (when the most is held), so the peak on disk is measured, not assumed."""
+
+    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.folder = folder
+        self.peak = 0
+        self.samples = 0
+        self.after_download: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        real = hub_read.download_file
+
+        def watched(*args: object, **kwargs: object) -> Path:
+            path = real(*args, **kwargs)  # type: ignore[arg-type]
+            if kwargs.get("local_dir") is not None or len(args) > 3:
+                self.after_download.append(self.measure())
+            return path
+
+        monkeypatch.setattr(hub_read, "download_file", watched)
+
+    def measure(self) -> int:
+        total = 0
+        for top, _, names in os.walk(self.folder):  # a folder or file deleted while looking is skipped
+            for name in names:
+                try:
+                    total += os.stat(os.path.join(top, name)).st_size
+                except OSError:
+                    pass
+        self.peak = max(self.peak, total)
+        self.samples += 1
+        return total
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.measure()
+            time.sleep(0.001)
+
+    def __enter__(self) -> DiskWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def full_downloads(server: HubServer, file: str) -> int:
+    return len([r for r in server.requests_for(kind="resolve", method="GET", repo_id=REPO)
+                if r.filename == file and r.range is None])
+
+
+@pytest.mark.parametrize("layout", ["size", "by-layer"])
+def test_quantize_from_the_hub_within_scratch_gives_the_local_bytes(hub, tmp_path: Path, monkeypatch, layout) -> None:
+    server, local = hub
+    sizes = shard_sizes(local)
+    bound = 2 * max(sizes.values()) + (256 << 10)  # two layers' shards and their slack: well below the sum
+    assert bound < sum(sizes.values()) * 0.5
+    dest = tmp_path / "stream"
+    with DiskWatch(dest / ".m1-scratch", monkeypatch) as watch:
+        code = run_cli(["quantize", REPO, str(dest), "--scheme", "nf4", "--layout", layout, "--scratch", str(bound),
+                        "--json", "-q"])
+    assert code == 0
+    assert watch.samples > 100 and len(watch.after_download) == len(sizes)
+    assert 0 < watch.peak <= bound, (watch.peak, bound)
+    assert max(watch.after_download) >= max(sizes.values())  # it did see a shard on disk
+    for file in sizes:
+        assert full_downloads(server, file) == 1, file  # each shard once (its header aside, by range reads)
+    cache = tmp_path / "hf_home" / "hub"
+    assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) < 64 << 10  # config, index, tokenizer
+    assert not (dest / ".m1-scratch").exists()
+
+    ref = tmp_path / "local-run"
+    assert run_cli(["quantize", str(local), str(ref), "--scheme", "nf4", "--layout", layout, "-q"]) == 0
+    assert weights(dest) == weights(ref)
+    assert json.loads((dest / "m1-manifest.json").read_text())["shards"] == \
+        json.loads((ref / "m1-manifest.json").read_text())["shards"]
+
+
+def test_convert_to_gguf_from_the_hub_within_scratch(hub, tmp_path: Path, monkeypatch) -> None:
+    """Stacked experts read a layer's experts one by one: the first split is still written last."""
+    server, local = hub
+    sizes = shard_sizes(local)
+    bound = 2 * max(sizes.values()) + (256 << 10)
+    (tmp_path / "stream").mkdir()
+    with DiskWatch(tmp_path / "stream" / ".tiny.m1-scratch", monkeypatch) as watch:
+        code = run_cli(["convert", REPO, str(tmp_path / "stream" / "tiny.gguf"), "--to", "gguf", "--split-max-size",
+                        "400KB", "--scratch", str(bound), "-q"])
+    assert code == 0
+    assert 0 < watch.peak <= bound
+    assert all(full_downloads(server, f) == 1 for f in sizes)
+    (tmp_path / "ref").mkdir()
+    assert run_cli(["convert", str(local), str(tmp_path / "ref" / "tiny.gguf"), "--to", "gguf", "--split-max-size",
+                    "400KB", "-q"]) == 0
+    assert weights(tmp_path / "stream") == weights(tmp_path / "ref") and len(weights(tmp_path / "ref")) >= 3
+
+
+def test_dry_run_states_peak_scratch_and_downloads(hub, tmp_path: Path, capsys) -> None:
+    server, local = hub
+    sizes = shard_sizes(local)
+    capsys.readouterr()
+    assert run_cli(["quantize", REPO, str(tmp_path / "q"), "--scheme", "nf4", "--scratch", "1MB", "--dry-run",
+                    "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["scratch"]
+    assert plan["download_bytes"] == sum(sizes.values()) and plan["shards"] == len(sizes) and plan["each_once"]
+    assert max(sizes.values()) < plan["peak_bytes"] <= 1_000_000 and plan["fits"]
+    assert run_cli(["quantize", REPO, str(tmp_path / "q"), "--scheme", "nf4", "--scratch", "1MB", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "scratch: at most" in text and "of the 1.00 MB bound" in text and f"({len(sizes)} shards, each once)" in text
+    assert not (tmp_path / "q").exists()
+    assert not [r for r in server.requests_for(kind="resolve", method="GET") if r.range is None
+                and r.filename.endswith(".safetensors")]  # a dry run downloads no shard
+
+
+def test_a_bound_that_cannot_work_is_refused_before_anything_is_written(hub, tmp_path: Path, capsys) -> None:
+    server, local = hub
+    dest = tmp_path / "q"
+    capsys.readouterr()
+    assert run_cli(["quantize", REPO, str(dest), "--scheme", "nf4", "--scratch", "100KB", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "smaller than the source shard" in err and "use --scratch" in err, err
+    assert not dest.exists()
+    assert run_cli(["quantize", REPO, str(dest), "--scheme", "nf4", "--scratch", "100KB", "--dry-run"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+    for args, says in [([str(local), str(dest), "--scratch", "1MB"], "applies when the source is a Hub repo id"),
+                       ([REPO, str(dest), "--scratch", "1MB", "--workers", "2"], "one writer per process")]:
+        assert run_cli(["quantize", *args, "--scheme", "nf4", "-q"]) == 2
+        assert says in capsys.readouterr().err
+        assert not dest.exists()
+
+
+def test_resume_of_a_stream_downloads_only_what_is_missing(hub, tmp_path: Path) -> None:
+    server, local = hub
+    sizes = shard_sizes(local)
+    dest = tmp_path / "stream"
+    args = ["convert", REPO, str(dest), "--layout", "by-layer", "--scratch", "1MB", "-q"]
+    assert run_cli(args) == 0
+    manifest = json.loads((dest / "m1-manifest.json").read_text())
+    (dest / "m1-manifest.json").unlink()  # as if stopped after three files
+    keep = sorted(manifest["shards"])[:3]
+    (dest / ".m1-progress.json").write_text(json.dumps({"fingerprint": manifest["fingerprint"],
+                                                        "shards": {n: manifest["shards"][n] for n in keep}}))
+    for name in sorted(manifest["shards"])[3:]:
+        (dest / name).unlink()
+    (dest / ".m1-scratch").mkdir()
+    (dest / ".m1-scratch" / "left-by-a-killed-run").write_bytes(b"x" * 1000)
+    server.reset_counters()
+    assert run_cli([*args, "--resume"]) == 0
+    fetched = {f for f in sizes if full_downloads(server, f)}
+    assert fetched == {f for f in sizes if f not in keep}  # by-layer: output i reads source shard i
+    assert not (dest / ".m1-scratch").exists()
+    ref = tmp_path / "ref"
+    assert run_cli(["convert", str(local), str(ref), "--layout", "by-layer", "-q"]) == 0
+    assert weights(dest) == weights(ref)
