@@ -57,7 +57,7 @@ def inspect_cmd(
         print_json(info)
     else:
         typer.echo(render_inspect(info))
-    if info["missing"] or info["unexpected"] or info["unreadable"]:
+    if info["missing"] or info["unexpected"] or info["unreadable"] or info["problems"]:
         raise typer.Exit(1)
 
 

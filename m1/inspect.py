@@ -62,6 +62,12 @@ def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, An
             d["tensors"] += 1
             d["bytes"] += info.nbytes
     missing = [n for n in expected if n not in seen]
+    from m1.integrity import IntegrityReport, check_checkpoint
+
+    report = IntegrityReport(str(source))  # the index against the headers, as verify integrity checks it
+    check_checkpoint(ckpt, report)
+    covered = ("missing-tensor", "unexpected-tensor", "unknown-tensor", "corrupt-shard", "missing-shard")
+    problems = [f.line() for f in report.findings if f.code not in covered]
     kinds = cfg.layer_kinds
     qc = cfg.quantization_config
     scheme = None
@@ -97,6 +103,7 @@ def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, An
         "missing": missing,
         "unexpected": unexpected,
         "unreadable": unreadable,
+        "problems": problems,
     }
 
 
@@ -117,11 +124,11 @@ def render_inspect(info: dict[str, Any]) -> str:
     lines.append("  by dtype:")
     for dtype, d in sorted(info["by_dtype"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"    {dtype:16s} {d['tensors']:6d} tensors {human_bytes(d['bytes']):>10}")
-    for key in ("missing", "unexpected", "unreadable"):
+    for key in ("missing", "unexpected", "unreadable", "problems"):
         items = info[key]
         if items:
             shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
             lines.append(f"  {key}: {shown}")
-    if not (info["missing"] or info["unexpected"] or info["unreadable"]):
+    if not (info["missing"] or info["unexpected"] or info["unreadable"] or info["problems"]):
         lines.append("  against the spec: complete, nothing unexpected")
     return "\n".join(lines)

@@ -282,26 +282,39 @@ def _alive(pids: list[int]) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
-def test_workers_do_not_outlive_the_main_process(make_tiny_ckpt, tmp_path: Path, how: int) -> None:
+KILLS = [(command, workers, how) for command in ("quantize", "convert") for workers in (1, 2)
+         for how in (signal.SIGKILL, signal.SIGTERM)]
+
+
+@pytest.mark.parametrize(("command", "workers", "how"), KILLS,
+                         ids=[f"{c}-{w}w-{'kill9' if h == signal.SIGKILL else 'term'}" for c, w, h in KILLS])
+def test_kill_at_a_random_point_then_resume(make_tiny_ckpt, tmp_path: Path, command: str, workers: int,
+                                            how: int) -> None:
+    """kill -9 or SIGTERM of the main process at a (seeded) random point of convert / quantize, with 1 and 2
+    workers: no process survives it, nothing writes after it, and --resume gives the uninterrupted bytes."""
+    import random
+
     src = make_tiny_ckpt("src", layers=8, softmax_every=4, **QUANTIZABLE)
     dest = tmp_path / "out"
-    cmd = [sys.executable, "-c", SLOW_RUN, "quantize", str(src), str(dest), "--scheme", "int8", "--layout",
-           "by-layer", "--workers", "2", "--threads", "1", "-q"]
+    job = ["--scheme", "int8"] if command == "quantize" else ["--to", "hf"]
+    cmd = [sys.executable, "-c", SLOW_RUN, command, str(src), str(dest), *job, "--layout", "by-layer",
+           "--workers", str(workers), "-q", *(["--threads", "1"] if command == "quantize" else [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    workers: list[int] = []
-    while time.monotonic() < deadline and len(workers) < 2:
-        time.sleep(0.2)
-        workers = _children(proc.pid)
-    assert len(workers) >= 2, proc.stderr.read().decode() if proc.poll() is not None else "no workers started"
-    time.sleep(1.0)  # mid-run
+    pids: list[int] = []
+    while time.monotonic() < deadline and (len(pids) < workers if workers > 1 else not dest.exists()):
+        time.sleep(0.1)
+        pids = _children(proc.pid)
+    if workers > 1:
+        assert len(pids) >= 2, proc.stderr.read().decode() if proc.poll() is not None else "no workers started"
+    time.sleep(random.Random(hash((command, workers, how)) % 1000).uniform(0.3, 1.5))  # somewhere mid-run
+    workers_pids = pids
     os.kill(proc.pid, how)
     out, err = proc.communicate(timeout=60)  # returns: no worker keeps the pipes open
     deadline = time.monotonic() + 20
-    while _alive(workers) and time.monotonic() < deadline:
+    while _alive(workers_pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(workers)
+    assert not _alive(workers_pids)
     assert not (dest / "m1-manifest.json").exists()
     if how == signal.SIGTERM:
         assert proc.returncode == 130 and b"--resume" in err
@@ -310,13 +323,12 @@ def test_workers_do_not_outlive_the_main_process(make_tiny_ckpt, tmp_path: Path,
     time.sleep(1.0)
     assert sorted(p.name for p in dest.glob("model-*.safetensors")) == finished  # nobody writes any more
 
-    code = subprocess.run([sys.executable, "-m", "m1.cli", "quantize", str(src), str(dest), "--scheme", "int8",
-                           "--layout", "by-layer", "--workers", "2", "--threads", "1", "--resume", "-q"],
-                          cwd=ROOT, capture_output=True, timeout=300)
+    code = subprocess.run([sys.executable, "-m", "m1.cli", command, str(src), str(dest), *job, "--layout", "by-layer",
+                           "--workers", str(workers), "--resume", "-q"], cwd=ROOT, capture_output=True, timeout=300)
     assert code.returncode == 0, code.stderr.decode()
     clean = tmp_path / "clean"
-    subprocess.run([sys.executable, "-m", "m1.cli", "quantize", str(src), str(clean), "--scheme", "int8",
-                    "--layout", "by-layer", "-q"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "m1.cli", command, str(src), str(clean), *job, "--layout", "by-layer", "-q"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
     for f in clean.glob("*.safetensors"):
         assert (dest / f.name).read_bytes() == f.read_bytes(), f.name
 
