@@ -31,10 +31,12 @@ class QuantizeOptions:
     shard_size: int = 5 * 10**9
     to: str | None = None  # the output format; None keeps the source's
     format_options: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)  # a mix (m1.quantize.budget): weight -> scheme or keep
 
     def request(self) -> JobRequest:
         return JobRequest("quantize", self.to, by_layer=self.by_layer, shard_size=self.shard_size,
-                          scheme=self.scheme, policy=self.policy, format_options=self.format_options)
+                          scheme=self.scheme, policy=self.policy, format_options=self.format_options,
+                          recipe=self.recipe)
 
 
 def plan_quantize(cfg: M1Config, tensors: list[TensorInfo], opts: QuantizeOptions, *, source: str,

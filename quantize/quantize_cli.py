@@ -68,6 +68,22 @@ def quantize_cmd(
     tokenizer_pre: TokenizerPreOpt = None,
     chat_template: ChatTemplateOpt = None,
     scratch: ScratchOpt = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="A measured mix under a size: 240GB, or 4.6bpw "
+                                               "(bits per weight over all parameters).")] = None,
+    candidates: Annotated[str | None, typer.Option("--candidates", help="--budget: the schemes a group may get, "
+                                                   "e.g. nf4,int8 or q4_k,q5_k,q6_k,q8_0 (keep: unquantized).")
+                          ] = None,
+    calibration: Annotated[str | None, typer.Option("--calibration", help="--budget: measure on a bundled corpus "
+                                                    "(mr-niah), a text file or token ids (.json/.npy); without it "
+                                                    "a stated prior sizes the mix.")] = None,
+    calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens.")] = 4096,
+    calibration_ctx: Annotated[int, typer.Option("--calibration-ctx", help="Calibration window.")] = 256,
+    metric: Annotated[str, typer.Option("--metric", help="--budget: kl (at the head) or rel_l2 (layer output).")
+                      ] = "kl",
+    sensitivity: Annotated[Path | None, typer.Option("--sensitivity", help="--budget: reuse the sensitivities of "
+                                                     "an m1-recipe.json instead of measuring.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Replay a mix (an m1-recipe.json), measuring "
+                                                "nothing.")] = None,
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
     resume: ResumeOpt = False,
@@ -80,7 +96,9 @@ def quantize_cmd(
     Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
     m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run ;
     m1 quantize m1-40k/ m1-q4.gguf --format gguf --scheme q4_0 ;
-    m1 quantize m1-40k/ m1-q4k.gguf --format gguf --scheme q4_k --imatrix imatrix.gguf
+    m1 quantize m1-40k/ m1-q4k.gguf --format gguf --scheme q4_k --imatrix imatrix.gguf ;
+    m1 quantize m1-40k/ m1-mix/ --budget 240GB --candidates nf4,int8 --calibration mr-niah --dry-run ;
+    m1 quantize m1-40k/ again/ --recipe m1-mix/m1-recipe.json
     """
     from m1.checkpoint import Checkpoint
     from m1.devices import resolve_device
@@ -107,11 +125,33 @@ def quantize_cmd(
         format_options=format_options(fmt, dest, attn_type, head_type, embed_type, split_max_size, tokenizer_pre,
                                       chat_template),
     )
-    plan = plan_from_checkpoint(ckpt, opts)
+    mix = None
+    if budget is not None or recipe is not None:
+        from m1.quantize.budget import mix_plan
+
+        mix = mix_plan(ckpt, opts, fmt, source=source, budget=budget, candidates=candidates,
+                       calibration=calibration, calibration_tokens=calibration_tokens,
+                       calibration_ctx=calibration_ctx, metric=metric, sensitivity=sensitivity, recipe=recipe,
+                       device=device, imatrix=str(imatrix) if imatrix is not None else None)
+        plan = mix.plan
+    elif candidates is not None or calibration is not None or sensitivity is not None:
+        raise UsageError("--candidates, --calibration and --sensitivity apply with --budget only",
+                         hint="add --budget 240GB (or 4.6bpw)")
+    else:
+        plan = plan_from_checkpoint(ckpt, opts)
     bound = parse_size(scratch) if scratch is not None else None
     if dry_run:
         from m1.scratch import dry_run as scratch_dry_run
 
+        if mix is not None and not json_out:
+            for line in mix.lines:
+                typer.echo(line)
+        if mix is not None and json_out:
+            from m1.quantize.budget import recipe_summary
+
+            print_json({"dry_run": True, "dest": str(dest), **plan.summary(verbose), "job": plan.job,
+                        "mix": recipe_summary(mix.recipe)})
+            return
         print_plan(plan, dest, json_out, verbose,
                    scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None)
         return
@@ -119,6 +159,10 @@ def quantize_cmd(
                           overwrite=overwrite, show_progress=not quiet, plan=plan, scratch=bound)
     if not is_main_process():  # under torchrun, rank 0 says what the job wrote
         return
+    if mix is not None:
+        from m1.quantize.budget import write_recipe
+
+        result["recipe"] = str(write_recipe(dest, plan, mix.recipe))
     if json_out:
         print_json(result)
     else:
@@ -128,4 +172,9 @@ def quantize_cmd(
         rate = f", {human_count(result['params_per_s'])} params/s" if result["params_per_s"] else ""
         typer.echo(f"wrote {len(result['shards'])} shards ({human_bytes(result['bytes'])}) to {dest}: "
                    f"{q['tensors']} expert weights {human_bytes(q['bytes_before'])} -> "
-                   f"{human_bytes(q['bytes_after'])} ({scheme}) in {result['seconds']:.1f} s{rate}")
+                   f"{human_bytes(q['bytes_after'])} ({'a mix of ' + '/'.join(plan.schemes) if mix else scheme}) "
+                   f"in {result['seconds']:.1f} s{rate}")
+        if mix is not None:
+            for line in mix.recipe.get("layer_map", []):
+                typer.echo("  " + line)
+            typer.echo(f"recipe: {result['recipe']}")

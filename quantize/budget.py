@@ -1,0 +1,376 @@
+"""`m1 quantize --budget`: a measured mix of schemes under a size budget, and recipes that replay it.
+
+1. Sizes: every expert tensor group (a layer's w1+w3, or its w2) under every candidate, from the schemes'
+   `pieces()` (the bytes the plan writes); the rest of the output (attention, norms, router, embedding, head)
+   from a plan of the job itself.
+2. Errors: measured on calibration text (m1.verify.sensitivity, KL at the head by default) or, where nothing
+   can be read (a sparse replica: headers only), a stated prior (`sensitivity.prior`: parameter share x the
+   scheme's weight noise on Gaussian data, the same for every layer).
+3. Allocation: m1.allocate's exact DP.
+4. The plan: the pipeline's planner with `JobRequest.recipe` (weight or GGUF tensor -> scheme); the recipe
+   document (`m1-recipe.json`, for a GGUF `<stem>.m1-recipe.json`) is written beside the output and replays
+   the same mix with `--recipe`, without measuring.
+
+A bitsandbytes mix of several schemes loads through `m1.load_pretrained` only: stock transformers 4.x takes
+one bitsandbytes scheme (plus unquantized modules) per model. A GGUF stores a type per tensor: llama.cpp
+reads any mix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from m1.errors import UsageError
+
+RECIPE_VERSION = 1
+RECIPE_NAME = "m1-recipe.json"
+BNB_MIX_NOTE = ("a bitsandbytes mix of several schemes runs only through m1.load_pretrained: stock transformers "
+                "4.x takes one bitsandbytes scheme per model (plus unquantized modules)")
+DEFAULT_CANDIDATES = {"gguf": "q4_k,q5_k,q6_k,q8_0", "bnb": "nf4,int8"}
+
+
+def recipe_path(dest: Path, plan: Any) -> Path:
+    """Where the recipe goes: `<stem>.m1-recipe.json` beside a GGUF, `m1-recipe.json` in an output folder."""
+    if plan.stem is not None and dest.suffix == ".gguf":
+        return dest.parent / f"{plan.stem}.{RECIPE_NAME}"
+    return dest / RECIPE_NAME
+
+
+def make_candidates(names: str, fmt: str, main: Any, imatrix: str | None = None) -> dict[str, Any]:
+    """'nf4,int8' -> name -> Scheme (None for keep), the main --scheme's options kept where the names agree."""
+    from m1.schemes import make_scheme
+    from m1.schemes.ggml import GGML_LIB_TYPES
+    from m1.verify.sensitivity import KEEP
+
+    out: dict[str, Any] = {}
+    for name in (n.strip() for n in names.split(",")):
+        if not name or name in out:
+            continue
+        if name == KEEP:
+            out[name] = None
+            continue
+        if main is not None and name == main.name:
+            scheme = main
+        elif imatrix is not None and name in GGML_LIB_TYPES:
+            scheme = make_scheme(name, imatrix=imatrix)
+        else:
+            scheme = make_scheme(name)
+        if fmt not in scheme.formats:
+            raise UsageError(f"--candidates: {scheme.describe()} cannot be stored in the {fmt} format",
+                             hint="GGUF takes ggml types (q4_k, q5_k, q6_k, q8_0, ...), safetensors bitsandbytes "
+                                  "(nf4, fp4, int8)")
+        out[name] = scheme
+    if len([c for c in out if c != KEEP]) < 1 or len(out) < 2:
+        raise UsageError("--candidates needs at least two candidates, one of them a scheme",
+                         hint="e.g. --candidates nf4,int8 or --candidates q4_k,q5_k,q6_k,q8_0")
+    return out
+
+
+def group_sizes(ckpt: Any, groups: list[Any], candidates: dict[str, Any], fmt: str) -> dict[str, dict[str, int]]:
+    """sizes[group][candidate] in bytes, from the schemes' pieces() over the tensors' headers."""
+    import math
+
+    from m1.dtypes import DTYPE_BYTES
+
+    cfg = ckpt.config
+    out: dict[str, dict[str, int]] = {}
+    for g in groups:
+        infos = [ckpt.info(n) for n in g.weight_names(cfg)]
+        row: dict[str, int] = {}
+        for c, scheme in candidates.items():
+            if fmt == "gguf":  # the stacked tensors [experts, rows, cols], one per weight kind of the group
+                size = 0
+                for kind in range(len(infos) // cfg.num_local_experts):
+                    first = infos[kind]
+                    shape = (cfg.num_local_experts, *first.shape)
+                    size += (math.prod(shape) * DTYPE_BYTES[first.dtype] if scheme is None else
+                             sum(p.nbytes for p in scheme.pieces(first.dtype, shape)))
+            else:
+                size = sum(t.nbytes if scheme is None else sum(p.nbytes for p in scheme.pieces(t.dtype, tuple(t.shape)))
+                           for t in infos)
+            row[c] = size
+        out[g.key] = row
+    return out
+
+
+@dataclass
+class MixPlan:
+    plan: Any
+    recipe: dict[str, Any]  # the document written as m1-recipe.json
+    lines: list[str] = field(default_factory=list)  # what --dry-run prints before the plan
+
+
+def _fmt_family(fmt: str) -> str:
+    return "gguf" if fmt == "gguf" else "bnb"
+
+
+def _fixed_bytes(plan: Any) -> int:
+    return plan.total_bytes - sum(op.nbytes for op in plan.ops if op.role == "expert")
+
+
+def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fmt: str, windows: Any = None,
+                calibration: str = "", metric: str = "kl", device: str = "cpu", imatrix: str | None = None,
+                sensitivity: Any = None) -> MixPlan:
+    """Measure (or take `sensitivity`, or the prior), allocate, plan. `opts`: QuantizeOptions of the job."""
+    from m1.allocate import allocate, describe, layer_map, parse_budget, rule_of_thumb, uniform
+    from m1.quantize.job import plan_from_checkpoint
+    from m1.units import human_bytes
+    from m1.verify import sensitivity as sens_mod
+
+    if metric not in ("kl", "rel_l2"):
+        raise UsageError(f"--metric must be kl or rel_l2, got {metric!r}")
+    if any(opts.policy.describe().values()):
+        raise UsageError("--keep/--only do not combine with --budget: the mix decides every expert group",
+                         hint="add keep to --candidates to let the allocation leave groups unquantized")
+    cands = make_candidates(candidates or DEFAULT_CANDIDATES[_fmt_family(fmt)], fmt, opts.scheme, imatrix)
+    cfg = ckpt.config
+    groups = sens_mod.groups_of(cfg)
+    smallest_scheme = next(s for s in cands.values() if s is not None)
+    base_plan = plan_from_checkpoint(ckpt, replace(opts, scheme=smallest_scheme))
+    fixed = _fixed_bytes(base_plan)
+    total_budget, budget_text = parse_budget(budget, base_plan.params)
+    sizes = group_sizes(ckpt, groups, cands, fmt)
+    if sensitivity is None:
+        if windows is not None:
+            sensitivity = sens_mod.measure(_source(ckpt), windows, cands, device=device, kl=metric == "kl")
+            sensitivity.calibration = calibration
+        else:
+            sensitivity = sens_mod.prior(cfg, cands)
+            metric = "kl"
+    lacking = [g.key for g in groups if g.key not in sensitivity.errors]
+    if lacking:
+        raise UsageError(f"the sensitivities have no group {lacking[0]} (they were measured on another model?)",
+                         hint="measure again with --calibration")
+    measured = windows is not None or not sensitivity.calibration.startswith("prior")
+    errors = {g.key: {c: sensitivity.error(g.key, c, metric) for c in cands} for g in groups}
+    smallest = fixed + sum(min(row.values()) for row in sizes.values())
+    if smallest > total_budget:
+        raise UsageError(f"--budget {budget} ({human_bytes(total_budget)}) is below the smallest mix of these "
+                         f"candidates, {human_bytes(smallest)} ({human_bytes(fixed)} of it outside the expert groups)",
+                         hint="raise --budget, or add a smaller candidate (e.g. q3_k for a GGUF)")
+    alloc = allocate(sizes, errors, total_budget - fixed)
+    recipe_weights: dict[str, str] = {}
+    for g in groups:
+        for name in g.recipe_names(cfg, fmt):
+            recipe_weights[name] = alloc.assignment[g.key]
+    used = Counter(c for c in alloc.assignment.values() if c != sens_mod.KEEP)
+    if not used:
+        raise UsageError("the budget leaves every group unquantized: nothing to quantize",
+                         hint="use m1 convert for an unquantized copy, or lower --budget")
+    main_name = used.most_common(1)[0][0]
+    plan = plan_from_checkpoint(ckpt, replace(opts, scheme=cands[main_name], recipe=recipe_weights))
+    schemes_used = sorted(set(alloc.assignment.values()), key=lambda c: list(cands).index(c))
+    if fmt != "gguf" and len([c for c in schemes_used if c != sens_mod.KEEP]) > 1:
+        plan.warnings.append(BNB_MIX_NOTE)
+    uniforms = {}
+    for c in cands:
+        b, p = uniform(sizes, errors, c)
+        uniforms[c] = {"bytes": b + fixed, "predicted": p, "fits": b + fixed <= total_budget}
+    parts = list(sens_mod.PARTS)
+    doc = {
+        "m1_recipe": RECIPE_VERSION, "format": fmt, "scheme": main_name, "candidates": list(cands),
+        "budget": {"text": budget, "bytes": total_budget, "read_as": budget_text},
+        "bytes": plan.total_bytes, "fixed_bytes": fixed, "params": plan.params,
+        "bpw": 8 * plan.total_bytes / plan.params if plan.params else None,
+        "metric": metric if measured else "prior",
+        "calibration": sensitivity.calibration, "calibration_tokens": sensitivity.tokens,
+        "groups": alloc.assignment, "group_bytes": {g: sizes[g][c] for g, c in alloc.assignment.items()},
+        "predicted": {"mix": alloc.predicted, "uniform": uniforms},
+        "allocation": describe(alloc),
+        "layer_map": layer_map(alloc.assignment, parts, cfg.num_hidden_layers, list(cands)),
+        "loader": BNB_MIX_NOTE if fmt != "gguf" and len(used) > 1 else
+        ("GGUF stores a type per tensor: llama.cpp reads the mix" if fmt == "gguf" else "one scheme"),
+        "weights": recipe_weights,
+        "sensitivity": sensitivity.to_json(),
+    }
+    lines = summary_lines(doc, sizes, cfg.num_hidden_layers, cands)
+    if fmt != "gguf" and 2 <= len(cfg.layer_kinds):
+        low, high = list(cands)[0], list(cands)[-1]
+        rot = rule_of_thumb(list(alloc.assignment), cfg.num_hidden_layers, low, high)
+        rot_bytes = sum(sizes[g][c] for g, c in rot.items()) + fixed
+        rot_err = sum(errors[g][c] for g, c in rot.items())
+        lines.append(f"llama.cpp's layer pattern ({high} for w2 of the first/last eighth and every third layer, else "
+                     f"{low}): {human_bytes(rot_bytes)}, predicted {rot_err:.6g}")
+    return MixPlan(plan, doc, lines)
+
+
+def _source(ckpt: Any) -> Any:
+    from m1.verify.sources import CheckpointWeights
+
+    return CheckpointWeights(ckpt)
+
+
+def summary_lines(doc: dict[str, Any], sizes: dict[str, dict[str, int]], layers: int,
+                  cands: dict[str, Any]) -> list[str]:
+    from m1.units import human_bytes
+
+    n_groups = len(doc["groups"])
+    per = n_groups // layers if layers else 0
+    lines = [f"budget: {doc['budget']['text']} = {doc['budget']['read_as']}",
+             f"groups: {n_groups} ({layers} layers x {per}: experts' w1+w3, w2); not in a group (kept or typed by "
+             f"the format's policy): {human_bytes(doc['fixed_bytes'])}"]
+    first = next(iter(sizes.values()))
+    lines.append("candidate sizes per group (layer 0): " + ", ".join(
+        f"{c} {human_bytes(sizes[g][c])} ({g.split('.')[1]})" for g in list(sizes)[:per] for c in first))
+    if doc["metric"] == "prior":
+        lines.append("errors: a stated prior, nothing measured (each group's parameter share x the scheme's relative "
+                     "weight MSE on Gaussian data, the same for every layer): it sizes the mix, it cannot say which "
+                     "layers matter; measure with --calibration, or replay a measured mix with --recipe")
+    else:
+        lines.append(f"errors: measured ({doc['metric']}, isolated per group) on {doc['calibration']} "
+                     f"({doc['calibration_tokens']} tokens)")
+    alloc = doc["allocation"]
+    how = "exact" if alloc["exact"] else f"exact for sizes in units of {alloc['unit']:,} bytes"
+    lines.append(f"allocation: DP over {n_groups} groups ({how}){'; ' + alloc['notes'][0] if alloc['notes'] else ''}")
+    lines.append(f"{'scheme':8s} {'w13':>5s} {'w2':>5s} {'bytes':>12s} {'predicted':>12s}")
+    sens = doc["sensitivity"]
+    for c in cands:
+        gs = [g for g, x in doc["groups"].items() if x == c]
+        if not gs:
+            continue
+        b = sum(doc["group_bytes"][g] for g in gs)
+        err = sum(_err(sens, g, c, doc["metric"]) for g in gs)
+        lines.append(f"{c:8s} {sum(g.endswith('w13') for g in gs):5d} {sum(g.endswith('w2') for g in gs):5d} "
+                     f"{human_bytes(b):>12s} {err:12.6g}")
+    lines += ["layer map:", *("  " + x for x in doc["layer_map"])]
+    lines.append(f"mix: {human_bytes(doc['bytes'])} ({doc['bpw']:.3f} bits per weight) of budget "
+                 f"{human_bytes(doc['budget']['bytes'])}, predicted error {doc['predicted']['mix']:.6g}")
+    for c, u in doc["predicted"]["uniform"].items():
+        lines.append(f"  uniform {c:8s} {human_bytes(u['bytes']):>12s} predicted {u['predicted']:.6g}"
+                     f"{'' if u['fits'] else '  (over the budget)'}")
+    if doc["loader"].startswith("a bitsandbytes mix"):
+        lines.append("note: " + doc["loader"])
+    return lines
+
+
+def _err(sens: dict[str, Any], group: str, cand: str, metric: str) -> float:
+    if cand == "keep":
+        return 0.0
+    e = sens["errors"][group][cand]
+    if metric == "rel_l2":
+        return e["rel_l2"] ** 2
+    return e["kl"]
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------
+
+
+def read_recipe(path: Path, fmt: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the recipe ({type(exc).__name__})", file=str(path),
+                         hint="give an m1-recipe.json written by m1 quantize --budget") from None
+    if not isinstance(doc, dict) or doc.get("m1_recipe") != RECIPE_VERSION or not isinstance(doc.get("weights"), dict):
+        raise UsageError("not an m1 recipe (m1_recipe 1 with weights)", file=str(path),
+                         hint="give an m1-recipe.json written by m1 quantize --budget")
+    if (doc.get("format") == "gguf") != (fmt == "gguf"):
+        want = "--format gguf" if doc.get("format") == "gguf" else "a safetensors format (not --format gguf)"
+        raise UsageError(f"the recipe is for {doc.get('format')} output, the job writes {fmt}", file=str(path),
+                         hint=f"use {want}")
+    return doc
+
+
+def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None = None) -> MixPlan:
+    """The plan of a stored recipe: the same weights get the same schemes; nothing is measured."""
+    from m1.quantize.job import plan_from_checkpoint
+    from m1.schemes import make_scheme
+    from m1.schemes.ggml import GGML_LIB_TYPES
+    from m1.spec import spec_by_name
+
+    doc = read_recipe(path, fmt)
+    if any(opts.policy.describe().values()):
+        raise UsageError("--keep/--only do not combine with --recipe: the recipe decides every expert group")
+    weights = {str(k): str(v) for k, v in doc["weights"].items()}
+    known = set(spec_by_name(ckpt.config)) if fmt != "gguf" else None
+    if known is not None:
+        stray = [k for k in weights if k not in known]
+        if stray:
+            raise UsageError(f"the recipe names {stray[0]}, which this checkpoint does not have", file=str(path),
+                             hint="a recipe replays on the model it was made for")
+    main = doc.get("scheme") or opts.scheme.name
+    scheme = opts.scheme if main == opts.scheme.name else (
+        make_scheme(main, imatrix=imatrix) if imatrix and main in GGML_LIB_TYPES else make_scheme(main))
+    plan = plan_from_checkpoint(ckpt, replace(opts, scheme=scheme, recipe=weights))
+    if fmt != "gguf" and len({v for v in weights.values() if v != "keep"}) > 1:
+        plan.warnings.append(BNB_MIX_NOTE)
+    out = {**doc, "bytes": plan.total_bytes, "replayed_from": str(path)}
+    lines = [f"recipe: {path} ({doc.get('metric', '?')}, {len(doc.get('groups', {}))} groups), not measured again",
+             *("  " + x for x in doc.get("layer_map", []))]
+    if BNB_MIX_NOTE in plan.warnings:
+        lines.append("note: " + BNB_MIX_NOTE)
+    return MixPlan(plan, out, lines)
+
+
+def write_recipe(dest: Path, plan: Any, doc: dict[str, Any]) -> Path:
+    from m1.streaming import write_bytes_atomic
+
+    path = recipe_path(dest, plan)
+    write_bytes_atomic(path, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
+    return path
+
+
+def recipe_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without its per-weight table and raw sensitivities (for --json)."""
+    return {k: v for k, v in doc.items() if k not in ("weights", "sensitivity")}
+
+
+def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vocab_size: int) -> tuple[Any, str]:
+    """--calibration as `m1 verify perplexity` reads its input: a bundled corpus name (--corpus), token ids
+    (.json/.npy: --token-ids) or a text file (--text)."""
+    from m1.verify.metrics_cli import _windows
+    from m1.verify.text import CORPORA
+
+    path = Path(calibration)
+    if calibration in CORPORA:
+        return _windows(source, None, calibration, None, ctx, tokens, False, vocab_size)
+    if path.suffix in (".json", ".npy"):
+        return _windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size)
+    if not path.is_file():
+        raise UsageError(f"--calibration {calibration!r} is neither a bundled corpus nor a file",
+                         hint=f"use {', '.join(CORPORA)}, a UTF-8 text file, or token ids (.json/.npy)")
+    return _windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size)
+
+
+def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None, candidates: str | None,
+             calibration: str | None, calibration_tokens: int, calibration_ctx: int, metric: str,
+             sensitivity: Path | None, recipe: Path | None, device: str, imatrix: str | None) -> MixPlan:
+    """What the CLI's --budget / --recipe options make: a MixPlan."""
+    from m1.verify.sensitivity import Sensitivity
+
+    if recipe is not None:
+        if budget is not None or candidates is not None or calibration is not None or sensitivity is not None:
+            raise UsageError("--recipe replays a stored mix: it does not combine with --budget, --candidates, "
+                             "--calibration or --sensitivity")
+        return plan_recipe(ckpt, opts, recipe, fmt, imatrix)
+    assert budget is not None
+    sens = None
+    windows = None
+    if sensitivity is not None:
+        if calibration is not None:
+            raise UsageError("--sensitivity reuses measured errors: drop --calibration, or drop --sensitivity")
+        try:
+            obj = json.loads(sensitivity.read_text())
+            sens = Sensitivity.from_json(obj.get("sensitivity", obj))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"cannot read sensitivities ({type(exc).__name__})", file=str(sensitivity),
+                             hint="give an m1-recipe.json written by m1 quantize --budget --calibration") from None
+        want = [c for c in (candidates or DEFAULT_CANDIDATES[_fmt_family(fmt)]).split(",") if c and c != "keep"]
+        missing = [c for c in want if c not in sens.candidates]
+        if missing:
+            raise UsageError(f"the sensitivities in {sensitivity} do not cover candidate {missing[0]}",
+                             hint=f"they cover {', '.join(sens.candidates)}")
+    elif calibration is not None:
+        from m1.devices import resolve_device
+
+        windows, what = calibration_windows(source, calibration, calibration_tokens, calibration_ctx,
+                                            ckpt.config.vocab_size)
+        device = str(resolve_device(device)) if "," not in device else "cpu"
+        calibration = what
+    return plan_budget(ckpt, opts, budget=budget, candidates=candidates, fmt=fmt, windows=windows,
+                       calibration=calibration or "", metric=metric, device=device, imatrix=imatrix,
+                       sensitivity=sens)

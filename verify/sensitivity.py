@@ -1,0 +1,311 @@
+"""Sensitivity of each expert tensor group to each candidate scheme, measured layer-streamed.
+
+A *group* is one layer's experts' gate and up projections (w1 + w3, the GGUF `ffn_gate_exps` and
+`ffn_up_exps`) or their down projections (w2, `ffn_down_exps`). For a candidate scheme, a group's weights
+are quantized in memory through the scheme's own `quantize` / `dequantize` (bitsandbytes, gguf.quants or
+llama.cpp's ggml: never m1's arithmetic), exactly as the pipeline would write and the verify sources would
+read them back, and the group's *isolated* error is measured on calibration text:
+
+- `rel_l2`: the relative L2 error of that layer's output when only that group is quantized and the layer's
+  input is the reference's (what `m1 verify compare` reports per layer as "isolated");
+- `kl`: the mean KL(ref || perturbed) at the head when only that group is quantized, the layers after it
+  exact. The perturbed hidden state of every group is carried forward through the exact later layers in the
+  same pass.
+
+One pass over the model per candidate: each layer is loaded once (plus one quantized copy of one group at a
+time), so weight memory is one layer; the activations held are the reference's plus one perturbed copy per
+group measured so far (groups x calibration tokens x hidden). `kl=False` drops the carried copies (only
+`rel_l2`, memory of one layer's activations).
+
+Predicted error of a mix (one candidate per group): the sum over groups of their errors, `kl` in nats or
+`rel_l2` squared (independent perturbations add in energy). Which of the two predicts the end-to-end KL
+better is measured in tests/test_budget.py (rank correlation over candidate mixes on a trained tiny M1):
+the README's "Measured mixed precision" section states the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m1.config import M1Config
+from m1.errors import UsageError
+
+PARTS = ("w13", "w2")  # expert tensor groups of a layer
+PART_WEIGHTS = {"w13": ("w1", "w3"), "w2": ("w2",)}
+GGUF_TENSORS = {"w13": ("ffn_gate_exps", "ffn_up_exps"), "w2": ("ffn_down_exps",)}
+KEEP = "keep"  # a candidate that leaves the group in its source precision (error 0)
+EXPERT = "block_sparse_moe.experts.{e}.{w}.weight"
+
+
+@dataclass(frozen=True)
+class Group:
+    layer: int
+    part: str  # w13 | w2
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.part}"
+
+    def local_names(self, cfg: M1Config) -> list[str]:
+        """The group's weights named relative to `model.layers.{layer}.` (as a WeightSource gives them)."""
+        return [EXPERT.format(e=e, w=w) for e in range(cfg.num_local_experts) for w in PART_WEIGHTS[self.part]]
+
+    def weight_names(self, cfg: M1Config) -> list[str]:
+        """Spec names (the bitsandbytes recipe's keys)."""
+        return [f"model.layers.{self.layer}.{n}" for n in self.local_names(cfg)]
+
+    def gguf_names(self) -> list[str]:
+        """The stacked GGUF tensors (the GGUF recipe's keys)."""
+        return [f"blk.{self.layer}.{t}.weight" for t in GGUF_TENSORS[self.part]]
+
+    def recipe_names(self, cfg: M1Config, fmt: str) -> list[str]:
+        return self.gguf_names() if fmt == "gguf" else self.weight_names(cfg)
+
+
+def groups_of(cfg: M1Config, parts: Sequence[str] = PARTS) -> list[Group]:
+    for p in parts:
+        if p not in PARTS:
+            raise UsageError(f"unknown tensor group {p!r}", hint=f"use {', '.join(PARTS)}")
+    return [Group(layer, p) for layer in range(cfg.num_hidden_layers) for p in parts]
+
+
+def group_params(cfg: M1Config, part: str) -> int:
+    """Parameters of one group (every expert's weights of that part)."""
+    return cfg.num_local_experts * len(PART_WEIGHTS[part]) * cfg.intermediate_size * cfg.hidden_size
+
+
+# ---- quantizing in memory, through the scheme ----------------------------------------------------------
+
+
+def roundtrip(scheme: Any, weight: torch.Tensor, name: str = "") -> torch.Tensor:
+    """The weight as the pipeline stores it under `scheme` and the verify sources read it back: the scheme's
+    own quantize then dequantize (bitsandbytes / gguf.quants / ggml), on the CPU."""
+    if scheme is None:
+        return weight
+    pieces = dict(scheme.quantize(weight, "cpu", name))
+    return scheme.dequantize(pieces, "cpu", name, shape=tuple(weight.shape))
+
+
+class RoundtripCache:
+    """Dequantized weights by (spec name, scheme name), so that many mixes reuse one quantization each."""
+
+    def __init__(self, schemes: Mapping[str, Any]) -> None:
+        self.schemes = dict(schemes)
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def get(self, full_name: str, scheme_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if scheme_name == KEEP:
+            return weight
+        key = (full_name, scheme_name)
+        if key not in self._cache:
+            self._cache[key] = roundtrip(self.schemes[scheme_name], weight, full_name)
+        return self._cache[key]
+
+
+class MixSource:
+    """A `WeightSource` over `source` with each group's weights quantized in memory per `assignment`
+    (group key -> candidate name; groups not named stay as stored). What a written mix reads back as,
+    without writing it (tests/test_budget.py checks the two agree)."""
+
+    def __init__(self, source: Any, assignment: Mapping[str, str], schemes: Mapping[str, Any],
+                 cache: RoundtripCache | None = None) -> None:
+        self.source = source
+        self.config = source.config
+        self.assignment = dict(assignment)
+        self.cache = cache or RoundtripCache(schemes)
+
+    def global_weights(self) -> dict[str, torch.Tensor]:
+        return self.source.global_weights()
+
+    def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        weights = dict(self.source.layer_weights(layer))
+        for part in PARTS:
+            choice = self.assignment.get(f"{layer}.{part}", KEEP)
+            if choice == KEEP:
+                continue
+            for local in Group(layer, part).local_names(self.config):
+                full = f"model.layers.{layer}.{local}"
+                weights[local] = self.cache.get(full, choice, weights[local])
+        return weights
+
+
+# ---- measuring ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sensitivity:
+    """Per group key and candidate: {"rel_l2": ..., "kl": ...}; what it was measured on."""
+
+    groups: list[str]
+    candidates: list[str]
+    errors: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    calibration: str = ""
+    tokens: int = 0
+    kl_uniform: dict[str, float] = field(default_factory=dict)  # measured end-to-end KL of each uniform scheme
+
+    def error(self, group: str, candidate: str, metric: str = "kl") -> float:
+        """The additive error of one group under one candidate: KL in nats, or rel_l2 squared."""
+        if candidate == KEEP:
+            return 0.0
+        value = self.errors[group][candidate][metric]
+        return value * value if metric == "rel_l2" else value
+
+    def predict(self, assignment: Mapping[str, str], metric: str = "kl") -> float:
+        return sum(self.error(g, c, metric) for g, c in assignment.items())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"groups": self.groups, "candidates": self.candidates, "errors": self.errors,
+                "calibration": self.calibration, "tokens": self.tokens, "kl_uniform": self.kl_uniform}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Sensitivity:
+        return cls(list(obj["groups"]), list(obj["candidates"]), dict(obj["errors"]), obj.get("calibration", ""),
+                   int(obj.get("tokens", 0)), dict(obj.get("kl_uniform", {})))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def _rows(cfg: M1Config, layer: int, weights: Mapping[str, torch.Tensor], x: torch.Tensor, dtype: torch.dtype,
+          rows: int) -> torch.Tensor:
+    """forward_layer over windows x [N, T, hidden], `rows` windows per call (windows are independent)."""
+    from m1.verify.engine import forward_layer
+
+    return torch.cat([forward_layer(cfg, layer, weights, part, dtype=dtype) for part in x.split(rows)])
+
+
+@torch.no_grad()
+def measure(
+    source: Any,
+    windows: Any,
+    candidates: Mapping[str, Any],
+    *,
+    parts: Sequence[str] = PARTS,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 16,
+    kl: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> Sensitivity:
+    """Each group's isolated error under each candidate (name -> Scheme; KEEP is skipped), one layer-streamed
+    pass over `source` per candidate. `windows`: m1.verify.text.Windows of the calibration text; `batch_size`
+    windows go through a layer per call (the carried copies of all groups are batched together)."""
+    from m1.verify.engine import embed, head, stack_experts
+    from m1.verify.metrics import layer_error
+
+    cfg: M1Config = source.config
+    device = torch.device(device)
+    groups = groups_of(cfg, parts)
+    names = [c for c in candidates if c != KEEP]
+    out = Sensitivity([g.key for g in groups], list(candidates), {g.key: {} for g in groups},
+                      tokens=int(windows.tokens.numel()))
+    tokens = windows.tokens.to(device)
+    n = tokens.shape[0]
+    first = windows.first_scored
+    ref_lp: torch.Tensor | None = None
+
+    def logprobs(g: Mapping[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.log_softmax(head(cfg, g, s)[:, first:-1].float(), -1).reshape(-1, cfg.vocab_size)
+                          for s in states.split(batch_size)])
+
+    for cand in names:
+        scheme = candidates[cand]
+        g = {k: v.to(device) for k, v in source.global_weights().items()}
+        ref = embed(g, tokens, dtype)
+        carried: dict[str, torch.Tensor] = {}
+        for layer in range(cfg.num_hidden_layers):
+            raw = source.layer_weights(layer)
+            weights = stack_experts(cfg, {k: v.to(device) for k, v in raw.items()}, dtype)
+            keys = list(carried)
+            both = _rows(cfg, layer, weights, torch.cat([ref, *(carried[k] for k in keys)]), dtype, batch_size)
+            ref_out = both[:n]
+            for i, k in enumerate(keys, start=1):
+                carried[k] = both[i * n : (i + 1) * n]
+            del weights, both
+            for group in (gr for gr in groups if gr.layer == layer):
+                quantized = dict(raw)
+                for local in group.local_names(cfg):
+                    quantized[local] = roundtrip(scheme, raw[local], f"model.layers.{layer}.{local}")
+                qweights = stack_experts(cfg, {k: v.to(device) for k, v in quantized.items()}, dtype)
+                del quantized
+                iso = _rows(cfg, layer, qweights, ref, dtype, batch_size)
+                del qweights
+                _, rel = layer_error(ref_out, iso)
+                out.errors[group.key][cand] = {"rel_l2": rel}
+                if kl:
+                    carried[group.key] = iso
+            ref = ref_out
+            del raw
+            if progress:
+                progress(1)
+        if kl:
+            if ref_lp is None:
+                ref_lp = logprobs(g, ref)
+            for key, states in carried.items():
+                cand_lp = logprobs(g, states)
+                kl_sum = (ref_lp.exp() * (ref_lp - cand_lp)).sum(-1).double().clamp_min(0.0)
+                out.errors[key][cand]["kl"] = float(kl_sum.mean())
+        del g, ref, carried
+    return out
+
+
+# ---- a stated prior, where nothing can be measured ------------------------------------------------------
+
+
+def weight_noise(scheme: Any, rows: int = 256, cols: int = 4096, seed: int = 0) -> float:
+    """The scheme's relative weight MSE on a seeded Gaussian [rows, cols] bf16 tensor, through its own
+    quantize/dequantize: the prior's per-weight error of that scheme (0 for KEEP)."""
+    if scheme is None:
+        return 0.0
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    back = roundtrip(scheme, w, "").float()
+    ref = w.float()
+    return float((back - ref).pow(2).sum() / ref.pow(2).sum())
+
+
+def prior(cfg: M1Config, candidates: Mapping[str, Any], parts: Sequence[str] = PARTS) -> Sensitivity:
+    """Sensitivities where no data can be read (a sparse replica, headers only): group error = the group's
+    parameter share x the scheme's relative weight MSE on Gaussian data (`weight_noise`), the same for every
+    layer. It ranks schemes and sizes only; it says nothing about which layers matter (measure for that)."""
+    groups = groups_of(cfg, parts)
+    noise = {c: weight_noise(None if c == KEEP else s) for c, s in candidates.items()}
+    total = sum(group_params(cfg, g.part) for g in groups)
+    out = Sensitivity([g.key for g in groups], list(candidates), {}, calibration="prior (no measurement)")
+    for g in groups:
+        share = group_params(cfg, g.part) / total
+        out.errors[g.key] = {c: {"kl": share * noise[c], "rel_l2": math.sqrt(share * noise[c])}
+                             for c in candidates if c != KEEP}
+    return out
+
+
+def rank_correlation(a: Iterable[float], b: Iterable[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    xs, ys = list(a), list(b)
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((x - mx) * (y - my) for x, y in zip(rx, ry, strict=True))
+    sx = math.sqrt(sum((x - mx) ** 2 for x in rx))
+    sy = math.sqrt(sum((y - my) ** 2 for y in ry))
+    return cov / (sx * sy) if sx and sy else float("nan")
