@@ -179,6 +179,34 @@ def _metric_rows(report: Any) -> list[str]:
     return rows
 
 
+def _recipe_lines(folder: Path) -> list[str]:
+    """The measured mix (m1 quantize --budget), when its m1-recipe.json is in the folder: map, sizes, loading."""
+    paths = [folder / "m1-recipe.json", *sorted(folder.glob("*.m1-recipe.json"))]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        return []
+    try:
+        doc = json.loads(path.read_text())
+        groups, layer_map = dict(doc["groups"]), list(doc.get("layer_map", []))
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    counts: dict[str, int] = {}
+    for c in groups.values():
+        counts[c] = counts.get(c, 0) + 1
+    how = ("errors from a stated prior (nothing measured)" if doc.get("metric") == "prior" else
+           f"each group's isolated error ({doc.get('metric')}) measured on {doc.get('calibration')}")
+    lines = ["", "## Mixed precision (m1 quantize --budget)", "",
+             f"A mix of {', '.join(f'{c} ({n} groups)' for c, n in counts.items())} over {len(groups)} expert tensor "
+             f"groups (per layer: w1+w3, w2), chosen to minimise the predicted error within "
+             f"{doc.get('budget', {}).get('text', '?')} ({how}); {human_bytes(doc.get('bytes', 0))}. "
+             f"Recipe: `{path.name}` (replay with `m1 quantize SRC DST --recipe {path.name}`).", "",
+             "```", *layer_map, "```"]
+    if doc.get("format") != "gguf" and len([c for c in counts if c != "keep"]) > 1:
+        lines += ["", "**Loading:** a bitsandbytes mix of several schemes runs only through `m1.load_pretrained`; "
+                  "stock transformers 4.x takes one bitsandbytes scheme per model (plus unquantized modules)."]
+    return lines
+
+
 def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
     """README.md for the repo, with huggingface_hub's ModelCard / ModelCardData."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -198,9 +226,13 @@ def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
         license="apache-2.0", library_name="transformers", tags=tags, pipeline_tag="text-generation",
         base_model=base_model, base_model_relation="quantized" if (quantized and base_model) else None,
     )
+    qc = info.get("quantization_config") or {}
+    mix = qc.get("m1_mix") if isinstance(qc, dict) else None
+    mixed = f"a mix of {scheme} and {', '.join(mix['schemes'])}" if isinstance(mix, dict) and mix.get("schemes") \
+        else None
     rows = ["| part | tensors | parameters | size | stored as |", "|---|---:|---:|---:|---|"]
     for role, r in sorted(info.get("by_role", {}).items(), key=lambda kv: -kv[1]["bytes"]):
-        stored = f"{scheme} (bitsandbytes)" if quantized and role == "expert" else "kept"
+        stored = f"{mixed or scheme} (bitsandbytes)" if quantized and role == "expert" else "kept"
         rows.append(f"| {role} | {r['tensors']} | {r['params']:,} | {human_bytes(r['bytes'])} | {stored} |")
     rows.append(f"| **total** | {info['tensors']} | {sum(r['params'] for r in info.get('by_role', {}).values()):,} "
                 f"| {human_bytes(info['bytes'])} | |")
@@ -254,7 +286,10 @@ def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
         lines += ["", "## Agreement with the original (m1 verify compare)", "",
                   "| candidate | tokens | PPL ratio | KL mean | KL p99 | top-1 |", "|---|---:|---:|---:|---:|---:|",
                   *metric_rows]
+    lines += _recipe_lines(folder)
     job = manifest.get("job") if isinstance(manifest.get("job"), dict) else {}
+    if isinstance(job.get("recipe"), dict):  # a mix's per-weight table: its summary is above
+        job = {**job, "recipe": f"{len(job['recipe'])} weights, see the mixed precision section"}
     if job:
         lines += ["", "## How it was made", "", "```json", json.dumps(job, indent=2, default=str), "```"]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
