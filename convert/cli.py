@@ -14,7 +14,6 @@ from m1.cli_options import (
     EmbedTypeOpt,
     HeadTypeOpt,
     JsonOpt,
-    LayoutOpt,
     OverwriteOpt,
     QuietOpt,
     ResumeOpt,
@@ -22,6 +21,7 @@ from m1.cli_options import (
     ScratchOpt,
     ShardSizeOpt,
     SplitOpt,
+    StreamLayoutOpt,
     TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
@@ -38,7 +38,7 @@ def convert_cmd(
     dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
     to: Annotated[str | None, typer.Option("--to", help="Output format: 'hf' (transformers' minimax), 'release' or "
                                            "'gguf' (llama.cpp).")] = None,
-    layout: LayoutOpt = "size",
+    layout: StreamLayoutOpt = None,
     shard_size: ShardSizeOpt = "5GB",
     dtype: Annotated[str, typer.Option("--dtype", help="keep, bf16, fp16 or fp32 (dequantizes bnb experts).")] = "keep",
     router_dtype: Annotated[str, typer.Option("--router-dtype", help="Router dtype (stays fp32 by default).")] = "keep",
@@ -75,10 +75,16 @@ def convert_cmd(
     ckpt = Checkpoint.open(source, revision=revision)
     fmt_options = format_options(to or ckpt.config.flavour, dest, attn_type, head_type, embed_type, split_max_size,
                                  tokenizer_pre, chat_template)
-    opts = ConvertOptions(to=to, by_layer=check_layout(layout), shard_size=parse_size(shard_size), dtype=dtype,
+    by_layer = check_layout("size" if layout in (None, "source") else layout)
+    opts = ConvertOptions(to=to, by_layer=by_layer, shard_size=parse_size(shard_size), dtype=dtype,
                           router_dtype=router_dtype, format_options=fmt_options)
     plan = plan_convert(ckpt, opts)
     bound = parse_size(scratch) if scratch is not None else None
+    if layout == "source" or bound is not None:
+        from m1.scratch import choose_layout, in_source_order
+
+        plan = (in_source_order(plan, ckpt, parse_size(shard_size)) if layout == "source"
+                else choose_layout(plan, ckpt, bound, layout, parse_size(shard_size)))
     if dry_run:
         from m1.scratch import dry_run as scratch_dry_run
 

@@ -38,6 +38,11 @@ ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Largest shard, 
 LayoutOpt = Annotated[
     str, typer.Option("--layout", help="'size' (shards up to --shard-size) or 'by-layer' (one shard per layer).")
 ]
+StreamLayoutOpt = Annotated[
+    str | None, typer.Option("--layout", help="'size' (shards up to --shard-size, the default), 'by-layer' (one "
+                             "shard per layer) or 'source' (shards up to --shard-size in the source's order: what "
+                             "streaming from the Hub with --scratch picks when 'size' does not fit).")
+]
 
 
 def print_json(obj: Any) -> None:
@@ -49,7 +54,7 @@ def check_layout(layout: str) -> bool:
     from m1.errors import UsageError
 
     if layout not in ("size", "by-layer"):
-        raise UsageError(f"--layout must be 'size' or 'by-layer', got {layout!r}")
+        raise UsageError(f"--layout must be 'size', 'by-layer' or 'source', got {layout!r}")
     return layout == "by-layer"
 
 

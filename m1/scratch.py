@@ -8,6 +8,12 @@ step reading the shards its sources live in. A shard is needed from its first st
 (the plan's order, or the files sorted by the source shards they read, whichever holds less), and says
 how much scratch that needs (`peak`) and how much is downloaded (every shard the files read, once).
 
+A layout whose files each read many shards (the release deals a layer's experts over dozens of shards,
+so `--layout size` or `by-layer` output of M1-40k holds about 130 GB at once) can instead be written in
+the source's own order (`in_source_order`, `--layout source`): the same tensors, grouped into files of
+up to --shard-size in the order the source stores them, so about one source shard is live at a time.
+With `--scratch` and no `--layout`, the CLI picks that grouping when the default one does not fit.
+
 `Scratch` runs it: a thread downloads the shards with huggingface_hub (its retries, into the scratch
 folder, never the Hugging Face cache) in the order they are first needed, each only once the shards held
 plus it fit in the bound; a read waits until its shard is there; a shard is deleted as soon as the last
@@ -17,6 +23,7 @@ step), so a deleted shard is never read again and the disk really is free.
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from collections import Counter
@@ -71,7 +78,7 @@ class ScratchPlan:
         if not self.fits:
             out.append(f"scratch: does not fit: {len(self.heaviest)} shards are needed at once at the heaviest step "
                        f"(e.g. {', '.join(self.heaviest[:3])}); the run would refuse: raise --scratch to at least "
-                       f"{human_bytes(self.peak)} or choose a layout whose files read fewer shards")
+                       f"{human_bytes(self.peak)} or use --layout source (files in the source's order)")
         return out
 
 
@@ -143,6 +150,54 @@ def dry_run(plan: Any, storage: Any, bound: int) -> ScratchPlan:
     return schedule(ordered(rest, schedule(rest, sizes)), sizes, bound, last)
 
 
+SHARDED = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def in_source_order(plan: Any, ckpt: Any, shard_size: int) -> Any:
+    """`plan` with its tensors regrouped into files of up to `shard_size` bytes in the order the source stores
+    them (shard by shard, by offset): `--layout source`. Same tensors, same bytes each; other files."""
+    from dataclasses import replace
+
+    from m1.planner import pack
+
+    if plan.sink != "safetensors" or not all(SHARDED.fullmatch(f.name) for f in plan.files):
+        raise UsageError("--layout source applies to sharded safetensors output",
+                         hint="for GGUF use --split-max-size; for one file drop --layout source")
+    rank = {name: i for i, name in enumerate(sorted(ckpt.files()))}
+
+    def where(name: str, file: str) -> tuple[int, int]:
+        try:
+            start = ckpt.info(name).start
+        except M1Error:
+            start = 0
+        return rank.get(file, len(rank)), start
+
+    ops = [op for f in plan.files for op in f.ops]
+    keyed = sorted(range(len(ops)), key=lambda i: (min((where(s.name, s.file) for s in ops[i].sources),
+                                                       default=(len(rank), 0)), i))
+    return replace(plan, files=pack([ops[i] for i in keyed], shard_size), job={**plan.job, "layout": "source"})
+
+
+def choose_layout(plan: Any, ckpt: Any, bound: int, layout: str | None, shard_size: int) -> Any:
+    """With --scratch: when no --layout was given and the default grouping does not fit the bound, the files in
+    the source's order, if that fits (said in a warning); otherwise `plan` unchanged (the run then refuses)."""
+    import warnings
+
+    if layout is not None or plan.sink != "safetensors" or not all(SHARDED.fullmatch(f.name) for f in plan.files):
+        return plan
+    default = dry_run(plan, ckpt.storage, bound)
+    if default.fits:
+        return plan
+    regrouped = in_source_order(plan, ckpt, shard_size)
+    streamed = dry_run(regrouped, ckpt.storage, bound)
+    if not streamed.fits:
+        return plan
+    warnings.warn(f"--scratch: the size layout's files would hold {human_bytes(default.peak)} of source shards at "
+                  f"once; writing them in the source's order instead (as --layout source does), which holds "
+                  f"{human_bytes(streamed.peak)}", stacklevel=2)
+    return regrouped
+
+
 def check_fits(plan: ScratchPlan) -> None:
     if plan.bound is not None and plan.bound < max(plan.sizes.values(), default=0) + SLACK:
         big = max(plan.sizes, key=lambda s: plan.sizes[s])
@@ -152,8 +207,8 @@ def check_fits(plan: ScratchPlan) -> None:
         raise UsageError(f"--scratch {human_bytes(plan.bound or 0)} is below what this job holds at once: "
                          f"{human_bytes(plan.peak)} ({len(plan.heaviest)} source shards needed together, e.g. "
                          f"{', '.join(plan.heaviest[:3])})",
-                         hint=f"use --scratch {human_bytes(plan.peak)} or more, or a layout whose files read fewer "
-                              "shards (--layout by-layer, a smaller --shard-size, --split-max-size for GGUF)")
+                         hint=f"use --scratch {human_bytes(plan.peak)} or more, or --layout source (files in the "
+                              "source's order)")
 
 
 Download = Callable[[str, Path], Path]  # (shard, scratch folder) -> the downloaded file

@@ -14,7 +14,6 @@ from m1.cli_options import (
     EmbedTypeOpt,
     HeadTypeOpt,
     JsonOpt,
-    LayoutOpt,
     OverwriteOpt,
     QuietOpt,
     ResumeOpt,
@@ -22,6 +21,7 @@ from m1.cli_options import (
     ScratchOpt,
     ShardSizeOpt,
     SplitOpt,
+    StreamLayoutOpt,
     TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
@@ -54,7 +54,7 @@ def quantize_cmd(
     workers: WorkersOpt = 1,
     threads: Annotated[int | None, typer.Option("--threads", help="Torch threads per worker (default: CPUs / "
                                                 "workers).")] = None,
-    layout: LayoutOpt = "size",
+    layout: StreamLayoutOpt = None,
     shard_size: ShardSizeOpt = "5GB",
     revision: RevisionOpt = None,
     imatrix: Annotated[Path | None, typer.Option("--imatrix", help="GGUF K-quants: an importance matrix from m1 "
@@ -119,7 +119,7 @@ def quantize_cmd(
     opts = QuantizeOptions(
         scheme=chosen_scheme,
         policy=Policy.from_options(keep or [], only or []),
-        by_layer=check_layout(layout),
+        by_layer=check_layout("size" if layout in (None, "source") else layout),
         shard_size=parse_size(shard_size),
         to=out_format,
         format_options=format_options(fmt, dest, attn_type, head_type, embed_type, split_max_size, tokenizer_pre,
@@ -140,6 +140,11 @@ def quantize_cmd(
     else:
         plan = plan_from_checkpoint(ckpt, opts)
     bound = parse_size(scratch) if scratch is not None else None
+    if layout == "source" or bound is not None:
+        from m1.scratch import choose_layout, in_source_order
+
+        plan = (in_source_order(plan, ckpt, parse_size(shard_size)) if layout == "source"
+                else choose_layout(plan, ckpt, bound, layout, parse_size(shard_size)))
     if dry_run:
         from m1.scratch import dry_run as scratch_dry_run
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hubserver import HubServer, hub_env
 
 import m1.hub_read as hub_read
@@ -105,8 +106,8 @@ class DiskWatch:
         self.thread.join()
 
 
-def full_downloads(server: HubServer, file: str) -> int:
-    return len([r for r in server.requests_for(kind="resolve", method="GET", repo_id=REPO)
+def full_downloads(server: HubServer, file: str, repo: str = REPO) -> int:
+    return len([r for r in server.requests_for(kind="resolve", method="GET", repo_id=repo)
                 if r.filename == file and r.range is None])
 
 
@@ -182,11 +183,52 @@ def test_a_bound_that_cannot_work_is_refused_before_anything_is_written(hub, tmp
     assert not dest.exists()
     assert run_cli(["quantize", REPO, str(dest), "--scheme", "nf4", "--scratch", "100KB", "--dry-run"]) == 0
     assert "does not fit" in capsys.readouterr().out
+    spread = sorted(p.stat().st_size for p in (local.parent / "tiny").glob("*.safetensors"))
+    two = str(spread[-1] + spread[-2] + (200 << 10))  # every file of these layouts reads all three shards
+    for layout in ("size", "by-layer"):  # a layout asked for is kept: then the bound cannot work
+        assert run_cli(["quantize", SPREAD, str(dest), "--scheme", "nf4", "--scratch", two, "--layout", layout,
+                        "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "below what this job holds at once" in err and "3 source shards needed together" in err, err
+        assert "--layout source" in err and not dest.exists()
+        assert run_cli(["quantize", SPREAD, str(dest), "--scheme", "nf4", "--scratch", two, "--layout", layout,
+                        "--dry-run"]) == 0
+        assert "does not fit" in capsys.readouterr().out
     for args, says in [([str(local), str(dest), "--scratch", "1MB"], "applies when the source is a Hub repo id"),
                        ([REPO, str(dest), "--scratch", "1MB", "--workers", "2"], "one writer per process")]:
         assert run_cli(["quantize", *args, "--scheme", "nf4", "-q"]) == 2
         assert says in capsys.readouterr().err
         assert not dest.exists()
+
+
+def test_a_layout_that_does_not_fit_gets_the_source_order(hub, tmp_path: Path, monkeypatch, capsys) -> None:
+    """make-tiny deals every layer over all three shards, so any file of the size layout reads all of them at
+    once; with no --layout the files are written in the source's order instead (one shard live at a time),
+    which a local run gives with --layout source."""
+    server, local = hub
+    spread = local.parent / "tiny"
+    sizes = shard_sizes(spread)
+    bound = max(sizes.values()) + (128 << 10)  # one shard and slack
+    dest = tmp_path / "stream"
+    with DiskWatch(dest / ".m1-scratch", monkeypatch) as watch:
+        code = run_cli(["quantize", SPREAD, str(dest), "--scheme", "nf4", "--scratch", str(bound), "-q"])
+    assert code == 0
+    assert "writing them in the source's order" in capsys.readouterr().err
+    assert 0 < watch.peak <= bound
+    assert all(full_downloads(server, f, SPREAD) == 1 for f in sizes)
+    ref = tmp_path / "ref"
+    assert run_cli(["quantize", str(spread), str(ref), "--scheme", "nf4", "--layout", "source", "-q"]) == 0
+    assert weights(dest) == weights(ref)
+    assert json.loads((ref / "m1-manifest.json").read_text())["job"]["layout"] == "source"
+    plain = tmp_path / "plain"  # the same tensors, grouped otherwise
+    assert run_cli(["quantize", str(spread), str(plain), "--scheme", "nf4", "-q"]) == 0
+    from safetensors.torch import load_file
+
+    def tensors(folder: Path) -> dict[str, bytes]:
+        return {k: v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                for p in folder.glob("model-*.safetensors") for k, v in load_file(p).items()}
+
+    assert tensors(ref) == tensors(plain)
 
 
 def test_resume_of_a_stream_downloads_only_what_is_missing(hub, tmp_path: Path) -> None:
