@@ -63,13 +63,15 @@ class DiskWatch:
     """The bytes under a folder, sampled every millisecond while a job runs and right after every download
     (when the most is held), so the peak on disk is measured, not assumed."""
 
-    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> None:
         self.folder = folder
         self.peak = 0
         self.samples = 0
         self.after_download: list[int] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        if monkeypatch is None:  # downloads in other processes: sampling alone
+            return
         real = hub_read.download_file
 
         def watched(*args: object, **kwargs: object) -> Path:
@@ -254,3 +256,29 @@ def test_resume_of_a_stream_downloads_only_what_is_missing(hub, tmp_path: Path) 
     ref = tmp_path / "ref"
     assert run_cli(["convert", str(local), str(ref), "--layout", "by-layer", "-q"]) == 0
     assert weights(dest) == weights(ref)
+
+
+def test_torchrun_ranks_stream_their_shares_within_the_bound_per_node(hub, tmp_path: Path) -> None:
+    """Under torchrun every rank streams its own contiguous share through its own scratch folder, the node's
+    bound split between its ranks; together they give the bytes of one process."""
+    import subprocess
+    import sys
+
+    server, local = hub
+    sizes = shard_sizes(local)
+    bound = 2 * (max(sizes.values()) + (128 << 10))  # one shard (and slack) per rank
+    dest = tmp_path / "stream"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nnodes", "1", "--nproc-per-node", "2", "-m", "m1", "quantize", REPO,
+           str(dest), "--scheme", "nf4", "--layout", "by-layer", "--scratch", str(bound), "-q"]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    with DiskWatch(dest / ".m1-scratch") as watch:  # the ranks download in their own processes: sampled
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 0 < watch.peak <= bound, (watch.peak, bound)
+    assert all(full_downloads(server, f) == 1 for f in sizes)  # contiguous shares: no shard read by two ranks
+    ref = tmp_path / "ref"
+    assert run_cli(["quantize", str(local), str(ref), "--scheme", "nf4", "--layout", "by-layer", "-q"]) == 0
+    assert weights(dest) == weights(ref)
+    assert not list(dest.glob(".*"))
