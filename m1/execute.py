@@ -66,7 +66,7 @@ class RunOptions:
     resume: bool = False
     overwrite: bool = False
     workers: int = 1
-    threads: int | None = None  # torch threads per worker (default: CPUs / workers)
+    threads: int | None = None  # torch threads per worker (default: CPUs / workers, and / ranks on the node)
     device: str = "cpu"  # a --device value: cpu, cuda, cuda:N or a set such as cuda:0,cuda:3 (m1.devices)
     show_progress: bool = True
     label: str = "write"
@@ -109,7 +109,8 @@ def execute(plan: Plan, dest: Path, ckpt: Checkpoint, opts: RunOptions = RunOpti
                          hint="use --workers 1 (under torchrun every rank streams its own share)")
     device_set(opts.device)
     ranks = current()
-    threads = opts.threads or max(1, available_cpus() // opts.workers)
+    per_node = opts.workers * (ranks.local_world if ranks is not None else 1)  # writers sharing this node's CPUs
+    threads = opts.threads or max(1, available_cpus() // per_node)
     sink = get_sink(plan.sink)
     sink.check(plan)
     stem = plan.stem if plan.stem is not None and dest.suffix == ".gguf" else None
@@ -451,7 +452,7 @@ def _close_scratch(scratch: Scratch | None, ckpt: Checkpoint, dest: Path, stem: 
         _scratch_root(dest, stem).rmdir()  # under torchrun: the last rank to finish removes it
     except OSError:
         pass
-    return {"bound": scratch.bound, "planned_peak_bytes": scratch.plan.peak, "held_peak_bytes": scratch.peak_held,
+    return {"bound": scratch.bound, "needed_bytes": scratch.plan.peak, "held_peak_bytes": scratch.peak_held,
             "downloaded": list(scratch.downloaded),
             "download_bytes": sum(scratch.plan.sizes[s] for s in scratch.downloaded)}
 
@@ -472,7 +473,7 @@ def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Calla
                     timing: Timing, scratch: Scratch | None = None) -> tuple[PendingShard, dict[str, Any]]:
     started, cpu = time.perf_counter(), time.process_time()
     own = Timing()
-    runner = OpRunner(ctx.ckpt, file, ctx.plan.scheme, ctx.device, own)
+    runner = OpRunner(ctx.ckpt, file, ctx.plan.scheme, ctx.device, own, ctx.plan.schemes)
     produce: Callable[[str], Any] = runner
     tracker = None
     if scratch is not None:

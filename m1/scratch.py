@@ -66,15 +66,23 @@ class ScratchPlan:
     def fits(self) -> bool:
         return self.bound is None or self.peak <= self.bound
 
+    @property
+    def held(self) -> int:
+        """What the scratch folder holds at most: the bound (shards are fetched ahead while they fit), or all
+        shards when they fit in it together."""
+        everything = self.downloads + SLACK * len(self.sizes)
+        return everything if self.bound is None else min(self.bound, everything)
+
     def summary(self) -> dict[str, Any]:
-        return {"bound": self.bound, "peak_bytes": self.peak, "download_bytes": self.downloads,
-                "shards": len(self.sizes), "each_once": True, "fits": self.fits, "order": self.order,
-                "heaviest_step": self.heaviest}
+        return {"bound": self.bound, "needed_bytes": self.peak, "held_at_most_bytes": self.held,
+                "download_bytes": self.downloads, "shards": len(self.sizes), "each_once": True, "fits": self.fits,
+                "order": self.order, "heaviest_step": self.heaviest}
 
     def lines(self) -> list[str]:
         bound = f" of the {human_bytes(self.bound)} bound" if self.bound is not None else ""
-        out = [f"scratch: at most {human_bytes(self.peak)} on disk at once{bound}; downloads "
-               f"{human_bytes(self.downloads)} ({len(self.sizes)} shards, each once)"]
+        out = [f"scratch: needs {human_bytes(self.peak)} at once (the shards its heaviest step reads), holds at "
+               f"most {human_bytes(self.held)}{bound} (shards fetched ahead); downloads {human_bytes(self.downloads)} "
+               f"({len(self.sizes)} shards, each once)"]
         if not self.fits:
             out.append(f"scratch: does not fit: {len(self.heaviest)} shards are needed at once at the heaviest step "
                        f"(e.g. {', '.join(self.heaviest[:3])}); the run would refuse: raise --scratch to at least "

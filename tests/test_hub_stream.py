@@ -166,10 +166,11 @@ def test_dry_run_states_peak_scratch_and_downloads(hub, tmp_path: Path, capsys) 
                     "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["scratch"]
     assert plan["download_bytes"] == sum(sizes.values()) and plan["shards"] == len(sizes) and plan["each_once"]
-    assert max(sizes.values()) < plan["peak_bytes"] <= 1_000_000 and plan["fits"]
+    assert max(sizes.values()) < plan["needed_bytes"] <= plan["held_at_most_bytes"] == 1_000_000 and plan["fits"]
     assert run_cli(["quantize", REPO, str(tmp_path / "q"), "--scheme", "nf4", "--scratch", "1MB", "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "scratch: at most" in text and "of the 1.00 MB bound" in text and f"({len(sizes)} shards, each once)" in text
+    assert "scratch: needs" in text and "holds at most 1.00 MB of the 1.00 MB bound" in text
+    assert f"({len(sizes)} shards, each once)" in text
     assert not (tmp_path / "q").exists()
     assert not [r for r in server.requests_for(kind="resolve", method="GET") if r.range is None
                 and r.filename.endswith(".safetensors")]  # a dry run downloads no shard
@@ -282,3 +283,30 @@ def test_torchrun_ranks_stream_their_shares_within_the_bound_per_node(hub, tmp_p
     assert run_cli(["quantize", str(local), str(ref), "--scheme", "nf4", "--layout", "by-layer", "-q"]) == 0
     assert weights(dest) == weights(ref)
     assert not list(dest.glob(".*"))
+
+
+def test_m1_40k_from_the_hub_fits_40gb_in_the_source_order(hub, tmp_path: Path, capsys) -> None:
+    """The real index (413 shards, 912 GB) served sparse: the release deals a layer's experts over dozens of
+    shards, so the size layout would hold ~130 GB of shards at once; --scratch 40GB picks the source order,
+    which holds one shard at a time, and downloads every shard once. Headers only: no tensor byte is read."""
+    from test_hub import _replica_files
+
+    server, _ = hub
+    files, shards, _ = _replica_files()
+    server.add_repo("MiniMaxAI/MiniMax-M1-40k", files)
+    server.reset_counters()
+    capsys.readouterr()
+    args = ["quantize", "MiniMaxAI/MiniMax-M1-40k", str(tmp_path / "q"), "--scheme", "nf4", "--scratch", "40GB",
+            "--dry-run", "--json"]
+    assert run_cli(args) == 0
+    out, err = capsys.readouterr()
+    plan = json.loads(out)
+    assert "writing them in the source's order" in err and "130.45 GB" in err
+    assert plan["job"]["layout"] == "source" and plan["shards"] == 54
+    scratch = plan["scratch"]
+    assert scratch["fits"] and scratch["shards"] == shards == 413 and scratch["download_bytes"] > 912e9
+    assert scratch["needed_bytes"] < 4.5e9  # the largest shard (4.41 GB with its slack): one at a time
+    assert scratch["held_at_most_bytes"] == 40e9  # fetched ahead up to the bound
+    assert run_cli([*args[:-1], "--layout", "by-layer"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+    assert server.tensor_bytes_sent == 0
