@@ -118,10 +118,6 @@ class Plan:
                "files": [[f.name, [asdict(op) for op in f.ops]] for f in self.files], "sink": self.sink_data}
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
-    @property
-    def _scheme_name(self) -> str | None:
-        return self.scheme.name if self.scheme is not None else None
-
     # ---- sizes by role ----------------------------------------------------------------------------
     def by_role(self) -> dict[str, dict[str, int]]:
         roles: dict[str, dict[str, int]] = {}
@@ -133,7 +129,8 @@ class Plan:
             r["params"] += op.params
             r["bytes_before"] += op.source_bytes
             r["bytes_after"] += op.nbytes
-            if op.kind in ("quantize", "stack") and op.scheme is not None and op.scheme == self._scheme_name:
+            if op.kind in ("quantize", "stack") and op.scheme is not None and op.role == "expert":
+                # any scheme of a mix; attention a GGUF stores at q8_0 (--attn-type) counts as kept
                 r["quantized"] += 1
                 r["quantized_params"] += op.params
                 r["quantized_before"] += op.source_bytes
