@@ -310,3 +310,33 @@ def test_m1_40k_from_the_hub_fits_40gb_in_the_source_order(hub, tmp_path: Path, 
     assert run_cli([*args[:-1], "--layout", "by-layer"]) == 0
     assert "does not fit" in capsys.readouterr().out
     assert server.tensor_bytes_sent == 0
+
+
+def test_a_failed_download_fails_the_job_in_one_line_and_resume_finishes_it(hub, tmp_path: Path, capsys,
+                                                                           monkeypatch) -> None:
+    import huggingface_hub.utils._http as hf_http
+
+    class NoWait:  # huggingface_hub's own backoff (1, 2, 4, 8, 8 s), without the waiting
+        sleep = staticmethod(lambda seconds: None)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(time, name)
+
+    monkeypatch.setattr(hf_http, "time", NoWait())
+    server, local = hub
+    dest = tmp_path / "stream"
+    args = ["quantize", REPO, str(dest), "--scheme", "nf4", "--layout", "by-layer", "--scratch", "1MB", "-q"]
+    fault = server.inject_fault(r"/resolve/[^/]+/model-00004-of-00008\.safetensors$", mode=503, times=None,
+                                method="HEAD")  # hf_hub_download's metadata request; headers are range GETs
+    capsys.readouterr()
+    assert run_cli(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and "cannot reach the Hub" in err[0] and "model-00004-of-00008" in err[0], err
+    assert fault.hits >= 5  # huggingface_hub retried before giving up
+    assert not (dest / "m1-manifest.json").exists() and not (dest / ".m1-scratch").exists()
+    assert 1 <= len(list(dest.glob("model-*.safetensors"))) < 8  # what came before the shard is kept
+    server.clear_faults()
+    assert run_cli([*args, "--resume"]) == 0
+    ref = tmp_path / "ref"
+    assert run_cli(["quantize", str(local), str(ref), "--scheme", "nf4", "--layout", "by-layer", "-q"]) == 0
+    assert weights(dest) == weights(ref)
