@@ -148,7 +148,7 @@ def _prepare(plan: Plan, dest: Path, folder: Path, ckpt: Checkpoint, stem: str |
 
 def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions, threads: int,
          stem: str | None, ranks: Ranks | None) -> RunResult:
-    from m1.devices import writer_devices
+    from m1.devices import device_set, writer_devices
     from m1.progress import lane_progress
 
     fingerprint = plan.fingerprint()
@@ -193,6 +193,13 @@ def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions,
     parallel = opts.workers > 1 and len(mine) > 1
     first_writer = ranks.local_rank * opts.workers if ranks is not None else 0
     writers = writer_devices(opts.device, min(opts.workers, len(mine)) if parallel else 1, first_writer)
+    named = device_set(opts.device)
+    if ranks is None and len(named) > opts.workers:
+        import warnings
+
+        warnings.warn(f"--device names {len(named)} devices but {opts.workers} worker"
+                      f"{'s' if opts.workers != 1 else ''} write: {', '.join(named[opts.workers:])} stay idle "
+                      f"(use --workers {len(named)})", stacklevel=3)
     ctx = _Context(plan, ckpt, str(dest), writers[0], threads)
     pool = _WorkerPool(ctx, writers, fork_ok=ranks is None) if parallel else None
     scratch = _open_scratch(streaming, ckpt, dest, stem, ranks) if streaming is not None else None
@@ -482,6 +489,10 @@ def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Calla
         produce = tracker = StepTracker(runner, file, scratch)
     try:
         sha, size, pending = sink.write_file(Path(ctx.dest) / file.name, file, produce, on_bytes, ctx.plan)
+    except BaseException:
+        if scratch is not None:
+            scratch.abort()  # a read-ahead waiting for a shard must not keep runner.close() waiting
+        raise
     finally:
         runner.close()
     if tracker is not None:

@@ -313,12 +313,17 @@ class Scratch:
                 self.held -= self._need(shard)
                 self.cond.notify_all()
 
-    def close(self) -> None:
+    def abort(self) -> None:
+        """Stop downloading and wake every reader waiting for a shard (they fail): the job is failing."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+
+    def close(self) -> None:
+        self.abort()
         if self.thread is not None:
             self.thread.join(JOIN_S)
+            self.thread = None
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -163,6 +163,18 @@ def test_two_workers_on_device_cuda_take_two_devices_and_report_each(two_gpus, m
     assert outputs(tmp_path / "out") == outputs(tmp_path / "one")
 
 
+def test_a_device_set_larger_than_the_workers_warns(two_gpus, make_tiny_ckpt, tmp_path: Path) -> None:
+    from m1.checkpoint import Checkpoint
+    from m1.convert.job import ConvertOptions, plan_convert
+    from m1.execute import RunOptions, execute
+
+    ckpt = Checkpoint.open(make_tiny_ckpt("src"))
+    plan = plan_convert(ckpt, ConvertOptions())
+    with pytest.warns(UserWarning, match="cuda:1 stay idle"):
+        run = execute(plan, tmp_path / "out", ckpt, RunOptions(device="cuda:0,cuda:1", show_progress=False))
+    assert run.writer_devices == ["cuda:0"] and list(run.devices) == ["cuda:0"]
+
+
 def test_split_is_contiguous_balanced_and_deterministic() -> None:
     from m1.distributed import split
 
