@@ -26,6 +26,12 @@ from m1.verify.imatrix import compute_imatrix, layer_inputs, routed_counts
 from m1.verify.sources import CheckpointWeights
 from m1.verify.text import ByteTokenizer, corpus_text, make_windows
 
+
+def ggml_available() -> bool:
+    from m1.schemes import ggml_lib
+
+    return ggml_lib.available()
+
 ROOT = Path(__file__).parents[1]
 DATA = ROOT / "tests" / "data"
 TRAINED = DATA / "tiny-trained"
@@ -293,3 +299,54 @@ def router_near_ties(n_tokens: int) -> dict[int, int]:
         k = cfg.num_experts_per_tok
         out[layer] = int((p[:, k - 1] - p[:, k] < 1e-4).sum())
     return out
+
+
+LLAMA_QUANTIZE = Path(os.environ.get("M1_LLAMA_QUANTIZE", LLAMA_IMATRIX.with_name("llama-quantize")))
+
+
+@pytest.mark.skipif(not LLAMA_QUANTIZE.is_file() or not ggml_available(),
+                    reason=f"no llama-quantize at {LLAMA_QUANTIZE} (bench/build_llama_imatrix.sh) or no libggml")
+def test_llama_quantize_takes_our_imatrix_and_gives_the_bytes_of_m1s_ggml_quantizer(make_tiny_ckpt, tmp_path: Path,
+                                                                                    run) -> None:
+    """llama.cpp's own llama-quantize --imatrix OUR_FILE on our f32 GGUF writes, for every K-quant tensor, exactly
+    the bytes ggml_lib.quantize_rows gives with m1.gguf.imatrix.importance (per expert for the stacked experts)."""
+    from m1.gguf import export_gguf
+    from m1.gguf.names import from_gguf
+    from m1.schemes import ggml_lib
+
+    src = make_tiny_ckpt("kq", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, rotary_dim=32,
+                         intermediate=512, experts=4, softmax_every=2)  # K-quant rows: 256 and 512
+    export_gguf(src, tmp_path / "f32.gguf", "f32")
+    code, _, err = run("verify", "imatrix", src, tmp_path / "im.gguf", "--tokens", "1024", "--ctx", "128", "--quiet",
+                       "--corpus-part", "calibration")
+    assert code == 0, err
+    outputs = {}
+    for label, extra in (("imatrix", ["--imatrix", str(tmp_path / "im.gguf")]), ("plain", [])):
+        proc = subprocess.run([str(LLAMA_QUANTIZE), *extra, "--pure", str(tmp_path / "f32.gguf"),
+                               str(tmp_path / f"{label}.gguf"), "Q4_K", "2"], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        # every blk.* name it looks up is in our file (the head and embedding are not: no --process-output, and
+        # llama-imatrix never has token_embd either)
+        assert "did not find weights for blk." not in proc.stdout + proc.stderr
+        outputs[label] = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{label}.gguf").tensors}
+    ours = read_imatrix(tmp_path / "im.gguf")
+    ckpt = Checkpoint.open(src)
+    cfg = ckpt.config
+    checked = 0
+    for name, t in outputs["imatrix"].items():
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_K or not name.startswith("blk."):
+            continue
+        sources = from_gguf(name, cfg.layer_kinds, cfg.num_local_experts)
+        imp = importance(ours, name)
+        for slot, spec_name in enumerate(sources):
+            weight = ckpt.get(spec_name).float().numpy()
+            mine = ggml_lib.quantize_rows("q4_k", weight, imp[slot] if len(sources) > 1 else imp[0])
+            theirs = np.asarray(t.data).reshape(len(sources), -1)[slot] if len(sources) > 1 else np.asarray(t.data)
+            assert np.array_equal(mine.reshape(-1), theirs.reshape(-1)), (name, slot)
+            plain = np.asarray(outputs["plain"][name].data).reshape(len(sources), -1)[slot]
+            assert np.array_equal(ggml_lib.quantize_rows("q4_k", weight).reshape(-1), plain.reshape(-1)), (name, slot)
+            assert not np.array_equal(plain.reshape(-1), theirs.reshape(-1)), (name, slot)  # the imatrix mattered
+        checked += 1
+    n_exps = 3 * cfg.num_hidden_layers
+    assert checked >= n_exps + 5, checked  # the stacked experts and the attention projections
