@@ -4,12 +4,18 @@ The models run in lockstep, one layer at a time: for each layer the reference an
 load that layer only, and each candidate's layer runs twice, on its own hidden states ("drift") and on
 the reference's input ("isolated"), so per-layer error shows which layers a quantization hurts. Peak
 memory is one layer per model plus the hidden states of the evaluation tokens.
+
+Long windows (--ctx 65536) run through each layer in chunks of positions (the engine's chunked prefill),
+and the head and the metrics take the scored positions a chunk at a time, so neither a layer nor the
+[positions, vocab] log-probabilities ever exist for a whole long window at once. With `by_position`, the
+metrics are also reported per position bucket (powers of two up to the context), where damage that builds
+up along the sequence (a lightning layer's state) shows in the later buckets.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +23,12 @@ from typing import Any
 import torch
 
 from m1.errors import M1Error, UsageError
-from m1.verify.engine import embed, forward_layer, head, rope_tables
+from m1.verify.engine import DEFAULT_CHUNK, embed, forward_layer_chunked, head, load_layer
 from m1.verify.metrics import (
     Agreement,
+    PositionMetrics,
     RefPositions,
+    by_position,
     kl_from_top,
     layer_error,
     nonfinite_positions,
@@ -59,10 +67,14 @@ class CandidateResult:
     layers: list[LayerRow] = field(default_factory=list)
     passed: bool = True
     failures: list[str] = field(default_factory=list)
+    positions: list[dict[str, float]] | None = None  # by_position buckets, when asked for
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "metrics": self.metrics.as_dict(), "passed": self.passed,
-                "failures": self.failures, "layers": [r.__dict__ for r in self.layers]}
+        out = {"name": self.name, "metrics": self.metrics.as_dict(), "passed": self.passed,
+               "failures": self.failures, "layers": [r.__dict__ for r in self.layers]}
+        if self.positions is not None:
+            out["by_position"] = self.positions
+        return out
 
 
 def model_signature(cfg: Any) -> dict[str, str]:
@@ -106,23 +118,14 @@ def check_saved_compatible(path: Path | str, meta: Mapping[str, str], windows: W
                                   "reference from its source with m1 verify logits")
 
 
-def _check_reference_finite(name: str, logprobs: list[torch.Tensor]) -> None:
-    bad = sum(nonfinite_positions(lp) for lp in logprobs)
-    if bad:
-        total = sum(lp.shape[0] for lp in logprobs)
-        raise M1Error(f"the reference gives NaN or infinite logits at {bad} of {total} scored positions, so "
-                      "nothing can be compared with it", file=name,
-                      hint="check its weights with m1 verify integrity --deep")
-
-
 def _batches(windows: Windows, batch_size: int) -> list[torch.Tensor]:
     return list(windows.tokens.split(batch_size))
 
 
 @torch.no_grad()
 def lockstep(models: Sequence[Model], windows: Windows, device: torch.device, dtype: torch.dtype = torch.float32,
-             batch_size: int = 4, per_layer: bool = True, progress: Callable[[int], None] | None = None
-             ) -> tuple[list[torch.Tensor], list[list[LayerRow]]]:
+             batch_size: int = 4, per_layer: bool = True, progress: Callable[[int], None] | None = None,
+             chunk_size: int | None = DEFAULT_CHUNK) -> tuple[list[torch.Tensor], list[list[LayerRow]]]:
     """Final hidden states per model (batches concatenated) and, per candidate, per-layer rows."""
     batches = [b.to(device) for b in _batches(windows, batch_size)]
     cfg = models[0].config
@@ -131,22 +134,26 @@ def lockstep(models: Sequence[Model], windows: Windows, device: torch.device, dt
         g = {k: v.to(device) for k, v in m.source.global_weights().items()}
         states.append([embed(g, b, dtype) for b in batches])
         del g
-    ropes = {b.shape[-1]: rope_tables(cfg, b.shape[-1], device) for b in batches}
     rows: list[list[LayerRow]] = [[] for _ in models[1:]]
+
+    def forward(c: Any, layer: int, w: Mapping[str, torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+        return forward_layer_chunked(c, layer, w, s, dtype=dtype, chunk_size=chunk_size)
+
     for layer in range(cfg.num_hidden_layers):
-        ref_w = {k: v.to(device) for k, v in models[0].source.layer_weights(layer).items()}
+        ref_w = load_layer(cfg, models[0].source, layer, device, dtype)
         ref_in = states[0]
-        ref_out = [forward_layer(cfg, layer, ref_w, s, dtype=dtype, rope=ropes[s.shape[-2]]) for s in ref_in]
+        ref_out = [forward(cfg, layer, ref_w, s) for s in ref_in]
         del ref_w
         for i, m in enumerate(models[1:], start=1):
-            w = {k: v.to(device) for k, v in m.source.layer_weights(layer).items()}
-            drift = [forward_layer(m.config, layer, w, s, dtype=dtype, rope=ropes[s.shape[-2]]) for s in states[i]]
+            w = load_layer(m.config, m.source, layer, device, dtype)
+            drift = [forward(m.config, layer, w, s) for s in states[i]]
             if per_layer:
-                iso = [forward_layer(m.config, layer, w, s, dtype=dtype, rope=ropes[s.shape[-2]]) for s in ref_in]
+                iso = [forward(m.config, layer, w, s) for s in ref_in]
                 r, d, o = torch.cat(ref_out, 0), torch.cat(drift, 0), torch.cat(iso, 0)
                 dc, dr = layer_error(r, d)
                 ic, ir = layer_error(r, o)
                 rows[i - 1].append(LayerRow(layer, cfg.layer_kind(layer), dc, dr, ic, ir))
+                del r, d, o, iso
             states[i] = drift
             del w
         states[0] = ref_out
@@ -155,57 +162,89 @@ def lockstep(models: Sequence[Model], windows: Windows, device: torch.device, dt
     return [torch.cat(s, 0) for s in states], rows
 
 
+def _spans(windows: Windows, chunk_size: int | None) -> list[tuple[int, int, int]]:
+    """(window, first, end) of the scored positions, window by window, at most chunk_size positions each: the
+    logits at positions first..end-1 predict tokens first+1..end."""
+    n, ctx = windows.tokens.shape
+    step = ctx if chunk_size is None else max(1, chunk_size)
+    return [(w, a, min(ctx - 1, a + step)) for w in range(n) for a in range(windows.first_scored, ctx - 1, step)]
+
+
 @torch.no_grad()
-def scored_logprobs(model: Model, final_hidden: torch.Tensor, windows: Windows, device: torch.device,
-                    rows_per_step: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Log-probabilities at the scored positions, [n_scored, vocab] per window group (bounded memory), and
-    the log-sum-exp of the raw logits there."""
+def scored_chunks(model: Model, final_hidden: torch.Tensor, windows: Windows, device: torch.device,
+                  chunk_size: int | None = DEFAULT_CHUNK) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(log-probabilities [n, vocab], log-sum-exp of the raw logits [n], next-token ids [n]) of the scored
+    positions, in order, at most one chunk of one window at a time (bounded memory at any context)."""
     g = {k: v.to(device) for k, v in model.source.global_weights().items()}
-    out, lses = [], []
-    for chunk in final_hidden.split(rows_per_step):
-        logits = head(model.config, g, chunk.to(device))[:, windows.first_scored : -1].float()
-        logits = logits.reshape(-1, logits.shape[-1])
+    ctx = windows.tokens.shape[1]
+    whole = chunk_size is None or ctx <= chunk_size
+    for w, a, b in _spans(windows, None if whole else chunk_size):
+        if whole:  # the head on the whole window, as it always ran (same numbers for short windows)
+            logits = head(model.config, g, final_hidden[w : w + 1].to(device))[0, a:b].float()
+        else:
+            logits = head(model.config, g, final_hidden[w, a:b].to(device)).float()
         lse = torch.logsumexp(logits, -1)
-        out.append((logits - lse[:, None]).cpu())
-        lses.append(lse.cpu())
-    return out, lses
+        yield (logits - lse[:, None]).cpu(), lse.cpu(), windows.tokens[w, a + 1 : b + 1]
 
 
-def targets_by_group(windows: Windows, rows_per_step: int = 1) -> list[torch.Tensor]:
-    return [t[:, windows.first_scored + 1 :].reshape(-1) for t in windows.tokens.split(rows_per_step)]
+def scored_positions(windows: Windows) -> torch.Tensor:
+    """The position in its window of every scored logit, in scoring order (what by_position buckets)."""
+    n, ctx = windows.tokens.shape
+    return torch.arange(windows.first_scored, ctx - 1).repeat(n)
 
 
-def reference_positions(logprobs: list[torch.Tensor], lses: list[torch.Tensor], targets: list[torch.Tensor],
-                        k: int) -> RefPositions:
-    parts = [RefPositions.from_logprobs(lp, t, k, lse) for lp, lse, t in zip(logprobs, lses, targets, strict=True)]
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.cat(p)
-    return out
+def reference_from(chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], k: int, name: str
+                   ) -> RefPositions:
+    """What compare keeps of the reference (top-k per position), chunk by chunk; refuses non-finite logits."""
+    parts, bad, total = [], 0, 0
+    for lp, lse, t in chunks:
+        bad += nonfinite_positions(lp)
+        total += lp.shape[0]
+        parts.append(RefPositions.from_logprobs(lp, t, k, lse))
+    if bad:
+        raise M1Error(f"the reference gives NaN or infinite logits at {bad} of {total} scored positions, so "
+                      "nothing can be compared with it", file=name,
+                      hint="check its weights with m1 verify integrity --deep")
+    return RefPositions(*(torch.cat(x) for x in zip(*(p.astuple() for p in parts), strict=True)))
 
 
-def candidate_agreement(ref: RefPositions, logprobs: list[torch.Tensor], targets: list[torch.Tensor]) -> Agreement:
-    """Agreement accumulated group by group, so the full [tokens, vocab] never has to exist at once."""
+def candidate_positions(ref: RefPositions, chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                        ) -> tuple[PositionMetrics, int]:
+    """Per scored position: KL(ref || cand), the candidate's log-prob of the next token, top-1 agreement,
+    accumulated chunk by chunk (the full [tokens, vocab] never exists at once); and the non-finite count."""
     kl, cand_t, top1 = [], [], []
     start = nonfinite = 0
-    for lp, t in zip(logprobs, targets, strict=True):
+    for lp, _, t in chunks:
         n = lp.shape[0]
         nonfinite += nonfinite_positions(lp)
         part = RefPositions(*(x[start : start + n] for x in ref.astuple()))
         kl.append(kl_from_top(part, lp))
         cand_t.append(lp.gather(-1, t[:, None])[:, 0].double())
-        top1.append((lp.argmax(-1) == part.top_ids[:, 0]).double())
+        top1.append(lp.argmax(-1) == part.top_ids[:, 0])
         start += n
-    kl_all, cand_all, top1_all = torch.cat(kl), torch.cat(cand_t), torch.cat(top1)
-    ppl_ref, err_ref = perplexity(-ref.target_logprob)
-    ppl_cand, err_cand = perplexity(-cand_all)
-    dp = cand_all.exp() - ref.target_logprob.double().exp()
-    return Agreement(
-        tokens=int(cand_all.numel()), ppl_ref=ppl_ref, ppl_ref_err=err_ref, ppl_cand=ppl_cand, ppl_cand_err=err_cand,
-        ppl_ratio=ppl_cand / ppl_ref, kl_mean=float(kl_all.double().mean()), kl_median=quantile(kl_all, 0.5),
-        kl_p99=quantile(kl_all, 0.99), kl_max=float(kl_all.max()), top1=float(top1_all.mean()),
+    return PositionMetrics(torch.cat(kl), ref.target_logprob.double(), torch.cat(cand_t), torch.cat(top1)), nonfinite
+
+
+def candidate_agreement(ref: RefPositions, chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                        ) -> tuple[Agreement, PositionMetrics]:
+    pm, nonfinite = candidate_positions(ref, chunks)
+    ppl_ref, err_ref = perplexity(-pm.ref_logprob)
+    ppl_cand, err_cand = perplexity(-pm.cand_logprob)
+    dp = pm.cand_logprob.exp() - pm.ref_logprob.exp()
+    metrics = Agreement(
+        tokens=int(pm.kl.numel()), ppl_ref=ppl_ref, ppl_ref_err=err_ref, ppl_cand=ppl_cand, ppl_cand_err=err_cand,
+        ppl_ratio=ppl_cand / ppl_ref, kl_mean=float(pm.kl.double().mean()), kl_median=quantile(pm.kl, 0.5),
+        kl_p99=quantile(pm.kl, 0.99), kl_max=float(pm.kl.max()), top1=float(pm.top1.double().mean()),
         rms_dp=float(dp.pow(2).mean().sqrt()), nonfinite=nonfinite,
     )
+    return metrics, pm
+
+
+def _result(name: str, metrics: Agreement, pm: PositionMetrics, windows: Windows, thresholds: Thresholds,
+            layers: list[LayerRow], positions: bool) -> CandidateResult:
+    failures = thresholds.check(metrics)
+    buckets = by_position(pm, scored_positions(windows), windows.tokens.shape[1]) if positions else None
+    return CandidateResult(name, metrics, layers, not failures, failures, buckets)
 
 
 @dataclass(frozen=True)
@@ -233,60 +272,56 @@ class Thresholds:
 
 def compare(models: Sequence[Model], windows: Windows, device: torch.device, thresholds: Thresholds,
             dtype: torch.dtype = torch.float32, batch_size: int = 4, top_k: int = DEFAULT_TOP_K,
-            per_layer: bool = True, progress: Callable[[int], None] | None = None
-            ) -> tuple[RefPositions, list[CandidateResult]]:
+            per_layer: bool = True, progress: Callable[[int], None] | None = None, by_position: bool = False,
+            chunk_size: int | None = DEFAULT_CHUNK) -> tuple[RefPositions, list[CandidateResult]]:
     if len(models) < 2:
         raise UsageError("compare needs a reference and at least one candidate")
     check_compatible(models)
-    finals, rows = lockstep(models, windows, device, dtype, batch_size, per_layer, progress)
-    targets = targets_by_group(windows)
-    ref_logprobs, ref_lses = scored_logprobs(models[0], finals[0], windows, device)
-    _check_reference_finite(models[0].name, ref_logprobs)
-    ref = reference_positions(ref_logprobs, ref_lses, targets, top_k)
+    finals, rows = lockstep(models, windows, device, dtype, batch_size, per_layer, progress, chunk_size)
+    ref = reference_from(scored_chunks(models[0], finals[0], windows, device, chunk_size), top_k, models[0].name)
     results = []
     for i, m in enumerate(models[1:], start=1):
-        metrics = candidate_agreement(ref, scored_logprobs(m, finals[i], windows, device)[0], targets)
-        failures = thresholds.check(metrics)
-        results.append(CandidateResult(m.name, metrics, rows[i - 1], not failures, failures))
+        metrics, pm = candidate_agreement(ref, scored_chunks(m, finals[i], windows, device, chunk_size))
+        results.append(_result(m.name, metrics, pm, windows, thresholds, rows[i - 1], by_position))
     return ref, results
 
 
 def reference_run(model: Model, windows: Windows, device: torch.device, dtype: torch.dtype = torch.float32,
-                  batch_size: int = 4, top_k: int = DEFAULT_TOP_K, progress: Callable[[int], None] | None = None
-                  ) -> RefPositions:
+                  batch_size: int = 4, top_k: int = DEFAULT_TOP_K, progress: Callable[[int], None] | None = None,
+                  chunk_size: int | None = DEFAULT_CHUNK) -> RefPositions:
     """What compare needs from the reference, computed once (for `m1 verify logits --save`)."""
-    finals, _ = lockstep([model], windows, device, dtype, batch_size, False, progress)
-    logprobs, lses = scored_logprobs(model, finals[0], windows, device)
-    _check_reference_finite(model.name, logprobs)
-    return reference_positions(logprobs, lses, targets_by_group(windows), top_k)
+    finals, _ = lockstep([model], windows, device, dtype, batch_size, False, progress, chunk_size)
+    return reference_from(scored_chunks(model, finals[0], windows, device, chunk_size), top_k, model.name)
 
 
 def compare_to_saved(ref: RefPositions, candidates: Sequence[Model], windows: Windows, device: torch.device,
                      thresholds: Thresholds, dtype: torch.dtype = torch.float32, batch_size: int = 4,
                      progress: Callable[[int], None] | None = None, meta: Mapping[str, str] | None = None,
-                     path: Path | str = "the stored reference") -> list[CandidateResult]:
+                     path: Path | str = "the stored reference", by_position: bool = False,
+                     chunk_size: int | None = DEFAULT_CHUNK) -> list[CandidateResult]:
     """Candidates against stored reference log-probs (no reference run, so no per-layer rows); `meta` (the
     file's metadata) refuses candidates that are not the model the reference was made from."""
     check_saved_compatible(path, meta or {}, windows, ref, candidates)
-    targets = targets_by_group(windows)
     results = []
     for m in candidates:
-        finals, _ = lockstep([m], windows, device, dtype, batch_size, False, progress)
-        metrics = candidate_agreement(ref, scored_logprobs(m, finals[0], windows, device)[0], targets)
-        failures = thresholds.check(metrics)
-        results.append(CandidateResult(m.name, metrics, [], not failures, failures))
+        finals, _ = lockstep([m], windows, device, dtype, batch_size, False, progress, chunk_size)
+        metrics, pm = candidate_agreement(ref, scored_chunks(m, finals[0], windows, device, chunk_size))
+        results.append(_result(m.name, metrics, pm, windows, thresholds, [], by_position))
     return results
 
 
 def model_perplexity(model: Model, windows: Windows, device: torch.device, dtype: torch.dtype = torch.float32,
-                     batch_size: int = 4, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    finals, _ = lockstep([model], windows, device, dtype, batch_size, False, progress)
-    targets = targets_by_group(windows)
-    logprobs = scored_logprobs(model, finals[0], windows, device)[0]
-    nll = torch.cat([-lp.gather(-1, t[:, None])[:, 0] for lp, t in zip(logprobs, targets, strict=True)])
+                     batch_size: int = 4, progress: Callable[[int], None] | None = None,
+                     chunk_size: int | None = DEFAULT_CHUNK) -> dict[str, Any]:
+    finals, _ = lockstep([model], windows, device, dtype, batch_size, False, progress, chunk_size)
+    nll_parts, nonfinite = [], 0
+    for lp, _, t in scored_chunks(model, finals[0], windows, device, chunk_size):
+        nll_parts.append(-lp.gather(-1, t[:, None])[:, 0])
+        nonfinite += nonfinite_positions(lp)
+    nll = torch.cat(nll_parts)
     ppl, err = perplexity(nll)
     return {"model": model.name, "ppl": ppl, "ppl_err": err, "tokens_scored": int(nll.numel()),
-            "nonfinite_positions": sum(nonfinite_positions(lp) for lp in logprobs),
+            "nonfinite_positions": nonfinite,
             "windows": int(windows.tokens.shape[0]), "ctx": int(windows.tokens.shape[1]),
             "first_scored": windows.first_scored, "nll_mean": float(nll.double().mean()),
             "bits_per_token": float(nll.double().mean()) / math.log(2)}

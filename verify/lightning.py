@@ -4,6 +4,9 @@ The release computes, per head with decay s, o_t = q_t . kv_t where kv_t = exp(-
 (no softmax, no 1/sqrt(d), no RoPE). The block-wise form below evaluates the same sum in blocks: inside a
 block a decayed causal (q k^T) mask, across blocks a carried fp32 state kv. Plain torch ops only, so it is
 differentiable and runs on any device.
+
+The state can be carried across calls (`state=`, `return_state=True`): a long sequence run in chunks of
+positions (the engine's chunked prefill) gives the same sums as one call, with memory of one chunk.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
+
+# Blocks evaluated together (one batched matmul per group): bounds the [B, H, blocks, bs, bs] intra-block
+# scores to GROUP_POSITIONS positions at a time, whatever the sequence length.
+GROUP_POSITIONS = 4096
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -40,36 +47,79 @@ def layer_slopes(n_heads: int, layer: int, num_layers: int) -> torch.Tensor:
     return torch.tensor(alibi_slopes(n_heads), dtype=torch.float32) * layer_decay_factor(layer, num_layers)
 
 
+def _decay_tables(s: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """For blocks of n positions and decays s [1, H, 1, 1]: query decay [1, H, n, 1] (query i sees the carried
+    state decayed i+1 steps), the intra-block causal decay [1, H, n, n], key decay [1, H, n, 1] (key j reaches
+    the block's end after n-1-j more steps) and the whole block's decay [1, H, 1, 1]."""
+    pos = torch.arange(n, device=s.device, dtype=torch.float32)
+    q_decay = torch.exp(-s * (pos + 1).view(1, 1, n, 1))
+    diff = pos.view(n, 1) - pos.view(1, n)
+    # clamp before exp so the masked (future) entries never overflow; they are zeroed by the where.
+    diag_decay = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=s.device))
+    k_decay = torch.exp(-s * (n - 1 - pos).view(1, 1, n, 1))
+    return q_decay, diag_decay, k_decay, torch.exp(-s * n)
+
+
 def lightning_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, block_size: int
-) -> torch.Tensor:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    block_size: int,
+    state: torch.Tensor | None = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Decayed causal linear attention, block-wise. q, k, v: [B, H, T, d]; slopes: [H]. Returns fp32 [B, H, T, d].
 
     All arithmetic is fp32 whatever the input dtype: the inter-block state accumulates over the whole
-    sequence, and the release keeps it in fp32 too.
+    sequence, and the release keeps it in fp32 too. `state` (fp32 [B, H, d, d_v]) is the kv state carried in
+    from the positions before q's first one (zeros when None); with `return_state` the result is
+    (output, state after the last position), to be passed to the next call.
+
+    Full blocks are evaluated GROUP_POSITIONS at a time with batched matmuls (the intra-block part of every
+    block at once, then the states block by block, then every block's inter-block part at once); a last
+    partial block on its own, with the tables sliced as the release slices them.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     batch, heads, seq_len, d = q.shape
-    q, k, v = q.float(), k.float(), v.float()
+    e = v.shape[-1]
+    if seq_len == 0:
+        raise ValueError("lightning attention needs at least one position")
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
     s = slopes.to(device=q.device, dtype=torch.float32).view(1, heads, 1, 1)
-    n = min(block_size, seq_len)
-    pos = torch.arange(n, device=q.device, dtype=torch.float32)
-    # Full-block decay tables, sliced for a shorter last block exactly as the release slices them.
-    q_decay = torch.exp(-s * (pos + 1).view(1, 1, n, 1))  # query i sees the carried state decayed i+1 steps
-    diff = pos.view(n, 1) - pos.view(1, n)
-    # clamp before exp so the masked (future) entries never overflow; they are zeroed by the where.
-    diag_decay = torch.where(diff >= 0, torch.exp(-s * diff.clamp(min=0)), torch.zeros((), device=q.device))
-
-    kv = torch.zeros(batch, heads, d, v.shape[-1], device=q.device, dtype=torch.float32)
+    kv = (torch.zeros(batch, heads, d, e, device=q.device, dtype=torch.float32) if state is None
+          else state.to(device=q.device, dtype=torch.float32))
+    bs = min(block_size, seq_len) if seq_len else block_size
+    q_decay, diag_decay, k_decay, block_decay = _decay_tables(s, bs)
     outputs = []
-    for start in range(0, seq_len, block_size):
-        m = min(block_size, seq_len - start)
-        qi, ki, vi = q[:, :, start : start + m], k[:, :, start : start + m], v[:, :, start : start + m]
+    n_full = seq_len // bs if seq_len >= block_size else 0
+    group = max(1, GROUP_POSITIONS // bs)
+    for first in range(0, n_full, group):
+        nb = min(group, n_full - first)
+        lo, hi = first * bs, (first + nb) * bs
+        qb, kb, vb = (t[:, :, lo:hi].view(batch, heads, nb, bs, -1) for t in (q, k, v))
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * diag_decay[:, :, None]
+        out = torch.matmul(scores, vb)
+        del scores
+        block_kv = torch.matmul((kb * k_decay[:, :, None]).transpose(-1, -2), vb)  # [B, H, nb, d, e]
+        # The state each block starts from: the recurrence itself, block by block (small [B, H, d, e] steps),
+        # so that the sums are the release's, in its order.
+        before = torch.empty_like(block_kv)
+        for j in range(nb):
+            before[:, :, j] = kv
+            kv = block_decay * kv + block_kv[:, :, j]
+        out += torch.matmul(qb * q_decay[:, :, None], before)
+        outputs.append(out.view(batch, heads, hi - lo, e))
+    start = n_full * bs
+    if start < seq_len:  # a last partial block (or a sequence shorter than one block)
+        m = seq_len - start
+        qi, ki, vi = q[:, :, start:], k[:, :, start:], v[:, :, start:]
         intra = torch.matmul(torch.matmul(qi, ki.transpose(-1, -2)) * diag_decay[..., :m, :m], vi)
         inter = torch.matmul(qi * q_decay[:, :, :m], kv)
         outputs.append(intra + inter)
-        # key j of this block reaches the block's end after m-1-j more steps
-        k_decay = torch.exp(-s * (m - 1 - pos[:m]).view(1, 1, m, 1))
-        kv = torch.exp(-s * m) * kv + torch.matmul((ki * k_decay).transpose(-1, -2), vi)
-    return torch.cat(outputs, dim=2)
+        pos = torch.arange(m, device=q.device, dtype=torch.float32)
+        last_k_decay = torch.exp(-s * (m - 1 - pos).view(1, 1, m, 1))
+        kv = torch.exp(-s * m) * kv + torch.matmul((ki * last_k_decay).transpose(-1, -2), vi)
+    out = torch.cat(outputs, dim=2) if len(outputs) != 1 else outputs[0]
+    return (out, kv) if return_state else out

@@ -118,3 +118,45 @@ def layer_error(ref: torch.Tensor, cand: torch.Tensor) -> tuple[float, float]:
     cos = float(torch.nn.functional.cosine_similarity(r, c, dim=-1).mean())
     rel = float((c - r).norm() / r.norm().clamp_min(1e-30))
     return cos, rel
+
+
+# ---- by position -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PositionMetrics:
+    """Per scored position, in scoring order: KL(ref || cand), the log-prob of the actual next token under
+    the reference and the candidate (float64) and whether the two top-1 tokens agree."""
+
+    kl: torch.Tensor  # [N] float32
+    ref_logprob: torch.Tensor  # [N] float64
+    cand_logprob: torch.Tensor  # [N] float64
+    top1: torch.Tensor  # [N] bool
+
+
+def position_buckets(ctx: int) -> list[tuple[int, int]]:
+    """[start, end) position ranges by powers of two up to the context: [0, 1), [1, 2), [2, 4), [4, 8), ...,
+    the last one cut at ctx - 1 (the last position of a window predicts nothing)."""
+    edges, end = [(0, 1)], 1
+    while end < ctx - 1:
+        edges.append((end, min(2 * end, ctx - 1)))
+        end *= 2
+    return edges
+
+
+def by_position(pm: PositionMetrics, positions: torch.Tensor, ctx: int) -> list[dict[str, float]]:
+    """The agreement metrics of each position bucket (`position_buckets`) that holds scored positions: KL mean
+    and p99, top-1 agreement, the mean NLL of reference and candidate and their difference (cand - ref)."""
+    out = []
+    for start, end in position_buckets(ctx):
+        sel = (positions >= start) & (positions < end)
+        n = int(sel.sum())
+        if not n:
+            continue
+        kl = pm.kl[sel]
+        nll_ref, nll_cand = -pm.ref_logprob[sel], -pm.cand_logprob[sel]
+        out.append({"start": start, "end": end, "tokens": n, "kl_mean": float(kl.double().mean()),
+                    "kl_p99": quantile(kl, 0.99), "top1": float(pm.top1[sel].double().mean()),
+                    "nll_ref": float(nll_ref.mean()), "nll_cand": float(nll_cand.mean()),
+                    "nll_diff": float((nll_cand - nll_ref).mean())})
+    return out

@@ -10,7 +10,8 @@ import typer
 from m1.cli_options import JsonOpt, QuietOpt, print_json
 
 TextOpt = Annotated[Path | None, typer.Option("--text", help="A UTF-8 text file to evaluate on.")]
-CorpusOpt = Annotated[str, typer.Option("--corpus", help="Bundled text: mr-niah (held-out part) or mr-niah-10240.")]
+CorpusOpt = Annotated[str, typer.Option("--corpus", help="Bundled text: mr-niah or mr-niah-10240 (held-out 10%), "
+                                                        "or mr-niah-10k (all 30 10k-token haystacks, long context).")]
 IdsOpt = Annotated[Path | None, typer.Option("--token-ids", help="Pre-tokenized ids: JSON list or .npy.")]
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Tokens per window (non-overlapping).")]
 TokensOpt = Annotated[int, typer.Option("--tokens", help="Evaluate at most this many tokens.")]
@@ -73,7 +74,9 @@ def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: P
 
 
 def _corpus_description(corpus: str) -> str:
-    return f"corpus {corpus} (held-out 10%)"
+    from m1.verify.text import WHOLE_TEXT
+
+    return f"corpus {corpus} ({'whole text' if corpus in WHOLE_TEXT else 'held-out 10%'})"
 
 
 def _refuse_ignored_options(context: typer.Context, path: Path, windows, ref, meta: dict[str, str],  # noqa: ANN001
@@ -177,8 +180,10 @@ def compare_cmd(
     min_top1: Annotated[float | None, typer.Option("--min-top1", help="Fail when top-1 agreement is below.")] = None,
     max_ppl_ratio: Annotated[float | None, typer.Option("--max-ppl-ratio", help="Fail above this PPL ratio.")] = None,
     no_layers: Annotated[bool, typer.Option("--no-layers", help="Skip the per-layer errors.")] = False,
-    report: Annotated[Path | None, typer.Option("--report", help="Write report.json, report.md, layers.png here.")]
-    = None,
+    by_position: Annotated[bool, typer.Option("--by-position", help="Also KL, top-1 and NLL per position bucket "
+                                                                    "(powers of two up to --ctx).")] = False,
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Write report.json, report.md, layers.png (positions.png with --by-position) here.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     batch_size: BatchOpt = 4,
@@ -189,12 +194,13 @@ def compare_cmd(
 
     Exit 1 when a threshold fails (for CI).
     Example: m1 verify compare m1-40k/ m1-nf4/ --corpus mr-niah --tokens 32768 --report report/ --max-kl 0.05
+    Long context: m1 verify compare m1-40k/ m1-nf4/ --corpus mr-niah-10k --ctx 65536 --tokens 65536 --by-position
     """
     from m1.devices import resolve_device
     from m1.errors import UsageError
     from m1.progress import count_progress
     from m1.verify.compare import Thresholds, compare, compare_to_saved, load_reference
-    from m1.verify.report import markdown_table, write_report
+    from m1.verify.report import markdown_table, position_table, write_report
 
     thresholds = Thresholds(max_kl, min_top1, max_ppl_ratio)
     dev, cdtype = resolve_device(device), _compute_dtype(dtype)
@@ -215,7 +221,7 @@ def compare_cmd(
         reference, what = meta.get("source", str(ref_logits)), meta.get("text", "")
         with count_progress(candidates[0].config.num_hidden_layers * len(candidates), "layers", "layers", show) as adv:
             results = compare_to_saved(ref, candidates, windows, dev, thresholds, cdtype, batch_size, adv,
-                                       meta=meta, path=ref_logits)
+                                       meta=meta, path=ref_logits, by_position=by_position)
     else:
         if len(models) < 2:
             raise UsageError("compare needs REF and at least one CAND (or --ref-logits FILE and candidates)")
@@ -224,7 +230,8 @@ def compare_cmd(
                                  loaded[0].config.vocab_size)
         reference = models[0]
         with count_progress(loaded[0].config.num_hidden_layers, "layers", "layers", show) as advance:
-            _, results = compare(loaded, windows, dev, thresholds, cdtype, batch_size, top_k, not no_layers, advance)
+            _, results = compare(loaded, windows, dev, thresholds, cdtype, batch_size, top_k, not no_layers, advance,
+                                 by_position=by_position)
     info = {"reference": reference, "text": what, "ctx": int(windows.tokens.shape[1]),
             "tokens_scored": results[0].metrics.tokens if results else 0,
             "thresholds": {"max_kl": max_kl, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio}}
@@ -234,6 +241,9 @@ def compare_cmd(
         print_json(obj)
     else:
         typer.echo(markdown_table(results))
+        for r in results:
+            if r.positions:
+                typer.echo("\n" + position_table(r))
         for r in results:
             if r.failures:
                 typer.echo(f"FAIL {r.name}: " + "; ".join(r.failures))

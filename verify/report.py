@@ -1,4 +1,5 @@
-"""The compare report: report.json (for CI), report.md (for people and model cards), layers.png."""
+"""The compare report: report.json (for CI), report.md (for people and model cards), layers.png, and with
+--by-position positions.png (agreement by position bucket)."""
 
 from __future__ import annotations
 
@@ -73,16 +74,66 @@ def plot_layers(results: list[CandidateResult], path: Path) -> bool:
     return True
 
 
+def position_table(result: CandidateResult) -> str:
+    lines = [f"#### {result.name}: by position", "",
+             "| positions | tokens | KL mean | KL p99 | top-1 | NLL ref | NLL cand | NLL diff |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in result.positions or []:
+        lines.append(f"| {b['start']}-{b['end'] - 1} | {b['tokens']} | {b['kl_mean']:.6f} | {b['kl_p99']:.6f} | "
+                     f"{100 * b['top1']:.2f}% | {b['nll_ref']:.4f} | {b['nll_cand']:.4f} | {b['nll_diff']:+.4f} |")
+    return "\n".join(lines)
+
+
+def plot_positions(results: list[CandidateResult], path: Path) -> bool:
+    """KL mean and p99, top-1 disagreement and NLL difference against the position bucket (log scale)."""
+    shown = [r for r in results if r.positions]
+    if not shown:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for r in shown:
+        xs = [max(b["start"], 0.5) for b in r.positions or []]  # bucket [start, end): plotted at its start
+        bs = r.positions or []
+        axes[0].plot(xs, [max(b["kl_mean"], 1e-12) for b in bs], marker="o", label=f"{r.name}: mean")
+        axes[0].plot(xs, [max(b["kl_p99"], 1e-12) for b in bs], marker=".", linestyle="--", label=f"{r.name}: p99")
+        axes[1].plot(xs, [max(1 - b["top1"], 1e-6) for b in bs], marker="o", label=r.name)
+        axes[2].plot(xs, [b["nll_diff"] for b in bs], marker="o", label=r.name)
+    for ax, title in zip(axes, ("KL(ref || cand)", "top-1 disagreement", "NLL cand - ref"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position in the window (bucket start)")
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    axes[2].axhline(0.0, color="grey", linewidth=0.5)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, tmp.read_bytes())
+    tmp.unlink()
+    return True
+
+
 def write_report(dest: Path, info: dict[str, Any], results: list[CandidateResult]) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
     obj = {**info, "passed": all(r.passed for r in results), "candidates": [r.to_json() for r in results]}
     has_plot = plot_layers(results, dest / "layers.png")
+    has_positions = plot_positions(results, dest / "positions.png")
     md = [f"# m1 verify compare: {info.get('reference', '')}", "",
           f"{info.get('tokens_scored', '')} scored tokens from {info.get('text', '')}, ctx {info.get('ctx', '')}.", "",
           markdown_table(results), ""]
     if has_plot:
         md += ["![per-layer error](layers.png)", ""]
+    if has_positions:
+        md += ["![agreement by position](positions.png)", ""]
     for r in results:
+        if r.positions:
+            md += [position_table(r), ""]
         if r.layers:
             md += [layer_table(r), ""]
         if r.failures:

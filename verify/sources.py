@@ -2,7 +2,8 @@
 
 Plain tensors are read as stored; bitsandbytes-quantized experts are dequantized on the fly (one
 expert at a time) with bitsandbytes' own functions, so the engine always sees ordinary weights. A new
-format is one small source class with `layer_weights` and `global_weights`.
+format is one small source class with `layer_weights` and `global_weights` (and optionally
+`stacked_layer_weights`, below).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from m1.checkpoint import Checkpoint
-from m1.dtypes import FLOAT_DTYPES
+from m1.dtypes import FLOAT_DTYPES, torch_dtype
+from m1.errors import CheckpointError
 from m1.spec import classify
+from m1.verify.engine import DOWN, GATE_UP
 
 
 class CheckpointWeights:
@@ -46,3 +49,41 @@ class CheckpointWeights:
 
     def global_weights(self) -> dict[str, torch.Tensor]:
         return self._weights(self._by_layer.get(None, []))
+
+    def stacked_layer_weights(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """`layer_weights` with the experts stacked as the engine's GATE_UP [E, 2I, H] and DOWN [E, H, I] in
+        `dtype`, on the CPU. Experts stored in that dtype in local safetensors shards are read from the file
+        straight into their slot (one copy, as `layer_weights`); others are read (or dequantized) and cast in."""
+        prefix = f"model.layers.{layer}."
+        names = self._by_layer.get(layer, [])
+        experts = f"{prefix}block_sparse_moe.experts."
+        out = self._weights([n for n in names if not n.startswith(experts)], prefix)
+        n_exp, inter, hidden = self.config.num_local_experts, self.config.intermediate_size, self.config.hidden_size
+        gate_up = torch.empty((n_exp, 2 * inter, hidden), dtype=dtype)
+        down = torch.empty((n_exp, hidden, inter), dtype=dtype)
+        for e in range(n_exp):
+            self._read_into(f"{experts}{e}.w1.weight", gate_up[e, :inter])
+            self._read_into(f"{experts}{e}.w3.weight", gate_up[e, inter:])
+            self._read_into(f"{experts}{e}.w2.weight", down[e])
+        out[GATE_UP], out[DOWN] = gate_up, down
+        return out
+
+    def _read_into(self, name: str, out: torch.Tensor) -> None:
+        info = self.ckpt.info(name)
+        direct = (info.dtype in FLOAT_DTYPES and torch_dtype(info.dtype) == out.dtype and info.nbytes > 0
+                  and info.file.endswith(".safetensors") and out.is_contiguous()
+                  and getattr(self.ckpt.storage, "read_tensor", None) is None)
+        t = None if direct else self.get(name)  # quantized experts come back dequantized, in the spec's shape
+        shape = tuple(info.shape) if t is None else tuple(t.shape)
+        if shape != tuple(out.shape):
+            raise CheckpointError(f"shape {list(shape)}, expected {list(out.shape)}", file=info.file, tensor=name,
+                                  hint="check it with m1 verify integrity")
+        if t is not None:
+            out.copy_(t)
+            return
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        with open(self.ckpt.local_path(info.file), "rb", buffering=0) as f:
+            f.seek(info.start)
+            got = f.readinto(view)
+        if got != info.nbytes:
+            raise CheckpointError("truncated while reading", file=info.file, tensor=name, hint="re-download it")

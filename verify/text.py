@@ -18,7 +18,12 @@ from m1.errors import UsageError
 CORPORA = {
     "mr-niah": "mr-niah-en-2048.jsonl",
     "mr-niah-10240": "mr-niah-en-10240.jsonl",
+    "mr-niah-10k": "mr-niah-en-10240.jsonl",
 }
+# Long-context corpora: the whole text (all 30 English ~10k-token haystacks of MR-NIAH, 1.13 MB, in file
+# order), not a held-out tail, so that --ctx 65536 has whole windows with a real tokenizer too. For agreement
+# by position (compare --by-position), not for perplexity claims about unseen text.
+WHOLE_TEXT = frozenset({"mr-niah-10k"})
 
 
 def corpus_dir() -> Path:
@@ -31,7 +36,9 @@ def corpus_dir() -> Path:
 
 
 def corpus_text(name: str, holdout: bool = True) -> str:
-    """The dialogue text of a bundled corpus; holdout=True gives the last 10% (never used in training)."""
+    """The dialogue text of a bundled corpus; holdout=True gives the last 10% (never used in training).
+
+    The long-context corpora (WHOLE_TEXT) are always the whole text."""
     if name not in CORPORA:
         raise UsageError(f"unknown corpus {name!r}", hint=f"choose one of {', '.join(CORPORA)}")
     lines = (corpus_dir() / CORPORA[name]).read_text(encoding="utf-8").splitlines()
@@ -39,6 +46,8 @@ def corpus_text(name: str, holdout: bool = True) -> str:
     data = "\n".join(
         m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"] if m.get("content")
     ).encode("utf-8")
+    if name in WHOLE_TEXT:
+        return data.decode("utf-8")
     cut = int(len(data) * 0.9)
     while cut < len(data) and data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
         cut += 1
