@@ -1,6 +1,11 @@
 """Train a tiny byte-level MiniMax-M1 that has learned something, and save it in the release layout.
 
     python scripts/train_tiny.py OUTDIR [--steps N] [--seed S] [--overwrite]
+    python scripts/train_tiny.py tests/data/tiny8-trained --layers 8 --hidden 256 --heads 8 --kv-heads 4 \
+        --head-dim 32 --rotary-dim 16 --intermediate 512 --experts 8 --shards 4 --max-positions 131072 ...
+
+The model's sizes are options (defaults: the bundled 4-layer tests/data/tiny-trained); the README of each
+bundled model gives the exact command that made it.
 
 Why: random tiny models say nothing about whether a conversion or quantization kept the model's
 behaviour (their next-byte distributions are near uniform). A trained one has peaked distributions and a
@@ -183,20 +188,22 @@ def overlap(train_data: bytes, heldout: bytes, width: int = 32) -> float:
     return sum(w in train_data for w in windows) / max(1, len(windows))
 
 
-def readme(command: str, report: dict[str, float], r: Recipe, corpus_bytes: int, train_bytes: int) -> str:
-    m = MODEL
+def readme(command: str, report: dict[str, float], r: Recipe, corpus_bytes: int, train_bytes: int,
+           m: TinySpec = MODEL, name: str = "tiny-trained", threads: int = 2) -> str:
     kinds = [1 if (i + 1) % m.softmax_every == 0 else 0 for i in range(m.layers)]
-    return f"""# tiny-trained: a byte-level MiniMax-M1 that has learned something
+    return f"""# {name}: a byte-level MiniMax-M1 that has learned something
 
 Made by `{command}`
 (recipe: `scripts/train_tiny.py`; seed {r.seed}; {r.steps} AdamW steps of {r.batch} x {r.seq_len} bytes;
-{report["train_seconds"]} s wall time with 2 CPU threads). The run is seeded, but torch CPU training is not
-bitwise portable across CPU types or torch versions: a rerun gives a model of the same quality, not the same bytes.
+{report["train_seconds"]} s wall time with {threads} CPU thread{"s" if threads != 1 else ""}). The run is seeded, but
+torch CPU training is not bitwise portable across CPU types or torch versions: a rerun gives a model of the same
+quality, not the same bytes.
 
 - Architecture: release flavour `minimax_m1`; {m.layers} layers, `attn_type_list` {kinds} (0 lightning, 1 softmax);
   hidden {m.hidden}; {m.heads} heads x {m.head_dim}, {m.kv_heads} kv heads; rotary_dim {m.rotary_dim};
   {m.experts} experts top-{m.top_k}, intermediate {m.intermediate}; lightning block_size {m.block_size};
-  postnorm; vocab {m.vocab}, one id per byte; {report["parameters"]} parameters.
+  postnorm; vocab {m.vocab}, one id per byte; max_position_embeddings {report["max_positions"]};
+  {report["parameters"]} parameters.
 - Files: bf16 tensors, the router `block_sparse_moe.gate.weight` in fp32; {m.shards} zero-based shards with
   `model.safetensors.index.json`; `tokenizer_config.json` marks it byte-level (`"m1_byte_level": true`) and
   `tokenizer.json` is the same vocabulary as a byte-level BPE (id = byte value) for `tokenizers` and GGUF export;
@@ -222,12 +229,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--steps", type=int, default=Recipe.steps)
     parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument("--batch", type=int, default=Recipe.batch, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=Recipe.seq_len, help="bytes per training sequence")
+    parser.add_argument("--lr", type=float, default=Recipe.lr)
+    parser.add_argument("--warmup", type=int, default=Recipe.warmup)
+    sizes = parser.add_argument_group("model sizes (defaults: the bundled tests/data/tiny-trained)")
+    for field, help_ in (("layers", "decoder layers"), ("hidden", "hidden size"), ("heads", "attention heads"),
+                         ("kv_heads", "softmax layers' key/value heads"), ("head_dim", "per-head dims"),
+                         ("rotary_dim", "RoPE dims of each softmax head"), ("intermediate", "expert width"),
+                         ("experts", "experts per layer"), ("top_k", "experts per token"),
+                         ("softmax_every", "every n-th layer is softmax attention (the rest lightning)"),
+                         ("block_size", "lightning block size"), ("shards", "safetensors shards")):
+        sizes.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(MODEL, field), help=help_)
+    sizes.add_argument("--max-positions", type=int, default=4096, help="config max_position_embeddings")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads (tiny-trained used 2; tiny8-trained 1: on a loaded shared box two "
+                             "OpenMP threads that wait for each other at every op were 18x slower than one)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTDIR")
     args = parser.parse_args(argv)
-    recipe = Recipe(steps=args.steps, seed=args.seed)
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # the recipe's timing and numerics assume 2 threads
+    recipe = Recipe(steps=args.steps, seed=args.seed, batch=args.batch, seq_len=args.seq_len, lr=args.lr,
+                    warmup=args.warmup)
+    spec = TinySpec(**{f: getattr(args, f) for f in ("layers", "hidden", "heads", "kv_heads", "head_dim",
+                                                      "rotary_dim", "intermediate", "experts", "top_k",
+                                                      "softmax_every", "block_size", "shards")},
+                    vocab=MODEL.vocab, seed=args.seed)
+    torch.set_num_threads(args.threads)  # the recipe's timing and numerics assume this many threads
 
-    raw = tiny_config(MODEL)
+    raw = tiny_config(spec)
+    raw["max_position_embeddings"] = args.max_positions
     cfg = M1Config.from_dict(raw, source="train-tiny")
     data = load_corpus()
     train_ids, heldout_ids = split(data, recipe.heldout_fraction)
@@ -237,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.monotonic() - t0
 
     prepare_destination(args.outdir, resume=False, overwrite=args.overwrite).release()
-    save_release(args.outdir, raw, weights, MODEL.shards)
+    save_release(args.outdir, raw, weights, spec.shards)
     ppl, scored = heldout_perplexity(args.outdir, heldout_ids, recipe.seq_len)
     report = {
         "heldout_perplexity_bytes": round(ppl, 3),
@@ -246,10 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(train_s),
         "parameters": sum(w.numel() for w in weights.values()),
         "files_bytes": sum(f.stat().st_size for f in args.outdir.iterdir() if f.is_file()),
+        "max_positions": args.max_positions,
     }
     print(json.dumps(report, indent=2))
     command = "python scripts/train_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (args.outdir / "README.md").write_text(readme(command, report, recipe, len(data), len(train_ids)))
+    (args.outdir / "README.md").write_text(readme(command, report, recipe, len(data), len(train_ids), spec,
+                                                  args.outdir.name, args.threads))
     return 0
 
 
