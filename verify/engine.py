@@ -6,8 +6,9 @@ release's ALiBi slope recipe for any head count.
 
 Weights come from a `WeightSource`, one layer at a time: `run` embeds every sequence, then for each layer
 loads that layer's weights, pushes every sequence through it and drops the weights, so peak memory is one
-layer plus the activations. Everything is computed in `dtype` (fp32 by default), weights are cast at use,
-and the router, RoPE tables, lightning state and lm_head are always fp32.
+layer plus the activations. Everything is computed in `dtype` (fp32 by default), weights are cast at use
+(a layer's experts once, as they are stacked for grouped matmuls: `load_layer`, `stack_experts`), and the
+router, RoPE tables, lightning state and lm_head are always fp32.
 
 Long sequences run in chunks of positions (chunked prefill, `forward_layer_chunked`): each chunk goes through
 the whole layer before the next, carrying the layer's state across chunks (`LayerState`: the fp32 lightning
