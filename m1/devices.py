@@ -8,7 +8,10 @@ robin over the set; with one device (`cpu`, `cuda:2`), every process on it.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from m1.errors import UsageError
 
@@ -37,6 +40,8 @@ def device_set(device: str) -> list[str]:
 
 
 def _visible(device: str, parts: list[str]) -> int:
+    import torch  # here, not at import: copy-only jobs on "cpu" never pay for torch
+
     if not torch.cuda.is_available():
         raise UsageError(f"--device {device} but torch sees no CUDA GPU (torch.cuda.is_available() is False)",
                          hint="use --device cpu (or auto), or install a CUDA build of torch")
@@ -51,6 +56,8 @@ def _visible(device: str, parts: list[str]) -> int:
 
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when a GPU is visible, else cpu; 'cuda' without one is a usage error; a set -> its first."""
+    import torch
+
     parts = device_set(device)
     if parts == ["auto"]:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +72,8 @@ def writer_devices(device: str, count: int, first: int = 0) -> list[str]:
     first writer on its node), as `cpu` or `cuda:N`."""
     parts = device_set(device)
     if parts == ["auto"]:
+        import torch
+
         parts = ["cuda" if torch.cuda.is_available() else "cpu"]
     if parts == ["cpu"]:
         return ["cpu"] * count
