@@ -35,6 +35,7 @@ from m1.gguf.types import GGML_TYPES, K_TYPES, TypePolicy
 from m1.spec import inventory
 from m1.tiny import TinySpec, byte_tokenizer_json, random_weights, save_release, tiny_config
 from m1.verify.engine import next_token_nll, run
+from m1.verify.llama_run import llama_logits as run_in_llama
 from m1.verify.text import ByteTokenizer, corpus_text, make_windows
 
 DATA = Path(__file__).parent / "data"
@@ -222,14 +223,7 @@ def llama(path: Path, **kw: object):
 
 
 def llama_logits(path: Path, windows: torch.Tensor) -> torch.Tensor:
-    """fp64 logits [n_windows, T, vocab] of llama.cpp, each window from an empty state."""
-    model = llama(path)
-    out = []
-    for window in windows.tolist():
-        model.reset()
-        model.eval(window)
-        out.append(torch.from_numpy(np.array(model.scores[: len(window)], dtype=np.float64)))
-    return torch.stack(out)
+    return run_in_llama(path, windows)  # m1 verify llama's own runner: what users run is what is tested
 
 
 def engine_logits(folder: Path, windows: torch.Tensor) -> torch.Tensor:

@@ -20,29 +20,11 @@ PartOpt = Annotated[str, typer.Option("--corpus-part", help="With --corpus: 'cal
 def _calibration(source: str, text: Path | None, corpus: str, part: str, token_ids: Path | None, ctx: int,
                  tokens: int, vocab_size: int):  # noqa: ANN202
     from m1.errors import UsageError
-    from m1.verify.text import check_token_ids, corpus_text, load_token_ids, load_tokenizer, make_windows
+    from m1.verify.metrics_cli import _windows
 
     if part not in ("calibration", "held-out"):
         raise UsageError(f"--corpus-part must be calibration or held-out, got {part!r}")
-    if token_ids is not None:
-        ids, what = load_token_ids(token_ids), str(token_ids)
-        check_token_ids(ids, vocab_size, str(token_ids), source)
-        return make_windows(ids, ctx, tokens), what
-    if not Path(source).is_dir():
-        raise UsageError("tokenizing needs a local checkpoint folder", file=source,
-                         hint="pull the tokenizer files, or pass --token-ids FILE")
-    tok = load_tokenizer(source)
-    if text is not None:
-        try:
-            body, what = text.read_text(encoding="utf-8"), str(text)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read the text ({type(exc).__name__})", file=str(text)) from None
-    else:
-        body = corpus_text(corpus, holdout=part == "held-out")
-        what = f"corpus {corpus} ({'held-out 10%' if part == 'held-out' else 'first 90%, calibration'})"
-    ids = tok.encode(body)
-    check_token_ids(ids, vocab_size, str(text) if text is not None else source, source)
-    return make_windows(ids, ctx, tokens), what
+    return _windows(source, text, corpus, token_ids, ctx, tokens, False, vocab_size, holdout=part == "held-out")
 
 
 def _print_plan(source: str, plan, json_out: bool) -> None:  # noqa: ANN001

@@ -42,7 +42,9 @@ def _at_least_one(option: str, value: int) -> int:
 
 
 def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: Path | None, ctx: int, tokens: int,
-             second_half: bool, vocab_size: int | None = None):  # noqa: ANN202
+             second_half: bool, vocab_size: int | None = None, holdout: bool = True):  # noqa: ANN202
+    """The windows every command reads text as: token ids, a text file, or a bundled corpus (its held-out part,
+    or with holdout=False the calibration part the scoring commands never see)."""
     from m1.errors import UsageError
     from m1.verify.text import check_token_ids, corpus_text, load_token_ids, load_tokenizer, make_windows
 
@@ -66,7 +68,8 @@ def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: P
             except (OSError, UnicodeDecodeError) as exc:
                 raise UsageError(f"cannot read the text ({type(exc).__name__})", file=str(text)) from None
         else:
-            body, what = corpus_text(corpus), _corpus_description(corpus)
+            body = corpus_text(corpus, holdout=holdout)
+            what = _corpus_description(corpus) if holdout else f"corpus {corpus} (first 90%, calibration)"
         ids = tok.encode(body)
         if vocab_size is not None:
             check_token_ids(ids, vocab_size, str(text) if text is not None else tokenizer_source, tokenizer_source)
