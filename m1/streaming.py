@@ -221,8 +221,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Small files (config, index, manifest): temporary name, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Small files (config, index, manifest): temporary name, fsync, rename.
+
+    The temporary name is this process's and thread's own, so two writers of one small file can never
+    interleave into one temporary file."""
+    import threading
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -437,7 +437,8 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, file_name: str, room: int = 10
 
     def full_open(path, mode="r", *args, **kwargs):
         f = builtins.open(path, mode, *args, **kwargs)
-        if "w" in mode and Path(path).name == f".{file_name}.tmp":
+        name = Path(path).name
+        if "w" in mode and name.startswith(f".{file_name}.") and name.endswith(".tmp"):
             return _FullDisk(f, room)
         return f
 
@@ -448,7 +449,8 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, file_name: str, room: int = 10
     left = {"room": room}
 
     def full_write_all(fd: int, chunk) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(f".{file_name}.tmp"):
+        target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if target.startswith(f".{file_name}.") and target.endswith(".tmp"):
             left["room"] -= len(chunk)
             if left["room"] < 0:
                 raise OSError(errno.ENOSPC, "No space left on device")
