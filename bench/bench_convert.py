@@ -38,13 +38,14 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def write_replica(dest: Path, config: dict, weight_map: dict[str, str], specs: dict[str, TensorSpec],
-                  fill: bool) -> int:
-    """Shards with real headers in the index's assignment; data as holes (fill=False) or random bytes."""
+                  fill: bool, block: bytes | None = None) -> int:
+    """Shards with real headers in the index's assignment; data as holes (fill=False) or random bytes (`block`
+    repeated, 64 MB of os.urandom by default)."""
     dest.mkdir(parents=True, exist_ok=True)
     by_file: dict[str, list[TensorSpec]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(specs[name])
-    block = os.urandom(64 << 20) if fill else b""
+    block = (block or os.urandom(64 << 20)) if fill else b""
     total = 0
     for file, tensors in sorted(by_file.items()):
         header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], {"format": "pt"})
@@ -130,7 +131,8 @@ def bench_sparse(workdir: Path) -> dict:
     return results
 
 
-def bench_dense(workdir: Path, layers: list[int], repeat: int = 2) -> dict:
+def dense_slice(layers: list[int]) -> tuple[dict, dict[str, str], dict[str, TensorSpec]]:
+    """Config, weight map and tensor specs of the dense slice: the chosen release layers, embedding and head."""
     config = json.loads((RELEASE / "config.json").read_text())
     index = json.loads((RELEASE / "model.safetensors.index.json").read_text())["weight_map"]
     kinds = [config["attn_type_list"][i] for i in layers]
@@ -146,6 +148,11 @@ def bench_dense(workdir: Path, layers: list[int], repeat: int = 2) -> dict:
             weight_map[name] = file
         elif int(m.group(1)) in renumber:
             weight_map[f"model.layers.{renumber[int(m.group(1))]}." + name[m.end():]] = file
+    return small, weight_map, specs
+
+
+def bench_dense(workdir: Path, layers: list[int], repeat: int = 2) -> dict:
+    small, weight_map, specs = dense_slice(layers)
     src = workdir / "dense-src"
     for path in (src, workdir / "dense-cp", workdir / "dense-m1"):
         if path.exists():
