@@ -9,6 +9,7 @@ checkpoint is refused before anything is written.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,8 +280,10 @@ def _plan_by_format(fmt: Any, cfg: M1Config, tensors: list[TensorInfo], request:
                 stem=request.format_options.get("stem"), schemes=schemes)
 
 
-def read_rows_from(ckpt: Checkpoint, name: str, start: int) -> Any:
-    """Rows [start:] of a 2-D tensor, reading only their bytes (the padding rows of a 200064-row embedding)."""
+def read_rows_from(ckpt: Checkpoint, name: str, start: int,
+                   block_bytes: int = 64 << 20) -> Iterator[tuple[int, Any]]:
+    """Rows [start:] of a 2-D tensor as (first row, rows) blocks of about `block_bytes`, reading only their
+    bytes (the padding rows of a 200064-row embedding): never the whole tail in memory at once."""
     import torch
 
     from m1.dtypes import torch_dtype
@@ -288,14 +291,22 @@ def read_rows_from(ckpt: Checkpoint, name: str, start: int) -> Any:
     info = ckpt.info(name)
     rows = info.shape[0]
     if start >= rows:
-        return torch.empty((0, *info.shape[1:]))
+        return
     if getattr(ckpt.storage, "read_tensor", None) is not None or not info.file.endswith(".safetensors"):
-        return ckpt.get(name)[start:]
+        whole = ckpt.get(name)  # a reader without byte ranges: one tensor, the memory rule allows it
+        yield start, whole[start:]
+        return
     row_bytes = info.nbytes // rows
+    step = max(1, block_bytes // max(row_bytes, 1))
     with open(ckpt.local_path(info.file), "rb") as f:
-        f.seek(info.start + start * row_bytes)
-        data = f.read((rows - start) * row_bytes)
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype(info.dtype)).reshape(rows - start, *info.shape[1:])
+        for first in range(start, rows, step):
+            n = min(step, rows - first)
+            buf = bytearray(n * row_bytes)
+            f.seek(info.start + first * row_bytes)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"tensor {name} is cut short", file=str(ckpt.local_path(info.file)),
+                                      hint="re-download the file")
+            yield first, torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(n, *info.shape[1:])
 
 
 def _kind(kind: str, outs: tuple[OutputTensor, ...], src: tuple[SourceTensor, ...]) -> str:

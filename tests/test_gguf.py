@@ -365,3 +365,27 @@ def test_llama_cpp_tokenizes_the_corpus_as_tokenizers_does(tmp_path: Path, train
         assert vocab.tokenize(text.encode(), add_bos=False, special=False) == ids
         assert len(ids) < 0.75 * len(text.encode())  # the merges are used
     shutil.rmtree(folder)
+
+
+def test_padding_rows_are_scanned_in_blocks_not_read_whole(tmp_path: Path) -> None:
+    """The zero-row scan behind suppress_tokens reads the embedding's tail a block at a time: a small
+    tokenizer in front of M1's 200064 rows must not read 2.5 GB at once (bench_gguf_peer found 5 GB)."""
+    from m1.planner import read_rows_from
+
+    raw = tiny_config(TinySpec(vocab=512))
+    weights = random_weights(M1Config.from_dict(raw))
+    weights["model.embed_tokens.weight"][300:] = 0
+    weights["model.embed_tokens.weight"][420, 3] = 1.0  # a live row among the padding
+    save_release(tmp_path, raw, weights, 2)
+    ckpt = Checkpoint.open(tmp_path)
+    name = "model.embed_tokens.weight"
+    whole = weights[name]
+    row_bytes = whole[0].numel() * whole.element_size()
+    blocks = list(read_rows_from(ckpt, name, 100, block_bytes=7 * row_bytes))
+    assert [first for first, _ in blocks] == list(range(100, 512, 7))
+    assert max(rows.shape[0] for _, rows in blocks) == 7
+    assert torch.equal(torch.cat([rows for _, rows in blocks]), whole[100:])
+    assert list(read_rows_from(ckpt, name, 512)) == []
+    export_gguf(tmp_path, tmp_path / "out.gguf")
+    assert fields(tmp_path / "out.gguf")["tokenizer.ggml.suppress_tokens"] == \
+        [i for i in range(256, 512) if i >= 300 and i != 420]

@@ -99,8 +99,8 @@ def _sink_data(cfg: Any, policy: Any, source: str, read_rows: Callable[[str, int
     except UsageError as exc:
         return {"kvs": [], "warnings": [], "missing": {"message": exc.message, "file": exc.file, "hint": exc.hint}}
     base = base_vocab_size(tokenizer.tokenizer)
-    zero_rows = zero_rows_of(read_rows("model.embed_tokens.weight", base), 0) if read_rows else []
-    zero_rows = [base + i for i in zero_rows]
+    zero_rows = [first + i for first, rows in (read_rows("model.embed_tokens.weight", base) if read_rows else ())
+                 for i in zero_rows_of(rows, 0)]
     template = None
     if options.get("chat_template"):
         from pathlib import Path
