@@ -61,8 +61,16 @@ _CLICK_EXITS = (click.exceptions.Exit, typer.Exit)
 _ABORTS = (click.exceptions.Abort, typer.Abort)
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: the ranks of a torchrun job share it, and a line written as text then
+    newline can be split by another rank's line."""
+    sys.stderr.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    print(f"warning: {message}", file=sys.stderr)
+    _say(f"warning: {message}")
 
 
 def run_cli(argv: Sequence[str] | None = None) -> int:
@@ -73,17 +81,17 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     try:
         result = app(args=list(argv) if argv is not None else None, standalone_mode=False, prog_name="m1")
         if result == 130:  # typer turns KeyboardInterrupt into a silent exit code 130
-            print("error: interrupted; run the same command with --resume to finish", file=sys.stderr)
+            _say("error: interrupted; run the same command with --resume to finish")
         return result if isinstance(result, int) else 0
     except M1Error as exc:
         if debug:
             raise
-        print(f"error: {exc.one_line()}", file=sys.stderr)
+        _say(f"error: {exc.one_line()}")
         return exc.exit_code
     except _CLICK_EXITS as exc:
         return exc.exit_code
     except _ABORTS:
-        print("error: aborted", file=sys.stderr)
+        _say("error: aborted")
         return 130
     except _CLICK_ERRORS as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `m1` or `m1 verify` alone: the help, already shown
@@ -92,17 +100,17 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             return 2
         if debug:
             raise
-        print(f"error: {exc.format_message()} (see m1 --help)", file=sys.stderr)
+        _say(f"error: {exc.format_message()} (see m1 --help)")
         return getattr(exc, "exit_code", 2) or 2
     except KeyboardInterrupt:
-        print("error: interrupted; run the same command with --resume to finish", file=sys.stderr)
+        _say("error: interrupted; run the same command with --resume to finish")
         return 130
     except Exception as exc:  # a bug: still one line, the traceback with M1_DEBUG=1
         if debug:
             raise
         text = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: internal error {type(exc).__name__}: {text} (this is a bug in m1; please report it, with the "
-              "traceback that M1_DEBUG=1 shows)", file=sys.stderr)
+        _say(f"error: internal error {type(exc).__name__}: {text} (this is a bug in m1; please report it, with the "
+             "traceback that M1_DEBUG=1 shows)")
         return InternalError.exit_code
     finally:
         warnings.showwarning = previous

@@ -5,7 +5,7 @@ sensitivities are measured on calibration text from the training part of the cor
 on the held-out part: at equal size the measured mix beats every uniform scheme that fits and llama.cpp's
 layer pattern, and the predicted and measured KL of the candidate mixes are reported side by side with
 their rank correlation, for both predictors (KL at the head, rel. L2 of the layer output). `pytest -s`
-prints the table of the README's "Measured mixed precision" section.
+prints the tables of the README's "Measured mixed precision" section.
 """
 
 from __future__ import annotations
