@@ -320,20 +320,24 @@ def recipe_summary(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vocab_size: int) -> tuple[Any, str]:
-    """--calibration as `m1 verify perplexity` reads its input: a bundled corpus name (--corpus), token ids
-    (.json/.npy: --token-ids) or a text file (--text)."""
+    """--calibration as `m1 verify perplexity` reads its input: a bundled corpus name (its first 90%, never the
+    held-out part that `verify compare --corpus` judges on), token ids (.json/.npy) or a text file. The windows
+    are spread evenly over the whole text when it holds more than --calibration-tokens."""
     from m1.verify.metrics_cli import _windows
     from m1.verify.text import CORPORA
 
     path = Path(calibration)
     if calibration in CORPORA:
-        return _windows(source, None, calibration, None, ctx, tokens, False, vocab_size)
-    if path.suffix in (".json", ".npy"):
-        return _windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size)
-    if not path.is_file():
+        windows, what = _windows(source, None, calibration, None, ctx, tokens, False, vocab_size, holdout=False,
+                                 spread=True)
+    elif path.suffix in (".json", ".npy"):
+        windows, what = _windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size, spread=True)
+    elif not path.is_file():
         raise UsageError(f"--calibration {calibration!r} is neither a bundled corpus nor a file",
                          hint=f"use {', '.join(CORPORA)}, a UTF-8 text file, or token ids (.json/.npy)")
-    return _windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size)
+    else:
+        windows, what = _windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size, spread=True)
+    return windows, f"{what}, {windows.tokens.shape[0]} windows of {ctx} spread over it"
 
 
 def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None, candidates: str | None,

@@ -74,8 +74,9 @@ def quantize_cmd(
                                                    "e.g. nf4,int8 or q4_k,q5_k,q6_k,q8_0 (keep: unquantized).")
                           ] = None,
     calibration: Annotated[str | None, typer.Option("--calibration", help="--budget: measure on a bundled corpus "
-                                                    "(mr-niah), a text file or token ids (.json/.npy); without it "
-                                                    "a stated prior sizes the mix.")] = None,
+                                                    "(mr-niah: its first 90%), a text file or token ids (.json/.npy), "
+                                                    "in windows spread over it; without it a stated prior sizes "
+                                                    "the mix.")] = None,
     calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens.")] = 4096,
     calibration_ctx: Annotated[int, typer.Option("--calibration-ctx", help="Calibration window.")] = 256,
     metric: Annotated[str, typer.Option("--metric", help="--budget: kl (at the head) or rel_l2 (layer output).")

@@ -39,31 +39,24 @@ CTX = 256
 
 @dataclass(frozen=True)
 class Setting:
-    """How one trained tiny M1 is studied. `spread`: calibration windows sampled across the whole training
-    part instead of one stretch of it. On the 8-layer model nf4 is nearly lossless (KL ~0.0014), and one
-    stretch of 2048 calibration tokens with 4096 held-out tokens left the mixes' KL inside the noise: there,
-    upgrading one group could raise the held-out KL. 8192 spread calibration tokens and 40960 held-out ones
-    (84% of the held-out part) rank the mixes the same way on both texts."""
+    """How one trained tiny M1 is studied: calibration tokens, in windows spread evenly over the corpus's
+    training part (what `m1 quantize --calibration mr-niah` reads), and held-out tokens to judge the mixes on.
+    On the 8-layer model nf4 is nearly lossless (KL ~0.0013): one stretch of 2048 calibration tokens with 4096
+    held-out tokens left the mixes' KL inside the noise (upgrading one group could raise the held-out KL), while
+    8192 spread calibration tokens and 40960 held-out ones (84% of the held-out part) rank the mixes alike."""
 
     calibration_tokens: int
     eval_tokens: int
-    spread: bool
 
 
-SETTINGS = {"tiny-trained": Setting(2048, 4096, False), "tiny8-trained": Setting(8192, 40960, True)}
-
-
-def calibration_text() -> str:
-    """From the training 90% of the corpus: never the held-out text the mixes are judged on."""
-    return corpus_text("mr-niah", holdout=False)[-40000:]
+SETTINGS = {"tiny-trained": Setting(2048, 4096), "tiny8-trained": Setting(8192, 40960)}
 
 
 def calibration_windows(setting: Setting) -> Windows:
-    if not setting.spread:
-        return make_windows(ByteTokenizer().encode(calibration_text()), CTX, setting.calibration_tokens)
+    """From the training 90% of the corpus, never the held-out text the mixes are judged on; the product's own
+    window choice (`make_windows(spread=True)`, as `--calibration` takes it)."""
     ids = ByteTokenizer().encode(corpus_text("mr-niah", holdout=False))
-    starts = sorted(random.Random(0).sample(range(0, len(ids) - CTX, CTX), setting.calibration_tokens // CTX))
-    return make_windows([t for s in starts for t in ids[s : s + CTX]], CTX, setting.calibration_tokens)
+    return make_windows(ids, CTX, setting.calibration_tokens, spread=True)
 
 
 @functools.cache
@@ -158,8 +151,8 @@ def test_predicted_and_measured_kl_side_by_side(claims: dict) -> None:
     rho_kl = rank_correlation([r["pred_kl"] for r in rows], [r["kl"] for r in rows])
     rho_l2 = rank_correlation([r["pred_rel_l2"] for r in rows], [r["kl"] for r in rows])
     print(f"\nmodel {study['model']}: sensitivities of {len(study['sens'].groups)} groups x {len(CANDIDATES)} "
-          f"candidates measured in {study['measure_s']:.1f} s on {setting.calibration_tokens} calibration tokens"
-          f"{' (spread windows)' if setting.spread else ''}; {len(rows)} mixes judged on {setting.eval_tokens} "
+          f"candidates measured in {study['measure_s']:.1f} s on {setting.calibration_tokens} calibration tokens "
+          f"(spread windows); {len(rows)} mixes judged on {setting.eval_tokens} "
           f"held-out tokens in {study['judge_s']:.1f} s")
     print("| scheme / mix | size | KL mean | top-1 | PPL ratio | predicted KL | predicted rel-L2² |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -197,6 +190,33 @@ def test_a_written_mix_reads_back_as_the_in_memory_mix_and_its_recipe_replays(st
 
     card = render_card(tmp_path / "mix", "me/tiny-mix")
     assert "Mixed precision" in card and "m1.load_pretrained" in card and doc["layer_map"][0] in card
+
+
+def test_calibration_windows_spread_over_the_text() -> None:
+    ids = list(range(1000))
+    first = make_windows(ids, 10, 30)
+    spread = make_windows(ids, 10, 30, spread=True)
+    assert first.tokens[:, 0].tolist() == [0, 10, 20]
+    assert spread.tokens[:, 0].tolist() == [0, 330, 660]  # whole windows, evenly spaced, in text order
+    assert all(row == list(range(row[0], row[0] + 10)) for row in spread.tokens.tolist())
+    assert torch.equal(make_windows(ids[:25], 10, 30, spread=True).tokens, make_windows(ids[:25], 10, 30).tokens)
+    assert make_windows(ids, 10, None, spread=True).tokens.shape == (100, 10)
+
+
+def test_the_cli_measures_on_the_calibration_part_and_allocates_the_studied_mix(study: dict, tmp_path: Path,
+                                                                               run) -> None:
+    """`--calibration mr-niah` reads the corpus's first 90% (never the held-out part the mixes are judged on) in
+    spread windows, and measures and allocates what the study did in memory."""
+    setting = study["setting"]
+    mix = _row(study, "measured mix @ 50%")
+    code, out, err = run("quantize", MODEL, tmp_path / "never", "--budget", f"{mix['bytes']}B", "--candidates",
+                         "nf4,int8", "--calibration", "mr-niah", "--calibration-tokens", setting.calibration_tokens,
+                         "--calibration-ctx", CTX, "--dry-run", "--json")
+    assert code == 0, err
+    doc = json.loads(out)["mix"]
+    assert doc["groups"] == mix["assign"] and doc["metric"] == "kl"
+    assert "first 90%" in doc["calibration"] and "spread" in doc["calibration"], doc["calibration"]
+    assert doc["calibration_tokens"] == setting.calibration_tokens
 
 
 def test_dry_run_prints_the_mix_its_size_and_the_uniform_schemes(study: dict, tmp_path: Path, run) -> None:

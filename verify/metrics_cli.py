@@ -42,9 +42,10 @@ def _at_least_one(option: str, value: int) -> int:
 
 
 def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: Path | None, ctx: int, tokens: int,
-             second_half: bool, vocab_size: int | None = None, holdout: bool = True):  # noqa: ANN202
+             second_half: bool, vocab_size: int | None = None, holdout: bool = True,
+             spread: bool = False):  # noqa: ANN202
     """The windows every command reads text as: token ids, a text file, or a bundled corpus (its held-out part,
-    or with holdout=False the calibration part the scoring commands never see)."""
+    or with holdout=False the calibration part the scoring commands never see). `spread`: see make_windows."""
     from m1.errors import UsageError
     from m1.verify.text import check_token_ids, corpus_text, load_token_ids, load_tokenizer, make_windows
 
@@ -73,7 +74,7 @@ def _windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: P
         ids = tok.encode(body)
         if vocab_size is not None:
             check_token_ids(ids, vocab_size, str(text) if text is not None else tokenizer_source, tokenizer_source)
-    return make_windows(ids, ctx, tokens, second_half), what
+    return make_windows(ids, ctx, tokens, second_half, spread=spread), what
 
 
 def _corpus_description(corpus: str) -> str:

@@ -132,13 +132,23 @@ class Windows:
         return self.tokens[:, self.first_scored + 1 :].reshape(-1)
 
 
-def make_windows(ids: list[int], ctx: int, max_tokens: int | None, second_half: bool = False) -> Windows:
-    """Split into whole windows; `second_half` scores only the second half (llama.cpp's convention)."""
+def make_windows(ids: list[int], ctx: int, max_tokens: int | None, second_half: bool = False,
+                 spread: bool = False) -> Windows:
+    """Split into whole windows; `second_half` scores only the second half (llama.cpp's convention).
+
+    `spread`: when the text holds more whole windows than `max_tokens` asks for, take them evenly spaced
+    over the whole text rather than the first ones (calibration: one stretch of text can rank quantization
+    choices differently from the rest; see the README's measured-mix section)."""
     if ctx < 2:
         raise UsageError(f"--ctx must be at least 2, got {ctx}")
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--tokens must be at least 1, got {max_tokens}")
-    if max_tokens is not None:
+    available = len(ids) // ctx
+    wanted = available if max_tokens is None else min(available, max_tokens // ctx)
+    if spread and 0 < wanted < available:
+        starts = [(i * available // wanted) * ctx for i in range(wanted)]
+        ids = [t for s in starts for t in ids[s : s + ctx]]
+    elif max_tokens is not None:
         ids = ids[:max_tokens]
     n = len(ids) // ctx
     if n == 0:
