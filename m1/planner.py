@@ -304,8 +304,8 @@ def read_rows_from(ckpt: Checkpoint, name: str, start: int,
             buf = bytearray(n * row_bytes)
             f.seek(info.start + first * row_bytes)
             if f.readinto(buf) != len(buf):
-                raise CheckpointError(f"tensor {name} is cut short", file=str(ckpt.local_path(info.file)),
-                                      hint="re-download the file")
+                raise CheckpointError("the file ends inside this tensor's data", file=str(ckpt.local_path(info.file)),
+                                      tensor=name, hint="re-download the file")
             yield first, torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(n, *info.shape[1:])
 
 
