@@ -1,7 +1,9 @@
 """Run every benchmark and print one JSON document (the figures in the README come from these).
 
-    python bench/run_all.py            # everything that runs on a CPU box (the dense convert slice needs ~55 GB)
-    python bench/run_all.py --quick    # skip the 27 GB dense convert slice
+    python bench/run_all.py            # everything that runs on a CPU box (the dense slices need ~55 GB of disk)
+    python bench/run_all.py --quick    # skip the 27 GB dense slices (convert against cp, GGUF against llama.cpp)
+
+The GPU checks are one command of their own (bench/bench_gpu.py), for a machine with a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ ROOT = Path(__file__).resolve().parent
 
 
 def run(args: list[str]) -> dict:
+    """The benchmark's JSON: its output from the first line that opens an object."""
     out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True, cwd=ROOT.parent)
-    return json.loads(out.stdout[out.stdout.index("{"):])
+    lines = out.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    return json.JSONDecoder().raw_decode("\n".join(lines[first:]))[0]
+
+
+def run_plain(args: list[str]) -> None:
+    subprocess.run([sys.executable, *args], check=True, cwd=ROOT.parent, stdout=sys.stderr)
 
 
 def main() -> None:
@@ -29,6 +38,11 @@ def main() -> None:
     quantize = ROOT / "bench_quantize.py"
     if quantize.exists():
         results["quantize"] = run([str(quantize), "--json"])
+    results["kquant"] = run([str(ROOT / "bench_kquant.py"), "--json"])
+    results["gguf_export"] = run([str(ROOT / "bench_gguf.py")])
+    if not args.quick:  # llama.cpp's converter on the dense slice: its figures are in the file it writes
+        run_plain([str(ROOT / "bench_gguf_peer.py")])
+        results["gguf_peer"] = json.loads((ROOT / "out" / "gguf_peer.json").read_text())
     print(json.dumps(results, indent=2))
 
 
