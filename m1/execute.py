@@ -306,8 +306,11 @@ def _start(plan: Plan, dest: Path, ckpt: Checkpoint, stem: str | None, fingerpri
 
 def _finish(plan: Plan, dest: Path, sink: Sink, records: dict[str, dict[str, Any]], fingerprint: str,
             stem: str | None) -> dict[str, Any]:
-    """Once every file exists: what lists them (the index), then the manifest; progress records go."""
-    small = sink.finish(dest, plan)
+    """Once every file exists: the job's own small files, what lists them (the index), then the manifest;
+    progress records go."""
+    for name, text in plan.written.items():
+        write_bytes_atomic(dest / name, text.encode())
+    small = [*plan.written, *sink.finish(dest, plan)]
     manifest = {
         "m1_manifest_version": 1,
         "tool": f"m1 {__version__}",

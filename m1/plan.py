@@ -99,6 +99,11 @@ class Plan:
     sink_data: dict[str, Any] = field(default_factory=dict)  # what the format's sink writes besides tensors
     writes_config: bool = True  # config.json and the extra files beside the weights
     stem: str | None = None  # files mode: the files are named after it in the destination's parent folder
+    # small files the job itself writes beside the weights (name -> text; a mix's m1-recipe.json): written
+    # before the index and the manifest, and listed in the manifest, like config.json. Not in the fingerprint:
+    # they are written whole at the end of every run, so a --resume that measured again (the same mix, floats
+    # that may differ in the last digit on another device) still finishes the files already there.
+    written: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -182,6 +187,8 @@ class Plan:
                f"{human_bytes(self.total_bytes)}")
         for name in self.extra_files:
             yield f"copy: {name}"
+        for name in self.written:
+            yield f"write: {name}"
         if not self.writes_config:
             yield "by type: " + ", ".join(f"{t} {human_bytes(n)}" for t, n in self.by_type().items())
             missing = self.sink_data.get("missing")

@@ -306,11 +306,11 @@ def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None 
     return MixPlan(plan, out, lines)
 
 
-def write_recipe(dest: Path, plan: Any, doc: dict[str, Any]) -> Path:
-    from m1.streaming import write_bytes_atomic
-
+def attach_recipe(dest: Path, plan: Any, doc: dict[str, Any]) -> Path:
+    """Put the recipe into the plan's own small files: the executor writes it before the index and the
+    manifest (which lists it), so an interrupted run never leaves a complete-looking mix without its recipe."""
     path = recipe_path(dest, plan)
-    write_bytes_atomic(path, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
+    plan.written[path.name] = json.dumps(doc, indent=1, sort_keys=False) + "\n"
     return path
 
 

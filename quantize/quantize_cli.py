@@ -161,14 +161,17 @@ def quantize_cmd(
         print_plan(plan, dest, json_out, verbose,
                    scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None)
         return
+    recipe_file = None
+    if mix is not None:
+        from m1.quantize.budget import attach_recipe
+
+        recipe_file = attach_recipe(dest, plan, mix.recipe)
     result = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
                           overwrite=overwrite, show_progress=not quiet, plan=plan, scratch=bound)
     if not is_main_process():  # under torchrun, rank 0 says what the job wrote
         return
-    if mix is not None:
-        from m1.quantize.budget import write_recipe
-
-        result["recipe"] = str(write_recipe(dest, plan, mix.recipe))
+    if recipe_file is not None:
+        result["recipe"] = str(recipe_file)
     if json_out:
         print_json(result)
     else:

@@ -11,6 +11,7 @@ prints the tables of the README's "Measured mixed precision" section.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import random
@@ -23,6 +24,7 @@ import torch
 
 from m1.allocate import allocate, rule_of_thumb
 from m1.checkpoint import Checkpoint
+from m1.errors import DiskFullError
 from m1.quantize.budget import _fixed_bytes, group_sizes
 from m1.quantize.job import QuantizeOptions, plan_from_checkpoint
 from m1.schemes import make_scheme
@@ -176,6 +178,9 @@ def test_a_written_mix_reads_back_as_the_in_memory_mix_and_its_recipe_replays(st
     assert code == 0, err
     doc = json.loads((tmp_path / "mix" / "m1-recipe.json").read_text())
     assert doc["groups"] == mix["assign"] and doc["bytes"] <= mix["bytes"]
+    manifest = json.loads((tmp_path / "mix" / "m1-manifest.json").read_text())  # the recipe is part of the output
+    recipe_sha = hashlib.sha256((tmp_path / "mix" / "m1-recipe.json").read_bytes()).hexdigest()
+    assert manifest["files"]["m1-recipe.json"] == recipe_sha
     assert run("verify", "integrity", tmp_path / "mix")[0] == 0
     written = CheckpointWeights.open(str(tmp_path / "mix"))
     in_memory = MixSource(CheckpointWeights.open(str(MODEL)), mix["assign"], study["cands"])
@@ -256,6 +261,31 @@ def test_a_gguf_mix_writes_its_recipe_beside_the_file(tmp_path: Path, run) -> No
                        "--recipe", tmp_path / "mix.m1-recipe.json", "-q")
     assert code == 0, err
     assert (tmp_path / "again.m1-recipe.json").exists()
+    assert "again.m1-recipe.json" in json.loads((tmp_path / "again.m1-manifest.json").read_text())["files"]
+
+
+def test_a_run_that_dies_writing_the_recipe_leaves_no_manifest_and_resumes(tmp_path: Path, run,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe is written before the index and the manifest: a mix never looks complete without it."""
+    import m1.execute
+
+    real = m1.execute.write_bytes_atomic
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if path.name == "m1-recipe.json":
+            raise DiskFullError("disk full while writing", file=str(path), hint="free space, then --resume")
+        real(path, data)
+
+    args = ["quantize", DATA / "tiny-trained", tmp_path / "mix", "--budget", "1.3MB", "--candidates", "nf4,int8", "-q"]
+    monkeypatch.setattr(m1.execute, "write_bytes_atomic", full_disk)
+    code, _, err = run(*args)
+    assert code == 1 and "disk full" in err, err
+    assert not (tmp_path / "mix" / "m1-manifest.json").exists() and not (tmp_path / "mix" / "m1-recipe.json").exists()
+    assert not (tmp_path / "mix" / "model.safetensors.index.json").exists()
+    monkeypatch.setattr(m1.execute, "write_bytes_atomic", real)
+    code, _, err = run(*args, "--resume")
+    assert code == 0, err
+    assert "m1-recipe.json" in json.loads((tmp_path / "mix" / "m1-manifest.json").read_text())["files"]
 
 
 def test_full_scale_dry_run_over_the_sparse_replica(tmp_path: Path, run) -> None:
