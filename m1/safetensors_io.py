@@ -245,21 +245,20 @@ def write_shard_unsynced(
                 reserve = len(guess) - 8 + 256 * len(planned)
                 write_all(fd, b"\0" * (8 + reserve))
             actual: list[tuple[str, str, tuple[int, ...], int]] = []
-            sink = ChunkSink(fd, sha if exact else None)
-            for name, dtype, shape, nbytes, is_exact in planned:
-                out = produce(name)
-                written = 0
-                for chunk in out.chunks:
-                    sink.put(chunk)
-                    written += len(chunk)
-                    if on_bytes:
-                        on_bytes(len(chunk))
-                if is_exact and (written != nbytes or out.dtype != dtype or tuple(out.shape) != tuple(shape)):
-                    raise InternalError(
-                        f"produced {out.dtype}{list(out.shape)} ({written} bytes), planned {dtype}{list(shape)} "
-                        f"({nbytes} bytes)", file=path.name, tensor=name)
-                actual.append((name, out.dtype, tuple(out.shape), written))
-            sink.close()
+            with ChunkSink(fd, sha if exact else None) as sink:  # its threads end before `f` closes
+                for name, dtype, shape, nbytes, is_exact in planned:
+                    out = produce(name)
+                    written = 0
+                    for chunk in out.chunks:
+                        sink.put(chunk)
+                        written += len(chunk)
+                        if on_bytes:
+                            on_bytes(len(chunk))
+                    if is_exact and (written != nbytes or out.dtype != dtype or tuple(out.shape) != tuple(shape)):
+                        raise InternalError(
+                            f"produced {out.dtype}{list(out.shape)} ({written} bytes), planned {dtype}{list(shape)} "
+                            f"({nbytes} bytes)", file=path.name, tensor=name)
+                    actual.append((name, out.dtype, tuple(out.shape), written))
             if not exact:
                 header = encode_header(actual, metadata, min_length=reserve)
                 if len(header) != 8 + reserve:
@@ -269,8 +268,6 @@ def write_shard_unsynced(
             sha = file_sha256(tmp)
         size = tmp.stat().st_size
     except BaseException as exc:
-        if "sink" in locals():  # stop its threads on any error (an OSError from the producer included)
-            sink.abort()
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and is_disk_full(exc):
             raise DiskFullError("disk full while writing", file=str(path),

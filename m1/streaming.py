@@ -147,7 +147,7 @@ class ChunkSink:
 
     Reading, hashing and writing then overlap (file I/O and hashlib release the GIL), which is what
     brings a copy close to `cp`. Chunks must not be modified after `put` (readers yield fresh buffers);
-    the queues are short, so at most a few chunks are in flight.
+    the queues are short, so at most a few chunks are in flight. A context manager, nested inside the file's.
     """
 
     def __init__(self, fd: int, sha: hashlib._Hash | None, depth: int = 2) -> None:
@@ -195,6 +195,18 @@ class ChunkSink:
             self.close()
         except BaseException:  # the original error is already on its way up
             pass
+
+    # Use it inside the `with open(...)` of its file: leaving the block then joins the threads *before* the file
+    # is closed. A writer thread still holding a closed fd number would write into whatever file the process
+    # opens next under that number (a disk-full run once wrote tensor bytes into .m1-progress.json that way).
+    def __enter__(self) -> ChunkSink:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20) -> hashlib._Hash:

@@ -252,3 +252,63 @@ def test_write_shard_failing_producer_leaves_nothing(tmp_path: Path, error: Base
         write_shard(tmp_path / "x.safetensors", planned, produce)
     assert list(tmp_path.iterdir()) == []
     assert threading.active_count() == before  # no writer thread left behind
+
+
+@pytest.mark.parametrize("sink", ["safetensors", "gguf"])
+def test_a_failing_write_stops_its_writer_threads_before_the_file_closes(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        sink: str) -> None:
+    """When the producer fails mid-file (disk full), the writer thread may still hold queued chunks. They must
+    be written (or dropped) while the file is open: after close, its fd number is the next file's, and a late
+    write lands there (it once put tensor bytes into .m1-progress.json, written by the committer meanwhile)."""
+    import os
+    import threading
+    import time
+
+    from m1 import streaming
+
+    real = streaming.write_all
+    seen: list[str] = []
+
+    def slow_write(fd: int, chunk: object) -> None:
+        if threading.current_thread() is not threading.main_thread():  # the sink's writer thread
+            time.sleep(0.2)  # a slow disk: the producer's error arrives while chunks are queued
+            try:
+                seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                seen.append("closed")
+        real(fd, chunk)
+
+    monkeypatch.setattr(streaming, "write_all", slow_write)
+    calls = {"n": 0}
+
+    def produce(name: str) -> Produced:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(28, "No space left on device")
+        return Produced("BF16", (4, 4), [b"\0" * 32])
+
+    path = tmp_path / ("x.gguf" if sink == "gguf" else "x.safetensors")
+    planned = [("a", "BF16", (4, 4), 32, True), ("b", "BF16", (4, 4), 32, True)]
+    with pytest.raises(Exception, match="disk full"):
+        if sink == "gguf":
+            from m1.sinks import gguf as gguf_sink
+
+            monkeypatch.setattr(gguf_sink, "_header", lambda plan, f: b"GGUF")  # its content is not checked here
+            _gguf_write(path, planned, produce)
+        else:
+            from m1.safetensors_io import write_shard_unsynced
+
+            write_shard_unsynced(path, planned, produce)
+    assert seen and all(target.endswith(f".{path.name}.tmp") for target in seen), seen
+    assert not list(tmp_path.iterdir())  # and nothing is left behind
+
+
+def _gguf_write(path: Path, planned: list, produce) -> None:  # noqa: ANN001
+    """The GGUF sink writing a file of two tensors (only the writing matters here, not the header)."""
+    from types import SimpleNamespace
+
+    from m1.sinks import gguf as gguf_sink
+
+    file = SimpleNamespace(name=path.name, tensors=[SimpleNamespace(name=n, nbytes=b) for n, _, _, b, _ in planned])
+    gguf_sink.SINK.write_file(path, file, produce, None, SimpleNamespace())

@@ -72,8 +72,7 @@ class GGUFSink:
         tmp = path.with_name(f".{path.name}.tmp")
         sha = hashlib.sha256()
         try:
-            with open(tmp, "wb", buffering=0) as f:
-                sink = ChunkSink(f.fileno(), sha)
+            with open(tmp, "wb", buffering=0) as f, ChunkSink(f.fileno(), sha) as sink:  # threads end first
                 sink.put(header)
                 for t in file.tensors:
                     out = produce(t.name)
@@ -89,11 +88,8 @@ class GGUFSink:
                     pad = -written % ALIGNMENT
                     if pad:
                         sink.put(b"\0" * pad)
-                sink.close()
             size = tmp.stat().st_size
         except BaseException as exc:
-            if "sink" in locals():
-                sink.abort()
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError) and is_disk_full(exc):
                 from m1.errors import DiskFullError
