@@ -195,7 +195,7 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
             qc["m1_mix"] = {"schemes": {sch.name: sch.quantization_config([]) for sch in others.values()},
                             "weights": {name: sch.name for name, sch in sorted(others.items())}}
         out_cfg = cfg.with_raw(quantization_config=qc)
-    config = out_cfg.to_dict(fmt.name)
+    config = out_cfg.to_dict(fmt)
     if dequantize:
         config.pop("quantization_config", None)
     if request.dtype != "keep":

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from m1.errors import UsageError
+from m1.formats import configs
 from m1.formats.base import Format, NameTable, identity_table
 
 __all__ = ["Format", "NameTable", "identity_table", "register_format", "unregister_format", "get_format",
@@ -24,11 +25,13 @@ _BUILTIN: list[bool] = []
 def register_format(fmt: Format) -> Format:
     _builtins()
     _FORMATS[fmt.name] = fmt
+    configs.add(fmt)  # config.json reading sees it too (m1.formats.configs)
     return fmt
 
 
 def unregister_format(name: str) -> None:
     _FORMATS.pop(name, None)
+    configs.remove(name)
 
 
 def _builtins() -> None:
@@ -59,5 +62,4 @@ def all_formats() -> list[Format]:
 
 
 def format_of_config(raw: dict[str, Any]) -> Format | None:
-    _builtins()
-    return next((f for f in _FORMATS.values() if f.claims(raw)), None)
+    return configs.format_of_config(raw)
