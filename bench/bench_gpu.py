@@ -57,45 +57,10 @@ def sync(device: str) -> None:
 
 
 def build_source(dest: Path, dims: dict[str, int], device: str, experts_per_shard: int = 4) -> tuple[Any, list[str]]:
-    """A release-layout checkpoint of random data (bf16, fp32 router), a shard every few experts; the data is
-    drawn on `device` (fast on a GPU) and written with the safetensors library."""
-    from safetensors.torch import save_file
+    """bench_quantize's random release checkpoint, its data drawn on `device` (fast on a GPU)."""
+    from bench_quantize import write_random_release
 
-    from m1.config import M1Config
-    from m1.spec import Role, inventory
-    from m1.tiny import TinySpec, tiny_config
-
-    spec = TinySpec(layers=dims["layers"], hidden=dims["hidden"], heads=dims["heads"], kv_heads=dims["kv_heads"],
-                    head_dim=dims["head_dim"], rotary_dim=dims["head_dim"] // 2, intermediate=dims["intermediate"],
-                    experts=dims["experts"], top_k=2, vocab=256, softmax_every=2)
-    raw = tiny_config(spec)
-    cfg = M1Config.from_dict(raw)
-    dest.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device=device).manual_seed(0)
-    groups: list[list[Any]] = [[]]
-    for t in inventory(cfg):
-        groups[-1].append(t)
-        if t.role == Role.EXPERT and t.name.endswith("w2.weight") and (t.expert or 0) % experts_per_shard == \
-                experts_per_shard - 1:
-            groups.append([])
-    groups = [g for g in groups if g]
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, group in enumerate(groups):
-        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for t in group:
-            dtype = torch.float32 if t.dtype == "F32" else torch.bfloat16
-            x = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02)
-            tensors[t.name] = x.to(dtype).cpu()
-            weight_map[t.name] = file
-            total += t.nbytes
-        save_file(tensors, str(dest / file), metadata={"format": "pt"})
-        del tensors
-    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
-    (dest / "config.json").write_text(json.dumps(raw, indent=2))
-    return cfg, [t.name for t in inventory(cfg) if t.role == Role.EXPERT]
+    return write_random_release(dest, dims, device, experts_per_shard)
 
 
 def m1_json(args: list[str], timeout: float) -> dict[str, Any]:

@@ -51,23 +51,32 @@ SIZES = {
 
 def build_source(dest: Path, size: str, experts: int | None) -> tuple[M1Config, list[str]]:
     """A release-layout checkpoint of random bf16 data, written a few experts at a time (bounded memory)."""
-    from safetensors.torch import save_file
-
     dims = dict(SIZES[size])
     if experts:
         dims["experts"] = experts
+    return write_random_release(dest, dims)
+
+
+def write_random_release(dest: Path, dims: dict[str, int], device: str = "cpu",
+                         experts_per_shard: int = 4) -> tuple[M1Config, list[str]]:
+    """A release-layout checkpoint of the given dims, random data (bf16, fp32 router), a shard every
+    `experts_per_shard` experts; the data is drawn on `device` (fast on a GPU: bench_gpu.py) and written with
+    the safetensors library. Returns the config and the expert weights' names."""
+    from safetensors.torch import save_file
+
     spec = TinySpec(layers=dims["layers"], hidden=dims["hidden"], heads=dims["heads"], kv_heads=dims["kv_heads"],
                     head_dim=dims["head_dim"], rotary_dim=dims["head_dim"] // 2, intermediate=dims["intermediate"],
                     experts=dims["experts"], top_k=2, vocab=256, softmax_every=2)
     raw = tiny_config(spec)
     cfg = M1Config.from_dict(raw)
     dest.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     groups: list[list] = [[]]
     for t in inventory(cfg):
         groups[-1].append(t)
-        if t.role == Role.EXPERT and t.name.endswith("w2.weight") and t.expert is not None and t.expert % 4 == 3:
-            groups.append([])  # a shard every 4 experts
+        if t.role == Role.EXPERT and t.name.endswith("w2.weight") and (t.expert or 0) % experts_per_shard == \
+                experts_per_shard - 1:
+            groups.append([])
     groups = [g for g in groups if g]
     weight_map: dict[str, str] = {}
     total = 0
@@ -76,7 +85,8 @@ def build_source(dest: Path, size: str, experts: int | None) -> tuple[M1Config, 
         tensors = {}
         for t in group:
             dtype = torch.float32 if t.dtype == "F32" else torch.bfloat16
-            tensors[t.name] = (torch.randn(t.shape, generator=gen, dtype=torch.float32) * 0.02).to(dtype)
+            x = torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02)
+            tensors[t.name] = x.to(dtype).cpu()
             weight_map[t.name] = file
             total += t.nbytes
         save_file(tensors, str(dest / file), metadata={"format": "pt"})
