@@ -22,13 +22,13 @@ if TYPE_CHECKING:
     pass
 
 from m1.dtypes import DTYPE_BYTES
-from m1.errors import CheckpointError, DiskFullError, InternalError
+from m1.errors import CheckpointError, InternalError
 from m1.streaming import (
     ChunkSink,
     PendingShard,
     Produced,
     file_sha256,
-    is_disk_full,
+    raise_if_disk_full,
     write_all,
 )
 
@@ -248,12 +248,7 @@ def write_shard_unsynced(
             with ChunkSink(fd, sha if exact else None) as sink:  # its threads end before `f` closes
                 for name, dtype, shape, nbytes, is_exact in planned:
                     out = produce(name)
-                    written = 0
-                    for chunk in out.chunks:
-                        sink.put(chunk)
-                        written += len(chunk)
-                        if on_bytes:
-                            on_bytes(len(chunk))
+                    written = sink.put_all(out.chunks, on_bytes)
                     if is_exact and (written != nbytes or out.dtype != dtype or tuple(out.shape) != tuple(shape)):
                         raise InternalError(
                             f"produced {out.dtype}{list(out.shape)} ({written} bytes), planned {dtype}{list(shape)} "
@@ -269,9 +264,7 @@ def write_shard_unsynced(
         size = tmp.stat().st_size
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and is_disk_full(exc):
-            raise DiskFullError("disk full while writing", file=str(path),
-                                hint="free space, then run the same command with --resume") from None
+        raise_if_disk_full(exc, path)
         raise
     return sha.hexdigest(), size, PendingShard(tmp, path)
 

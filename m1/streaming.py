@@ -111,6 +111,13 @@ def is_disk_full(exc: OSError) -> bool:
     return exc.errno in (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG
 
 
+def raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    """A full disk while writing `path` becomes the one-line error that says how to go on (every writer's)."""
+    if isinstance(exc, OSError) and is_disk_full(exc):
+        raise DiskFullError("disk full while writing", file=str(path),
+                            hint="free space, then run the same command with --resume") from None
+
+
 @dataclass(frozen=True)
 class PendingShard:
     """A shard written under its temporary name: `commit` makes it durable and visible, `discard` drops it.
@@ -132,9 +139,7 @@ class PendingShard:
             os.replace(self.tmp, self.path)
         except OSError as exc:
             self.discard()
-            if is_disk_full(exc):
-                raise DiskFullError("disk full while writing", file=str(self.path),
-                                    hint="free space, then run the same command with --resume") from None
+            raise_if_disk_full(exc, self.path)
             raise
         fsync_dir(self.path.parent)
 
@@ -179,6 +184,17 @@ class ChunkSink:
             self.close()
         for q in self._queues:
             q.put(chunk)
+
+    def put_all(self, chunks: Iterable[memoryview | bytes | FileRange],
+                on_bytes: Callable[[int], None] | None = None) -> int:
+        """Every chunk of one tensor; returns its byte count (what the sinks check against the plan)."""
+        written = 0
+        for chunk in chunks:
+            self.put(chunk)
+            written += len(chunk)
+            if on_bytes:
+                on_bytes(len(chunk))
+        return written
 
     def close(self) -> None:
         for q in self._queues:
@@ -248,9 +264,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise DiskFullError("disk full while writing", file=str(path),
-                                hint="free space, then run the same command with --resume") from None
+        raise_if_disk_full(exc, path)
         raise
     fsync_dir(path.parent)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from m1.errors import InternalError, UsageError
 from m1.plan import OutputFile, Plan
-from m1.streaming import ChunkSink, PendingShard, Produced, is_disk_full
+from m1.streaming import ChunkSink, PendingShard, Produced, raise_if_disk_full
 
 ALIGNMENT = 32  # gguf's default
 
@@ -75,13 +75,7 @@ class GGUFSink:
             with open(tmp, "wb", buffering=0) as f, ChunkSink(f.fileno(), sha) as sink:  # threads end first
                 sink.put(header)
                 for t in file.tensors:
-                    out = produce(t.name)
-                    written = 0
-                    for chunk in out.chunks:
-                        sink.put(chunk)
-                        written += len(chunk)
-                        if on_bytes:
-                            on_bytes(len(chunk))
+                    written = sink.put_all(produce(t.name).chunks, on_bytes)
                     if written != t.nbytes:
                         raise InternalError(f"produced {written} bytes, planned {t.nbytes}", file=path.name,
                                             tensor=t.name)
@@ -91,11 +85,7 @@ class GGUFSink:
             size = tmp.stat().st_size
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and is_disk_full(exc):
-                from m1.errors import DiskFullError
-
-                raise DiskFullError("disk full while writing", file=str(path),
-                                    hint="free space, then run the same command with --resume") from None
+            raise_if_disk_full(exc, path)
             raise
         return sha.hexdigest(), size, PendingShard(tmp, path)
 
