@@ -65,12 +65,7 @@ def plot_layers(results: list[CandidateResult], path: Path) -> bool:
     ax.set_ylabel("error of the layer's output vs the reference")
     ax.set_title("Per-layer error")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, tmp.read_bytes())
-    tmp.unlink()
+    _save(fig, path)
     return True
 
 
@@ -110,12 +105,7 @@ def plot_positions(results: list[CandidateResult], path: Path) -> bool:
     axes[1].set_yscale("log")
     axes[2].axhline(0.0, color="grey", linewidth=0.5)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, tmp.read_bytes())
-    tmp.unlink()
+    _save(fig, path)
     return True
 
 
@@ -141,3 +131,16 @@ def write_report(dest: Path, info: dict[str, Any], results: list[CandidateResult
     write_bytes_atomic(dest / "report.md", "\n".join(md).encode())
     write_bytes_atomic(dest / "report.json", (json.dumps(obj, indent=2) + "\n").encode())
     return obj
+
+
+def _save(fig: Any, path: Path) -> None:
+    """The plot as PNG bytes in memory, then one atomic write (no temporary PNG to read back)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
