@@ -129,5 +129,13 @@ def test_every_command_refuses_the_damaged_input_cleanly(good: Path, tmp_path: P
 
 def test_the_suite_is_the_size_the_readme_says() -> None:
     """The README's reliability section quotes these counts; this keeps them honest."""
-    assert len(GENERATED) == len(HEADER_CASES) + len(INDEX_CASES) + len(list(CONFIG_CASES)[::3])
-    assert len(COMMANDS) == 6
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    m = re.search(r"\*\*Generated damage x every command:\*\* (\d+) damaged checkpoints \((\d+) header mutations"
+                  r".*?; (\d+) index\s+mutations; (\d+) config values\).*?: (\d+) runs", readme, re.S)
+    assert m, "the README's reliability section no longer states the suite's size"
+    total, headers, index, config, runs = map(int, m.groups())
+    assert (headers, index, config) == (len(HEADER_CASES), len(INDEX_CASES), len(list(CONFIG_CASES)[::3]))
+    assert total == len(GENERATED) == headers + index + config
+    assert runs == len(GENERATED) * len(COMMANDS)
