@@ -25,8 +25,7 @@ from m1.cli_options import (
     TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
-    check_layout,
-    format_options,
+    format_option_values,
     print_json,
     print_plan,
 )
@@ -64,44 +63,27 @@ def convert_cmd(
     m1 convert out-hf/ back/ --to release --layout by-layer --dtype bf16 ;
     m1 convert m1-40k/ m1-bf16.gguf --to gguf ;  m1 convert m1-q4.gguf back/ --to release
     """
-    from m1.checkpoint import Checkpoint
-    from m1.convert.job import ConvertOptions, plan_convert, run_convert, warn_plan
+    from m1.convert.job import convert
     from m1.distributed import is_main_process
     from m1.formats import format_names
-    from m1.units import parse_size
 
     if to is not None and to not in format_names():
         raise UsageError(f"--to must be one of {', '.join(repr(f) for f in format_names())}, got {to!r}")
-    ckpt = Checkpoint.open(source, revision=revision)
-    fmt_options = format_options(to or ckpt.config.flavour, dest, attn_type, head_type, embed_type, split_max_size,
-                                 tokenizer_pre, chat_template)
-    by_layer = check_layout("size" if layout in (None, "source") else layout)
-    opts = ConvertOptions(to=to, by_layer=by_layer, shard_size=parse_size(shard_size), dtype=dtype,
-                          router_dtype=router_dtype, format_options=fmt_options)
-    plan = plan_convert(ckpt, opts)
-    bound = parse_size(scratch) if scratch is not None else None
-    if layout == "source" or bound is not None:
-        from m1.scratch import choose_layout, in_source_order
-
-        plan = (in_source_order(plan, ckpt, parse_size(shard_size)) if layout == "source"
-                else choose_layout(plan, ckpt, bound, layout, parse_size(shard_size)))
+    given = format_option_values(attn_type, head_type, embed_type, split_max_size, tokenizer_pre, chat_template)
+    result = convert(source, dest, to=to, layout=layout, shard_size=shard_size, dtype=dtype, router_dtype=router_dtype,
+                     revision=revision, format_options=given, scratch=scratch, workers=workers, resume=resume,
+                     overwrite=overwrite, progress=not quiet, dry_run=dry_run)
     if dry_run:
-        from m1.scratch import dry_run as scratch_dry_run
-
-        warn_plan(plan)
-        print_plan(plan, dest, json_out, verbose,
-                   scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None)
+        print_plan(result.plan, dest, json_out, verbose, result.scratch)
         return
-    manifest = run_convert(ckpt, dest, opts, resume=resume, overwrite=overwrite, show_progress=not quiet,
-                           workers=workers, plan=plan, scratch=bound)
     if not is_main_process():  # under torchrun, rank 0 says what the job wrote
         return
     if json_out:
-        print_json({"dest": str(dest), "shards": manifest["shards"]})
+        print_json({"dest": str(dest), "shards": result.files})
     else:
-        total = sum(s["size"] for s in manifest["shards"].values())
-        typer.echo(f"wrote {len(manifest['shards'])} {'files' if str(dest).endswith('.gguf') else 'shards'} "
-               f"({total} bytes) to {dest}")
+        total = sum(s["size"] for s in result.files.values())
+        typer.echo(f"wrote {len(result.files)} {'files' if str(dest).endswith('.gguf') else 'shards'} "
+                   f"({total} bytes) to {dest}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,14 @@
-"""`m1 convert`: between formats (release, hf), shard layouts and dtypes; a quantized source is copied as
-stored, or dequantized with `--dtype`. It is the pipeline's one planner and executor without a scheme."""
+"""`m1 convert`: between formats (release, hf, gguf), shard layouts and dtypes; a quantized source is copied as
+stored, or dequantized with `--dtype`. It is the pipeline's one planner and executor without a scheme.
+
+`convert(...)` is the job as a Python function (what the CLI calls); `plan_convert` / `run_convert` are its
+two halves for callers that hold a `Checkpoint` already.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +16,7 @@ from typing import Any
 from m1.checkpoint import Checkpoint
 from m1.execute import RunOptions, execute
 from m1.plan import Plan
-from m1.planner import JobRequest, plan_checkpoint
+from m1.planner import JobRequest, JobResult, by_layer, plan_checkpoint
 
 
 class RotaryWarning(UserWarning):
@@ -30,6 +35,42 @@ class ConvertOptions:
     def request(self) -> JobRequest:
         return JobRequest("convert", self.to, self.dtype, self.router_dtype, self.by_layer, self.shard_size,
                           format_options=self.format_options)
+
+
+def convert(source: str | Path, dest: str | Path, *, to: str | None = None, layout: str | None = None,
+            shard_size: int | str = "5GB", dtype: str = "keep", router_dtype: str = "keep",
+            revision: str | None = None, format_options: Mapping[str, Any] | None = None,
+            scratch: int | str | None = None, workers: int = 1, resume: bool = False, overwrite: bool = False,
+            progress: bool = True, dry_run: bool = False) -> JobResult:
+    """Convert checkpoint `source` (a folder, a .gguf, or a Hub repo id) into `dest`.
+
+    to: the output format (`m1.formats.format_names()`; None keeps the source's). layout: `size` (shards up to
+    `shard_size`), `by-layer`, or `source` (the source's order). dtype / router_dtype: keep, bf16, fp16, fp32.
+    format_options: the output format's own options by keyword (GGUF: attn_type, head_type, embed_type,
+    split_max_size, tokenizer_pre, chat_template). scratch: stream a Hub source through at most this many
+    bytes of disk. dry_run: plan only (the result's `plan`; nothing is written).
+
+    Example: `m1.convert("tiny-m1", "tiny.gguf", to="gguf")`.
+    """
+    from m1.formats import format_options as make_format_options
+    from m1.scratch import arrange
+    from m1.units import parse_size
+
+    dest = Path(dest)
+    ckpt = Checkpoint.open(str(source), revision=revision)
+    opts = ConvertOptions(to=to, by_layer=by_layer(layout), shard_size=parse_size(shard_size), dtype=dtype,
+                          router_dtype=router_dtype,
+                          format_options=make_format_options(to or ckpt.config.flavour, dest, format_options or {}))
+    bound = parse_size(scratch) if scratch is not None else None
+    plan = arrange(plan_convert(ckpt, opts), ckpt, layout, opts.shard_size, bound)
+    if dry_run:
+        from m1.scratch import dry_run as scratch_dry_run
+
+        warn_plan(plan)
+        return JobResult(dest, plan, scratch=scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None)
+    manifest = run_convert(ckpt, dest, opts, resume=resume, overwrite=overwrite, show_progress=progress,
+                           workers=workers, plan=plan, scratch=bound)
+    return JobResult(dest, plan, manifest)
 
 
 def plan_convert(ckpt: Checkpoint, opts: ConvertOptions) -> Plan:

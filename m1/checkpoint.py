@@ -192,9 +192,8 @@ class Checkpoint:
         import torch
 
         info = self.info(name)
-        read_tensor = getattr(self.storage, "read_tensor", None)
-        if read_tensor is not None:  # a storage that decodes its own tensors (GGUF)
-            return read_tensor(name)
+        if self.storage.decodes_tensors:  # a storage that decodes its own tensors (GGUF)
+            return self.storage.read_tensor(name)
         if info.file.endswith(".bin") and info.file not in self._bin:
             self.header(info.file)  # loads the .bin (again, in a worker process)
         if info.file in self._bin:
@@ -216,7 +215,7 @@ class Checkpoint:
         from m1.streaming import tensor_bytes
 
         info = self.info(name)
-        if getattr(self.storage, "read_tensor", None) is not None:
+        if self.storage.decodes_tensors:
             yield 0, tensor_bytes(self.get(name))
             return
         if info.file.endswith(".bin") and info.file not in self._bin:

@@ -35,9 +35,6 @@ ChatTemplateOpt = Annotated[Path | None, typer.Option("--chat-template", help="G
                                                       "model's chat template.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")]
-LayoutOpt = Annotated[
-    str, typer.Option("--layout", help="'size' (shards up to --shard-size) or 'by-layer' (one shard per layer).")
-]
 StreamLayoutOpt = Annotated[
     str | None, typer.Option("--layout", help="'size' (shards up to --shard-size, the default), 'by-layer' (one "
                              "shard per layer) or 'source' (shards up to --shard-size in the source's order: what "
@@ -47,15 +44,6 @@ StreamLayoutOpt = Annotated[
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def check_layout(layout: str) -> bool:
-    """True for by-layer."""
-    from m1.errors import UsageError
-
-    if layout not in ("size", "by-layer"):
-        raise UsageError(f"--layout must be 'size', 'by-layer' or 'source', got {layout!r}")
-    return layout == "by-layer"
 
 
 def print_report(report: IntegrityReport, source: str, deep: bool, json_out: bool) -> None:
@@ -95,28 +83,9 @@ def print_plan(plan: Plan, dest: Path, json_out: bool, verbose: bool, scratch: A
             typer.echo("  " + line)
 
 
-def format_options(fmt: str, dest: Path, attn_type: str | None = None, head_type: str | None = None,
-                   embed_type: str | None = None, split_max_size: str | None = None, tokenizer_pre: str | None = None,
-                   chat_template: Path | None = None) -> dict[str, Any]:
-    """The output format's own options (GGUF's), refused for a format they do not apply to."""
-    from m1.errors import UsageError
-    from m1.units import parse_size
-
-    given = {"--attn-type": attn_type, "--head-type": head_type, "--embed-type": embed_type,
-             "--split-max-size": split_max_size, "--tokenizer-pre": tokenizer_pre, "--chat-template": chat_template}
-    if fmt != "gguf":
-        used = [k for k, v in given.items() if v is not None]
-        if used:
-            raise UsageError(f"{used[0]} applies to GGUF output only", hint="add --to gguf (quantize: --format gguf)")
-        return {}
-    if chat_template is not None and not chat_template.is_file():
-        raise UsageError("--chat-template is not a file", file=str(chat_template))
-    from m1.gguf.types import DENSE_TYPES
-
-    for option, value in (("--attn-type", attn_type), ("--head-type", head_type), ("--embed-type", embed_type)):
-        if value is not None and value not in DENSE_TYPES:
-            raise UsageError(f"{option} {value!r} is not one of {', '.join(DENSE_TYPES)}")
-    return {"stem": dest.stem if dest.suffix == ".gguf" else "model", "attn_type": attn_type, "head_type": head_type,
-            "embed_type": embed_type, "split_max_size": parse_size(split_max_size) if split_max_size else None,
-            "tokenizer_pre": tokenizer_pre, "chat_template": str(chat_template) if chat_template else None,
-            "name": dest.stem if dest.suffix == ".gguf" else dest.name}
+def format_option_values(attn_type: str | None = None, head_type: str | None = None, embed_type: str | None = None,
+                 split_max_size: str | None = None, tokenizer_pre: str | None = None,
+                 chat_template: Path | None = None) -> dict[str, Any]:
+    """The format options the command line declares, by keyword (the output format refuses those not its own)."""
+    return {"attn_type": attn_type, "head_type": head_type, "embed_type": embed_type,
+            "split_max_size": split_max_size, "tokenizer_pre": tokenizer_pre, "chat_template": chat_template}

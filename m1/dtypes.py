@@ -21,6 +21,14 @@ _TABLE: dict[str, tuple[int, str]] = {
 
 DTYPE_BYTES: dict[str, int] = {name: size for name, (size, _) in _TABLE.items()}
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# What --dtype and --router-dtype take -> the safetensors dtype (keep: as stored).
+DTYPE_OPTIONS: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+def torch_name(name: str) -> str:
+    """The torch spelling of a dtype name (`BF16` -> `bfloat16`, as config.json's torch_dtype and a bitsandbytes
+    quant state write it), without importing torch."""
+    return _TABLE[name][1]
 
 
 @lru_cache(maxsize=1)

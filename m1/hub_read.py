@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from m1.errors import CheckpointError, M1Error, UsageError
 from m1.safetensors_io import MAX_HEADER_BYTES, Header, parse_header, read_header
+from m1.storage import Storage
 
 if TYPE_CHECKING:
     from m1.config import M1Config
@@ -187,7 +188,7 @@ def remote_config(repo_id: str, sha: str | None, revision: str | None = None) ->
         raise
 
 
-class HubStorage:
+class HubStorage(Storage):
     """A Hub repo, pinned to one commit: headers by exact range reads, files downloaded on first need."""
 
     remote = True
@@ -250,6 +251,9 @@ class HubStorage:
 
     def identity(self, files: list[str]) -> dict[str, Any]:
         return {name: self.sizes.get(name) for name in files}
+
+    def shard_sizes(self) -> dict[str, int] | None:
+        return {name: int(size) for name, size in self.sizes.items() if size is not None}
 
 
 def remote_header(repo_id: str, file: str, revision: str | None, size: int | None) -> Header:

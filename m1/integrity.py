@@ -8,7 +8,6 @@ Findings are collected, not raised, so one run lists everything that is wrong.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,8 +75,8 @@ def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, 
         report.add("unreadable", exc.message, exc.file, exc.tensor)
         return report
     headers = check_checkpoint(ckpt, report, layers)
-    if _gguf_checks(ckpt) is not None:
-        _check_gguf(ckpt, report, check_hashes and layers is None)
+    if ckpt.storage.own_format is not None:
+        _check_own_format(ckpt, report, check_hashes and layers is None)
     elif check_hashes and not ckpt.remote and layers is None:
         _check_manifest(Path(ckpt.root), report)
     if deep:
@@ -231,8 +230,8 @@ def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityR
             if name not in names and weight in covered:
                 report.add("missing-tensor", "a quantized weight lacks this bitsandbytes tensor", None, name)
     # One float dtype for the whole checkpoint (the router may stay fp32): a stray dtype is damage.
-    # Not in a GGUF: its type policy mixes types by design (_check_gguf checks the types by role instead).
-    if float_dtypes and _gguf_checks(ckpt) is None:
+    # Not where the format's type policy mixes types by design (its own findings check the types by role).
+    if float_dtypes and not ckpt.storage.mixed_float_dtypes:
         main_dtype, _ = float_dtypes.most_common(1)[0]
         report.stats["dtype"] = main_dtype
         for name, info in present.items():
@@ -261,16 +260,11 @@ def _check_plain(spec: TensorSpec, info: Any, file: str | None, report: Integrit
         float_dtypes[info.dtype] += 1
 
 
-def _gguf_checks(ckpt: Checkpoint) -> Any:
-    """The GGUF storage's own checks (m1.gguf.reader.GGUFStorage.gguf_findings), or None for any other storage."""
-    return getattr(ckpt.storage, "gguf_findings", None)
-
-
-def _check_gguf(ckpt: Checkpoint, report: IntegrityReport, check_hashes: bool) -> None:
-    """A GGUF read back: tensor types by role, and its m1 manifest (<stem>.m1-manifest.json) when there is one."""
-    for code, message, file, tensor in _gguf_checks(ckpt)(check_hashes):
+def _check_own_format(ckpt: Checkpoint, report: IntegrityReport, check_hashes: bool) -> None:
+    """A storage that reads its format by itself (a GGUF: tensor types by role, its <stem>.m1-manifest.json)."""
+    for code, message, file, tensor in ckpt.storage.findings(check_hashes):
         report.add(code, message, file, tensor)
-    report.stats["format"] = "gguf"
+    report.stats["format"] = ckpt.storage.own_format
 
 
 def _check_manifest(root: Path, report: IntegrityReport) -> None:
@@ -313,10 +307,6 @@ def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: Integrit
                 advance(len(chunk))
             if bad:
                 report.add("not-finite", f"{bad} NaN/Inf values", info.file, info.name)
-
-
-def dump_json(report: IntegrityReport) -> str:
-    return json.dumps(report.to_json(), indent=2)
 
 
 def _layer_of(name: str) -> int | None:

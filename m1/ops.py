@@ -9,7 +9,7 @@ op holds more than one source tensor, and copy and cast hold only a chunk.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,8 +100,7 @@ class OpRunner:
     def _raw(self, source: str) -> Iterator[Any]:
         info = self.ckpt.info(source)
         storage = self.ckpt.storage
-        if (info.file.endswith(".safetensors") and not hasattr(storage, "read_tensor")
-                and getattr(storage, "copy_in_kernel", True)):
+        if info.file.endswith(".safetensors") and storage.copy_in_kernel:
             # byte ranges: copied in the kernel, like cp (not while streaming: the shard may be gone by then)
             yield from file_ranges(self.ckpt.local_path(info.file), info.start, info.nbytes)
             return
@@ -173,6 +172,3 @@ class OpRunner:
                 self.ahead = (nxt, self.reader.submit(self.ckpt.get, nxt))
         return weight
 
-
-def runner_factory(ckpt: Checkpoint, scheme: Any, device: str) -> Callable[[OutputFile, Timing], OpRunner]:
-    return lambda file, timing: OpRunner(ckpt, file, scheme, device, timing)

@@ -16,7 +16,7 @@ from typing import Any
 
 from m1.checkpoint import Checkpoint
 from m1.config import M1Config
-from m1.dtypes import DTYPE_BYTES, FLOAT_DTYPES
+from m1.dtypes import DTYPE_BYTES, DTYPE_OPTIONS, FLOAT_DTYPES, torch_name
 from m1.errors import CheckpointError, M1Error, UsageError
 from m1.formats import get_format
 from m1.plan import OutputFile, OutputTensor, Plan, SourceTensor, TensorOp
@@ -26,8 +26,6 @@ from m1.schemes import Scheme, companion_suffixes, scheme_from_config
 from m1.spec import Role, classify, inventory, spec_by_name
 
 KEEP = "keep"
-DTYPE_OPTIONS: dict[str, str | None] = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,35 @@ class JobRequest:
     # A measured mix: weight (spec name, or a GGUF tensor name) -> the scheme it gets instead of `scheme`;
     # KEEP leaves it unquantized. The schemes are made like --scheme (same family options).
     recipe: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job planned and, unless it was a dry run, wrote."""
+
+    dest: Path
+    plan: Plan
+    manifest: dict[str, Any] | None = None  # None: a dry run, nothing written
+    scratch: Any = None  # with --scratch: the m1.scratch.ScratchPlan (peak disk, downloads)
+    stats: dict[str, Any] = field(default_factory=dict)  # quantize: what was written and how fast
+    mix: Any = None  # quantize --budget/--recipe: the m1.quantize.budget.Mix
+    recipe: Path | None = None  # the mix's m1-recipe.json as written
+
+    @property
+    def dry_run(self) -> bool:
+        return self.manifest is None
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        """Written files -> their size and sha256 (from the manifest); empty for a dry run."""
+        return dict(self.manifest["shards"]) if self.manifest else {}
+
+
+def by_layer(layout: str | None) -> bool:
+    """--layout: True for by-layer (size and source pack by size; m1.scratch regroups a source-order plan)."""
+    if layout not in (None, "size", "source", "by-layer"):
+        raise UsageError(f"--layout must be 'size', 'by-layer' or 'source', got {layout!r}")
+    return layout == "by-layer"
 
 
 def ordered(cfg: M1Config, tensors: list[TensorInfo]) -> list[TensorInfo]:
@@ -199,7 +226,7 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
     if dequantize:
         config.pop("quantization_config", None)
     if request.dtype != "keep":
-        config["torch_dtype"] = TORCH_DTYPE_NAMES[request.dtype]
+        config["torch_dtype"] = torch_name(DTYPE_OPTIONS[request.dtype])
     files = pack(ops, request.shard_size, request.by_layer, fmt.single_file)
     layout = "by-layer" if request.by_layer else f"shard-size {request.shard_size}"
     if scheme is None:
@@ -273,8 +300,7 @@ def _plan_by_format(fmt: Any, cfg: M1Config, tensors: list[TensorInfo], request:
         if op.scheme is not None and op.scheme not in schemes:
             from m1.schemes import make_scheme
 
-            imatrix = getattr(scheme, "imatrix", None)
-            schemes[op.scheme] = make_scheme(op.scheme, imatrix=imatrix) if imatrix else make_scheme(op.scheme)
+            schemes[op.scheme] = scheme.like(op.scheme) if scheme is not None else make_scheme(op.scheme)
     return Plan(fmt.name, fmt.sink, files, {}, [], job, inputs=inputs or {}, scheme=scheme,
                 warnings=list(sink_data.get("warnings", [])), sink_data=sink_data, writes_config=fmt.writes_config,
                 stem=request.format_options.get("stem"), schemes=schemes)
@@ -292,7 +318,7 @@ def read_rows_from(ckpt: Checkpoint, name: str, start: int,
     rows = info.shape[0]
     if start >= rows:
         return
-    if getattr(ckpt.storage, "read_tensor", None) is not None or not info.file.endswith(".safetensors"):
+    if ckpt.storage.decodes_tensors or not info.file.endswith(".safetensors"):
         whole = ckpt.get(name)  # a reader without byte ranges: one tensor, the memory rule allows it
         yield start, whole[start:]
         return
@@ -351,7 +377,7 @@ def _check_chosen(scheme: Scheme, chosen: list[TensorInfo]) -> None:
     straddling = []
     for t in chosen:
         scheme.check_weight(t.name, t.dtype, t.shape, t.file)
-        if getattr(scheme, "straddles_rows", None) and scheme.straddles_rows(t.shape):
+        if scheme.straddles_rows(t.shape):
             straddling.append(t)
     if straddling:
         rows = sorted({t.shape[-1] for t in straddling})

@@ -140,11 +140,11 @@ def ordered(files: list[OutputFile], plan: ScratchPlan) -> list[OutputFile]:
 
 def source_sizes(storage: Any) -> dict[str, int]:
     """The shard sizes of a Hub source (from the repo listing); a usage error for any other source."""
-    sizes = getattr(storage, "sizes", None)
-    if not getattr(storage, "remote", False) or not isinstance(sizes, dict):
+    sizes = storage.shard_sizes()
+    if not storage.remote or sizes is None:
         raise UsageError("--scratch applies when the source is a Hub repo id",
                          hint="drop --scratch: a local source is read in place")
-    return {name: int(size) for name, size in sizes.items() if name.endswith(".safetensors") and size is not None}
+    return {name: size for name, size in sizes.items() if name.endswith(".safetensors")}
 
 
 def dry_run(plan: Any, storage: Any, bound: int) -> ScratchPlan:
@@ -184,6 +184,15 @@ def in_source_order(plan: Any, ckpt: Any, shard_size: int) -> Any:
     keyed = sorted(range(len(ops)), key=lambda i: (min((where(s.name, s.file) for s in ops[i].sources),
                                                        default=(len(rank), 0)), i))
     return replace(plan, files=pack([ops[i] for i in keyed], shard_size), job={**plan.job, "layout": "source"})
+
+
+def arrange(plan: Any, ckpt: Any, layout: str | None, shard_size: int, bound: int | None) -> Any:
+    """`plan` in the file grouping --layout and --scratch ask for (`source` order, or the one that fits)."""
+    if layout == "source":
+        return in_source_order(plan, ckpt, shard_size)
+    if bound is not None:
+        return choose_layout(plan, ckpt, bound, layout, shard_size)
+    return plan
 
 
 def choose_layout(plan: Any, ckpt: Any, bound: int, layout: str | None, shard_size: int) -> Any:

@@ -16,7 +16,7 @@ from functools import lru_cache
 from m1.config import M1Config
 from m1.dtypes import DTYPE_BYTES
 from m1.errors import UnknownTensorError
-from m1.tensors import EXPERT, GLOBAL, LIGHTNING, M1_TENSORS, SOFTMAX, Role, TensorRule
+from m1.tensors import EXPERT, GLOBAL, LIGHTNING, M1_TENSORS, SOFTMAX, Role, TensorRule, name_pattern
 
 __all__ = ["M1_TENSORS", "Role", "TensorRule", "TensorSpec", "Classified", "classify", "inventory", "spec_by_name"]
 
@@ -68,11 +68,7 @@ def inventory(cfg: M1Config) -> list[TensorSpec]:
 
 @lru_cache(maxsize=1)
 def _compiled() -> tuple[tuple[re.Pattern[str], TensorRule], ...]:
-    out = []
-    for rule in M1_TENSORS:
-        rx = re.escape(rule.pattern).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
-        out.append((re.compile(rx + r"\Z"), rule))
-    return tuple(out)
+    return tuple((name_pattern(rule.pattern), rule) for rule in M1_TENSORS)
 
 
 @dataclass(frozen=True)

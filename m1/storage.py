@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from m1.errors import CheckpointError
+from m1.errors import CheckpointError, InternalError
 from m1.safetensors_io import Header, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 EXTRA_FILE = re.compile(
     r"^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|generation_config\.json|vocab\.json|"
@@ -26,23 +29,67 @@ def is_extra_file(name: str) -> bool:
     return bool(EXTRA_FILE.match(name))
 
 
-class Storage(Protocol):
+class Storage:
+    """Where a checkpoint's files live. Subclasses give the required members; the optional capabilities are
+    declared here with their defaults, so no caller has to probe for them."""
+
     root: str  # how errors and reports name the checkpoint: a folder, or a repo id
-    remote: bool
-    revision: str | None
+    remote: bool = False
+    revision: str | None = None
+    # True: tensors come from `read_tensor` (a format that decodes its own, e.g. stacked block types), never as
+    # byte ranges of a safetensors shard.
+    decodes_tensors: bool = False
+    # The format a storage reads by itself, checks (`findings`) and sizes (GGUF), or None: the config.json says.
+    own_format: str | None = None
+    mixed_float_dtypes: bool = False  # its type policy mixes float dtypes by design (not damage)
 
-    def display(self, name: str) -> str: ...
-    def exists(self, name: str) -> bool: ...
-    def read_bytes(self, name: str) -> bytes: ...
-    def header(self, file: str) -> Header: ...
-    def local_path(self, file: str) -> Path: ...
-    def extra_files(self) -> list[str]: ...
-    def identity(self, files: list[str]) -> dict[str, Any]: ...
+    def display(self, name: str) -> str:
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def read_bytes(self, name: str) -> bytes:
+        raise NotImplementedError
+
+    def header(self, file: str) -> Header:
+        raise NotImplementedError
+
+    def local_path(self, file: str) -> Path:
+        raise NotImplementedError
+
+    def extra_files(self) -> list[str]:
+        raise NotImplementedError
+
+    def identity(self, files: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # ---- optional capabilities ----
+    @property
+    def copy_in_kernel(self) -> bool:
+        """Whether a reader may hand out byte ranges of a shard to be copied later (not while a shard may be
+        deleted after its last read, as when streaming through bounded scratch)."""
+        return not self.decodes_tensors
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One spec tensor, decoded by the storage itself (only where `decodes_tensors`)."""
+        raise InternalError(f"{type(self).__name__} does not decode tensors itself", tensor=name)
+
+    def findings(self, check_hashes: bool = True) -> list[tuple[str, str, str | None, str | None]]:
+        """(code, message, file, tensor) for what the storage's own format may get wrong beyond the spec checks
+        (`m1 verify integrity` adds them to its report)."""
+        return []
+
+    def shard_sizes(self) -> dict[str, int] | None:
+        """The size of every file as the remote listing gives it, for a storage that downloads (None: local)."""
+        return None
+
+    def download_to(self, file: str, folder: Path) -> Path:
+        """`file` fetched into `folder` (a remote storage streaming through bounded scratch)."""
+        raise InternalError(f"{type(self).__name__} has no files to download", file=file)
 
 
-class LocalStorage:
-    remote = False
-    revision = None
+class LocalStorage(Storage):
 
     def __init__(self, root: str | Path) -> None:
         self.root = str(root)

@@ -7,8 +7,10 @@ a shape written in the dimension names of `M1Config.dims()`, and the dtype the r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 
 
 class Role(str, Enum):
@@ -62,3 +64,11 @@ M1_TENSORS: tuple[TensorRule, ...] = (
     TensorRule("model.norm.weight", Role.FINAL_NORM, GLOBAL, ("hidden",)),
     TensorRule("lm_head.weight", Role.HEAD, GLOBAL, ("vocab", "hidden")),
 )
+
+
+@cache
+def name_pattern(pattern: str) -> re.Pattern[str]:
+    """The regex of a name pattern: `{layer}` and `{expert}` become the named groups `layer` and `expert`, the
+    rest matches literally and the whole name must match (the one compiler every name table uses)."""
+    rx = re.escape(pattern).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+    return re.compile(rx + r"\Z")

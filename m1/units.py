@@ -30,8 +30,13 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB', '123' -> bytes (decimal units, as huggingface_hub's max_shard_size)."""
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB', '123' -> bytes (decimal units, as huggingface_hub's max_shard_size); an int is
+    bytes already."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise UsageError(f"size must be positive, got {text}")
+        return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in SIZE_UNITS:
         raise UsageError(f"cannot read the size {text!r}", hint="write it like 5GB, 500MB or 2GiB")

@@ -9,6 +9,7 @@ are copied as byte ranges. Peak RSS is bounded by the largest tensor (per worker
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from m1.checkpoint import Checkpoint
 from m1.config import M1Config
 from m1.execute import RunOptions, execute
 from m1.plan import Plan
-from m1.planner import JobRequest, plan_checkpoint, plan_job
+from m1.planner import JobRequest, JobResult, by_layer, plan_checkpoint, plan_job
 from m1.policy import Policy
 from m1.safetensors_io import TensorInfo
 from m1.schemes import Scheme
@@ -37,6 +38,77 @@ class QuantizeOptions:
         return JobRequest("quantize", self.to, by_layer=self.by_layer, shard_size=self.shard_size,
                           scheme=self.scheme, policy=self.policy, format_options=self.format_options,
                           recipe=self.recipe)
+
+
+def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", blocksize: int | None = None,
+             double_quant: bool | None = None, keep: Sequence[str] = (), only: Sequence[str] = (),
+             to: str | None = None, layout: str | None = None, shard_size: int | str = "5GB",
+             revision: str | None = None, imatrix: str | Path | None = None,
+             format_options: Mapping[str, Any] | None = None, budget: str | None = None,
+             candidates: str | None = None, calibration: str | None = None, calibration_tokens: int = 4096,
+             calibration_ctx: int = 256, metric: str = "kl", sensitivity: str | Path | None = None,
+             recipe: str | Path | None = None, device: str = "auto", workers: int = 1, threads: int | None = None,
+             scratch: int | str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
+             dry_run: bool = False) -> JobResult:
+    """Quantize the experts of checkpoint `source` into `dest` (everything else kept), or a measured mix.
+
+    scheme: a registered scheme (`m1.schemes.scheme_names()`: bitsandbytes nf4/fp4/int8, ggml types with
+    to="gguf"), with its options (blocksize, double_quant for bitsandbytes; imatrix for the ggml K-quants).
+    keep / only: names or `re:REGEX` left unquantized / the only ones quantized. budget: a size (240GB) or bits
+    per weight (4.6bpw) that a mix of `candidates` (comma-separated) must fit, measured on `calibration` (a
+    bundled corpus, a text file or token ids) or sized by a stated prior; sensitivity: reuse a recipe's
+    measurements; recipe: replay an m1-recipe.json. The other arguments are `m1.convert`'s.
+
+    Example: `m1.quantize("tiny-m1", "tiny-nf4", scheme="nf4")`; the result's `stats` says what was written.
+    """
+    from m1.devices import resolve_device
+    from m1.errors import UsageError
+    from m1.formats import format_options as make_format_options
+    from m1.schemes import make_scheme
+    from m1.scratch import arrange
+    from m1.units import parse_size
+
+    dest = Path(dest)
+    imatrix_path = str(imatrix) if imatrix is not None else None
+    chosen = make_scheme(scheme, blocksize=blocksize, double_quant=double_quant, imatrix=imatrix_path)
+    chosen.check_supported(resolve_device(device))
+    ckpt = Checkpoint.open(str(source), revision=revision)
+    fmt = to or ckpt.config.flavour
+    opts = QuantizeOptions(scheme=chosen, policy=Policy.from_options(list(keep), list(only)),
+                           by_layer=by_layer(layout), shard_size=parse_size(shard_size), to=to,
+                           format_options=make_format_options(fmt, dest, format_options or {}))
+    mix = None
+    if budget is not None or recipe is not None:
+        from m1.quantize.budget import mix_plan
+
+        mix = mix_plan(ckpt, opts, fmt, source=str(source), budget=budget, candidates=candidates,
+                       calibration=calibration, calibration_tokens=calibration_tokens,
+                       calibration_ctx=calibration_ctx, metric=metric,
+                       sensitivity=Path(sensitivity) if sensitivity is not None else None,
+                       recipe=Path(recipe) if recipe is not None else None, device=device, imatrix=imatrix_path)
+        plan = mix.plan
+    elif candidates is not None or calibration is not None or sensitivity is not None:
+        raise UsageError("--candidates, --calibration and --sensitivity apply with --budget only",
+                         hint="add --budget 240GB (or 4.6bpw)")
+    else:
+        plan = plan_from_checkpoint(ckpt, opts)
+    bound = parse_size(scratch) if scratch is not None else None
+    plan = arrange(plan, ckpt, layout, opts.shard_size, bound)
+    if dry_run:
+        from m1.scratch import dry_run as scratch_dry_run
+
+        return JobResult(dest, plan, scratch=scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None,
+                         mix=mix)
+    recipe_file = None
+    if mix is not None:
+        from m1.quantize.budget import attach_recipe
+
+        recipe_file = attach_recipe(dest, plan, mix.recipe)
+    stats = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
+                         overwrite=overwrite, show_progress=progress, plan=plan, scratch=bound)
+    if recipe_file is not None:
+        stats["recipe"] = str(recipe_file)
+    return JobResult(dest, plan, stats.pop("manifest"), stats=stats, mix=mix, recipe=recipe_file)
 
 
 def plan_quantize(cfg: M1Config, tensors: list[TensorInfo], opts: QuantizeOptions, *, source: str,
@@ -61,9 +133,7 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
     from m1.devices import resolve_device
 
     dev = resolve_device(device)
-    check = getattr(opts.scheme, "check_supported", None)
-    if check is not None:
-        check(dev)
+    opts.scheme.check_supported(dev)
     plan = plan or plan_from_checkpoint(ckpt, opts)
     spec = device if "," in device else str(dev)  # a set of devices goes to the executor as it is
     run = execute(plan, dest, ckpt, RunOptions(resume=resume, overwrite=overwrite, workers=workers, threads=threads,
@@ -72,6 +142,7 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
     params_done = sum(f.params for f in plan.files if f.name in run.written)
     shards = run.manifest["shards"]
     return {
+        "manifest": run.manifest,
         "dest": str(dest),
         "scheme": plan.scheme.name,
         "device": spec,

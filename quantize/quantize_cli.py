@@ -25,8 +25,7 @@ from m1.cli_options import (
     TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
-    check_layout,
-    format_options,
+    format_option_values,
     print_json,
     print_plan,
 )
@@ -101,54 +100,22 @@ def quantize_cmd(
     m1 quantize m1-40k/ m1-mix/ --budget 240GB --candidates nf4,int8 --calibration mr-niah --dry-run ;
     m1 quantize m1-40k/ again/ --recipe m1-mix/m1-recipe.json
     """
-    from m1.checkpoint import Checkpoint
-    from m1.devices import resolve_device
     from m1.distributed import is_main_process
     from m1.formats import format_names
-    from m1.policy import Policy
-    from m1.quantize.job import QuantizeOptions, plan_from_checkpoint, run_quantize
-    from m1.schemes import make_scheme
-    from m1.units import parse_size
+    from m1.quantize.job import quantize
 
     if out_format is not None and out_format not in format_names():
         raise UsageError(f"--format must be one of {', '.join(format_names())}, got {out_format!r}")
-    chosen_scheme = make_scheme(scheme, blocksize=blocksize, double_quant=double_quant,
-                                imatrix=str(imatrix) if imatrix is not None else None)
-    chosen_scheme.check_supported(resolve_device(device))
-    ckpt = Checkpoint.open(source, revision=revision)
-    fmt = out_format or ckpt.config.flavour
-    opts = QuantizeOptions(
-        scheme=chosen_scheme,
-        policy=Policy.from_options(keep or [], only or []),
-        by_layer=check_layout("size" if layout in (None, "source") else layout),
-        shard_size=parse_size(shard_size),
-        to=out_format,
-        format_options=format_options(fmt, dest, attn_type, head_type, embed_type, split_max_size, tokenizer_pre,
-                                      chat_template),
-    )
-    mix = None
-    if budget is not None or recipe is not None:
-        from m1.quantize.budget import mix_plan
-
-        mix = mix_plan(ckpt, opts, fmt, source=source, budget=budget, candidates=candidates,
-                       calibration=calibration, calibration_tokens=calibration_tokens,
-                       calibration_ctx=calibration_ctx, metric=metric, sensitivity=sensitivity, recipe=recipe,
-                       device=device, imatrix=str(imatrix) if imatrix is not None else None)
-        plan = mix.plan
-    elif candidates is not None or calibration is not None or sensitivity is not None:
-        raise UsageError("--candidates, --calibration and --sensitivity apply with --budget only",
-                         hint="add --budget 240GB (or 4.6bpw)")
-    else:
-        plan = plan_from_checkpoint(ckpt, opts)
-    bound = parse_size(scratch) if scratch is not None else None
-    if layout == "source" or bound is not None:
-        from m1.scratch import choose_layout, in_source_order
-
-        plan = (in_source_order(plan, ckpt, parse_size(shard_size)) if layout == "source"
-                else choose_layout(plan, ckpt, bound, layout, parse_size(shard_size)))
+    given = format_option_values(attn_type, head_type, embed_type, split_max_size, tokenizer_pre, chat_template)
+    result = quantize(source, dest, scheme=scheme, blocksize=blocksize, double_quant=double_quant, keep=keep or [],
+                      only=only or [], to=out_format, layout=layout, shard_size=shard_size, revision=revision,
+                      imatrix=imatrix, format_options=given, budget=budget, candidates=candidates,
+                      calibration=calibration, calibration_tokens=calibration_tokens, calibration_ctx=calibration_ctx,
+                      metric=metric, sensitivity=sensitivity, recipe=recipe, device=device, workers=workers,
+                      threads=threads, scratch=scratch, resume=resume, overwrite=overwrite, progress=not quiet,
+                      dry_run=dry_run)
+    plan, mix = result.plan, result.mix
     if dry_run:
-        from m1.scratch import dry_run as scratch_dry_run
-
         if mix is not None and not json_out:
             for line in mix.lines:
                 typer.echo(line)
@@ -158,32 +125,23 @@ def quantize_cmd(
             print_json({"dry_run": True, "dest": str(dest), **plan.summary(verbose), "job": plan.job,
                         "mix": recipe_summary(mix.recipe)})
             return
-        print_plan(plan, dest, json_out, verbose,
-                   scratch_dry_run(plan, ckpt.storage, bound) if bound is not None else None)
+        print_plan(plan, dest, json_out, verbose, result.scratch)
         return
-    recipe_file = None
-    if mix is not None:
-        from m1.quantize.budget import attach_recipe
-
-        recipe_file = attach_recipe(dest, plan, mix.recipe)
-    result = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
-                          overwrite=overwrite, show_progress=not quiet, plan=plan, scratch=bound)
     if not is_main_process():  # under torchrun, rank 0 says what the job wrote
         return
-    if recipe_file is not None:
-        result["recipe"] = str(recipe_file)
+    stats = {**result.stats, "shards": result.files}
     if json_out:
-        print_json(result)
+        print_json(stats)
     else:
         from m1.units import human_bytes, human_count
 
-        q = result["quantized"]
-        rate = f", {human_count(result['params_per_s'])} params/s" if result["params_per_s"] else ""
-        typer.echo(f"wrote {len(result['shards'])} shards ({human_bytes(result['bytes'])}) to {dest}: "
+        q = stats["quantized"]
+        rate = f", {human_count(stats['params_per_s'])} params/s" if stats["params_per_s"] else ""
+        typer.echo(f"wrote {len(stats['shards'])} shards ({human_bytes(stats['bytes'])}) to {dest}: "
                    f"{q['tensors']} expert weights {human_bytes(q['bytes_before'])} -> "
                    f"{human_bytes(q['bytes_after'])} ({'a mix of ' + '/'.join(plan.schemes) if mix else scheme}) "
-                   f"in {result['seconds']:.1f} s{rate}")
+                   f"in {stats['seconds']:.1f} s{rate}")
         if mix is not None:
             for line in mix.recipe.get("layer_map", []):
                 typer.echo("  " + line)
-            typer.echo(f"recipe: {result['recipe']}")
+            typer.echo(f"recipe: {stats['recipe']}")

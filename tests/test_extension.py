@@ -40,7 +40,7 @@ TOY = Format(name="toy", description="one file, renamed tensors", model_types=("
 # ---- a toy scheme: int8 per row, scale beside the weight ---------------------------------------------------
 
 
-class RowInt8:
+class RowInt8(schemes.Scheme):
     name, family, formats = "rowint8", "toyquant", ("release", "hf", "toy")
 
     def describe(self) -> str:
@@ -48,9 +48,6 @@ class RowInt8:
 
     def options(self) -> dict[str, Any]:
         return {}
-
-    def check_supported(self, device: Any) -> None:
-        pass
 
     def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
         if len(shape) != 2:

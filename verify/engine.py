@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -83,26 +83,33 @@ class LayerState:
         return self.keys[..., :end, :], self.values[..., :end, :]
 
 
-class WeightSource(Protocol):
-    """Where the engine reads weights from, a layer at a time."""
+class WeightSource:
+    """Where the engine reads weights from, a layer at a time. A source subclasses this and gives
+    `layer_weights` and `global_weights`; the other members are optional, with their defaults here."""
 
     def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
         """The tensors of `model.layers.{layer}.`, named relative to that prefix (`self_attn.qkv_proj.weight`)."""
-        ...
+        raise NotImplementedError
 
     def global_weights(self) -> dict[str, torch.Tensor]:
         """The tensors outside the layers, full names (`model.embed_tokens.weight`, `model.norm.weight`, ...)."""
-        ...
+        raise NotImplementedError
 
-    # Optional: stacked_layer_weights(layer, dtype) -> layer_weights with the experts already stacked as
-    # GATE_UP and DOWN in `dtype` on the CPU (see `stack_experts`); `load_layer` uses it where present.
+    def global_weight(self, name: str) -> torch.Tensor:
+        """One tensor outside the layers (a source that reads tensors one at a time reads only it)."""
+        return self.global_weights()[name]
+
+    def stacked_layer_weights(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """`layer_weights` with the experts already stacked as GATE_UP and DOWN in `dtype` on the CPU (see
+        `stack_experts`), for a source that can read them straight into place; None: `load_layer` stacks them."""
+        return None
 
 
 def _layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
 
-class DictSource:
+class DictSource(WeightSource):
     """A `WeightSource` over an in-memory mapping of full tensor names (tests, training, tiny models)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -563,9 +570,9 @@ def load_layer(cfg: M1Config, source: WeightSource, layer: int, device: torch.de
                dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One layer's weights on `device`, the experts stacked in the compute dtype (read straight into the stacked
     tensors when the source can, on the CPU)."""
-    stacked = getattr(source, "stacked_layer_weights", None)
-    if stacked is not None and device.type == "cpu":
-        return stacked(layer, dtype)
+    stacked = source.stacked_layer_weights(layer, dtype) if device.type == "cpu" else None
+    if stacked is not None:
+        return stacked
     return stack_experts(cfg, _to_device(source.layer_weights(layer), device), dtype)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from m1.config import M1Config
+from m1.dtypes import DTYPE_BYTES
 from m1.errors import UsageError
 from m1.gguf.imatrix import Entry, IMatrix
 from m1.gguf.names import to_gguf
@@ -105,9 +106,7 @@ class LayerCollector:
 
 def _embedding(source: Any) -> dict[str, torch.Tensor]:
     name = "model.embed_tokens.weight"
-    if hasattr(source, "get"):  # CheckpointWeights: read the embedding alone, not the head too
-        return {name: source.get(name)}
-    return {name: source.global_weights()[name]}
+    return {name: source.global_weight(name)}
 
 
 @torch.no_grad()
@@ -150,8 +149,7 @@ def compute_imatrix(
         if progress is not None:
             progress(1)
     if process_output:
-        norm = source.global_weights()["model.norm.weight"] if not hasattr(source, "get") else \
-            source.get("model.norm.weight")
+        norm = source.global_weight("model.norm.weight")
         name = head_input_name(cfg)
         sums = torch.zeros(1, cfg.hidden_size, dtype=torch.float64, device=device)
         rows = 0
@@ -166,7 +164,6 @@ def compute_imatrix(
 
 # ---- the plan (--dry-run) ---------------------------------------------------------------------------------
 
-_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 @dataclass
@@ -209,7 +206,7 @@ def _stored_sizes(ckpt: Any, cfg: M1Config) -> tuple[dict[str, tuple[int, int]],
             out[s.name] = (int(info.nbytes), math.prod(info.shape))
         return out, "shard headers"
     except Exception:  # noqa: BLE001 - an index without its shards (tests/data/m1-release): the config says it
-        return {s.name: (math.prod(s.shape) * _BYTES.get(s.dtype, 2), math.prod(s.shape)) for s in specs}, "config"
+        return {s.name: (math.prod(s.shape) * DTYPE_BYTES.get(s.dtype, 2), math.prod(s.shape)) for s in specs}, "config"
 
 
 def plan_imatrix(ckpt: Any, tokens: int, ctx: int, batch_size: int, dtype: torch.dtype = torch.float32,

@@ -23,14 +23,12 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward
 
 
 def _compute_dtype(name: str):  # noqa: ANN202
-    import torch
-
+    from m1.dtypes import DTYPE_OPTIONS, torch_dtype
     from m1.errors import UsageError
 
-    options = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if name not in options:
+    if name not in ("fp32", "bf16"):  # the engine's compute dtypes
         raise UsageError(f"--dtype must be fp32 or bf16, got {name!r}")
-    return options[name]
+    return torch_dtype(DTYPE_OPTIONS[name])
 
 
 def _at_least_one(option: str, value: int) -> int:

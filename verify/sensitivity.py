@@ -36,6 +36,7 @@ import torch
 
 from m1.config import M1Config
 from m1.errors import UsageError
+from m1.verify.engine import WeightSource
 
 PARTS = ("w13", "w2")  # expert tensor groups of a layer
 PART_WEIGHTS = {"w13": ("w1", "w3"), "w2": ("w2",)}
@@ -109,7 +110,7 @@ class RoundtripCache:
         return self._cache[key]
 
 
-class MixSource:
+class MixSource(WeightSource):
     """A `WeightSource` over `source` with each group's weights quantized in memory per `assignment`
     (group key -> candidate name; groups not named stay as stored). What a written mix reads back as,
     without writing it (tests/test_budget.py checks the two agree)."""
@@ -123,6 +124,9 @@ class MixSource:
 
     def global_weights(self) -> dict[str, torch.Tensor]:
         return self.source.global_weights()
+
+    def global_weight(self, name: str) -> torch.Tensor:
+        return self.source.global_weight(name)
 
     def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
         weights = dict(self.source.layer_weights(layer))

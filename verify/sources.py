@@ -2,7 +2,7 @@
 
 Plain tensors are read as stored; bitsandbytes-quantized experts are dequantized on the fly (one
 expert at a time) with bitsandbytes' own functions, so the engine always sees ordinary weights. A new
-format is one small source class with `layer_weights` and `global_weights` (and optionally
+format is one small `WeightSource` subclass with `layer_weights` and `global_weights` (and optionally
 `stacked_layer_weights`, below).
 """
 
@@ -14,10 +14,10 @@ from m1.checkpoint import Checkpoint
 from m1.dtypes import FLOAT_DTYPES, torch_dtype
 from m1.errors import CheckpointError
 from m1.spec import classify
-from m1.verify.engine import DOWN, GATE_UP
+from m1.verify.engine import DOWN, GATE_UP, WeightSource
 
 
-class CheckpointWeights:
+class CheckpointWeights(WeightSource):
     """`WeightSource` over a `Checkpoint`, dequantizing bitsandbytes experts as they are read."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
@@ -36,6 +36,9 @@ class CheckpointWeights:
         from m1.quantized import dequantize_weight
 
         return dequantize_weight(self.ckpt, name)
+
+    def global_weight(self, name: str) -> torch.Tensor:
+        return self.get(name)  # the embedding alone, not the head too
 
     def _weights(self, names: list[str], strip: str = "") -> dict[str, torch.Tensor]:
         out = {}
@@ -72,7 +75,7 @@ class CheckpointWeights:
         info = self.ckpt.info(name)
         direct = (info.dtype in FLOAT_DTYPES and torch_dtype(info.dtype) == out.dtype and info.nbytes > 0
                   and info.file.endswith(".safetensors") and out.is_contiguous()
-                  and getattr(self.ckpt.storage, "read_tensor", None) is None)
+                  and not self.ckpt.storage.decodes_tensors)
         t = None if direct else self.get(name)  # quantized experts come back dequantized, in the spec's shape
         shape = tuple(info.shape) if t is None else tuple(t.shape)
         if shape != tuple(out.shape):

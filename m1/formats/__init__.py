@@ -8,6 +8,8 @@ built in; adding a format is one module with a `FORMAT` object and one `register
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from m1.errors import UsageError
@@ -15,7 +17,7 @@ from m1.formats import configs
 from m1.formats.base import Format, NameTable, identity_table
 
 __all__ = ["Format", "NameTable", "identity_table", "register_format", "unregister_format", "get_format",
-           "format_names", "all_formats", "format_of_config"]
+           "format_names", "all_formats", "format_of_config", "format_options"]
 
 
 _FORMATS: dict[str, Format] = {}
@@ -63,3 +65,21 @@ def all_formats() -> list[Format]:
 
 def format_of_config(raw: dict[str, Any]) -> Format | None:
     return configs.format_of_config(raw)
+
+
+def format_options(name: str, dest: Path, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of output format `name` from those given (None: not given), as its request carries them; an
+    option of another format is refused, naming the format it belongs to."""
+    fmt = get_format(name)
+    for option, value in given.items():
+        if value is None or option in fmt.options:
+            continue
+        owner = next((f.name for f in all_formats() if option in f.options), None)
+        flag = "--" + option.replace("_", "-")
+        if owner is None:
+            raise UsageError(f"{flag} is not an option of any format", hint=f"formats: {', '.join(format_names())}")
+        raise UsageError(f"{flag} applies to {owner} output only",
+                         hint=f"add --to {owner} (quantize: --format {owner})")
+    if not fmt.options:
+        return {}
+    return fmt.make_options(dest, {k: v for k, v in given.items() if k in fmt.options})

@@ -10,9 +10,11 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Protocol
 
 from m1.errors import UnknownTensorError
+from m1.tensors import name_pattern
 
 
 class ConfigView(Protocol):
@@ -39,11 +41,11 @@ class NameTable:
 
     @cached_property
     def _to_spec(self) -> tuple[tuple[re.Pattern[str], str], ...]:
-        return tuple((_compile(theirs), ours) for ours, theirs in self.pairs)
+        return tuple((name_pattern(theirs), ours) for ours, theirs in self.pairs)
 
     @cached_property
     def _from_spec(self) -> tuple[tuple[re.Pattern[str], str], ...]:
-        return tuple((_compile(ours), theirs) for ours, theirs in self.pairs)
+        return tuple((name_pattern(ours), theirs) for ours, theirs in self.pairs)
 
     @cached_property
     def identity(self) -> bool:
@@ -68,11 +70,6 @@ class NameTable:
                     weight = _translate(name[: -len(suffix) - 1] + ".weight", table, file)
                     return f"{weight[: -len('.weight')]}.{suffix}"
             raise
-
-
-def _compile(pattern: str) -> re.Pattern[str]:
-    rx = re.escape(pattern).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
-    return re.compile(rx + r"\Z")
 
 
 def _translate(name: str, table: Iterable[tuple[re.Pattern[str], str]], file: str | None) -> str:
@@ -108,6 +105,9 @@ class Format:
     plan_ops: Callable[..., tuple[list[Any], dict[str, Any]]] | None = None
     pack: Callable[..., list[Any]] | None = None  # (ops, request) -> output files, when it names its own
     writes_config: bool = True  # a config.json and the extra files beside the weights (GGUF embeds its own)
-    file_suffix: str = ".safetensors"
     extra_file: Callable[[str], bool] = lambda name: True  # which of the source's extra files to carry
     warnings: Callable[[ConfigView], list[str]] = field(default=lambda cfg: [])
+    # Its own job options (keyword names, e.g. GGUF's attn_type), and what makes them the request's
+    # format_options: (destination, {name: value given}) -> options; usage errors for bad values.
+    options: tuple[str, ...] = ()
+    make_options: Callable[[Path, dict[str, Any]], dict[str, Any]] = field(default=lambda dest, given: {})

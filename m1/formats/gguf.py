@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from m1.dtypes import DTYPE_OPTIONS
 from m1.errors import UsageError
 from m1.formats.base import ConfigView, Format, NameTable
 from m1.plan import OutputFile, OutputTensor, SourceTensor, TensorOp
@@ -44,8 +46,8 @@ def plan_ops(cfg: Any, tensors: list[Any], request: Any, chosen: set[str], sourc
                          file=not_float[0].file, tensor=not_float[0].name,
                          hint="dequantize first: m1 convert SRC DST --dtype bf16")
     scheme = request.scheme
-    float_expert = {"keep": None, "bf16": "bf16", "fp16": "f16", "fp32": "f32"}[request.dtype]
-    experts = scheme.name if scheme is not None else (float_expert or "bf16")
+    float_expert = DTYPE_OPTIONS[request.dtype]  # --dtype: the experts' float type (keep: bf16)
+    experts = scheme.name if scheme is not None else SOURCE_TYPES.get(float_expert or "BF16", "bf16")
     if experts not in GGML_TYPES:
         raise UsageError(f"{experts} is not a GGUF type m1 writes", hint=f"use one of {', '.join(GGML_TYPES)}")
     policy = TypePolicy(experts, options.get("attn_type"), options.get("head_type"), options.get("embed_type"))
@@ -132,6 +134,25 @@ def pack(ops: list[TensorOp], request: Any) -> list[OutputFile]:
     return [OutputFile(SPLIT_NAME.format(stem=stem, i=i + 1, n=n), tuple(g)) for i, g in enumerate(groups)]
 
 
+def make_options(dest: Path, given: dict[str, Any]) -> dict[str, Any]:
+    """GGUF's own options: the dense tensors' types, splits, the tokenizer's pre-tokenizer, a chat template."""
+    from m1.gguf.types import DENSE_TYPES
+    from m1.units import parse_size
+
+    chat_template, split_max_size = given.get("chat_template"), given.get("split_max_size")
+    if chat_template is not None and not Path(chat_template).is_file():
+        raise UsageError("--chat-template is not a file", file=str(chat_template))
+    for option in ("attn_type", "head_type", "embed_type"):
+        value = given.get(option)
+        if value is not None and value not in DENSE_TYPES:
+            raise UsageError(f"--{option.replace('_', '-')} {value!r} is not one of {', '.join(DENSE_TYPES)}")
+    return {"stem": dest.stem if dest.suffix == ".gguf" else "model", "attn_type": given.get("attn_type"),
+            "head_type": given.get("head_type"), "embed_type": given.get("embed_type"),
+            "split_max_size": parse_size(split_max_size) if split_max_size else None,
+            "tokenizer_pre": given.get("tokenizer_pre"), "chat_template": str(chat_template) if chat_template else None,
+            "name": dest.stem if dest.suffix == ".gguf" else dest.name}
+
+
 def _no_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
     raise UsageError("a GGUF is read through m1.gguf.reader, not as a config.json", file=source)
 
@@ -153,5 +174,6 @@ FORMAT = Format(
     plan_ops=plan_ops,
     pack=pack,
     writes_config=False,
-    file_suffix=".gguf",
+    options=("attn_type", "head_type", "embed_type", "split_max_size", "tokenizer_pre", "chat_template"),
+    make_options=make_options,
 )

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from m1.tensors import name_pattern
+
 ARCH = "minimax-01"
 
 L = "model.layers.{layer}."
@@ -53,14 +55,9 @@ GGUF_NAMES: tuple[NameRule, ...] = (
 )
 
 
-def _regex(pattern: str) -> re.Pattern[str]:
-    rx = re.escape(pattern).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
-    return re.compile(rx + r"\Z")
-
-
 @lru_cache(maxsize=1)
 def _compiled() -> tuple[tuple[re.Pattern[str], re.Pattern[str], NameRule], ...]:
-    return tuple((_regex(r.spec), _regex(r.gguf), r) for r in GGUF_NAMES)
+    return tuple((name_pattern(r.spec), name_pattern(r.gguf), r) for r in GGUF_NAMES)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import numpy as np
 from m1.errors import CheckpointError, M1Error
 from m1.gguf.names import ARCH, _compiled, from_gguf
 from m1.safetensors_io import Header, TensorInfo
+from m1.storage import Storage
 
 if TYPE_CHECKING:
     import torch
@@ -139,11 +140,12 @@ class SplitInfo:
     tensors: int | None
 
 
-class GGUFStorage:
+class GGUFStorage(Storage):
     """A `Storage` over a GGUF file (or split set) of MiniMax-M1, decoding its own tensors."""
 
-    remote = False
-    revision = None
+    decodes_tensors = True
+    own_format = "gguf"
+    mixed_float_dtypes = True  # F32 norms and router beside bf16 weights, by llama.cpp's type policy
 
     def __init__(self, path: str | Path) -> None:
         self.path = first_split(Path(path))
@@ -564,7 +566,7 @@ class GGUFStorage:
         return torch.from_numpy(np.ascontiguousarray(array))
 
     # ---- what verify integrity checks on top of the spec (m1.integrity calls it for GGUF storages) -------------
-    def gguf_findings(self, check_hashes: bool = True) -> list[tuple[str, str, str | None, str | None]]:
+    def findings(self, check_hashes: bool = True) -> list[tuple[str, str, str | None, str | None]]:
         """(code, message, file, tensor) for what a GGUF may get wrong beyond the spec checks: tensors that
         llama.cpp and the export keep in F32 (norms, router, 1-D) stored otherwise, and, when an m1 manifest
         sits beside the file, each split's size and sha256 against it."""

@@ -34,7 +34,6 @@ FILE_TYPES: dict[str, LlamaFileType] = {
     "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K, "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
 }
 SOURCE_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # safetensors dtype -> the type that keeps it exactly
-ATTENTION_ROLES = (Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_OUT, Role.SOFTMAX_ATTN)
 
 
 def ggml_type(name: str, allowed: tuple[str, ...] = EXPERT_TYPES, what: str = "type") -> GGMLQuantizationType:

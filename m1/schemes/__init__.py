@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from m1.errors import ConfigError, UsageError
 
@@ -33,23 +33,50 @@ class Piece:
     exact: bool = True
 
 
-class Scheme(Protocol):
-    """What every scheme offers (bitsandbytes' `BnbScheme` is the model)."""
+class Scheme:
+    """What every scheme offers (bitsandbytes' `BnbScheme` is the model). A scheme subclasses this and gives the
+    required members; the optional ones have their defaults here."""
 
     name: str
     family: str
     formats: tuple[str, ...]  # the formats that can store it
 
-    def describe(self) -> str: ...
-    def options(self) -> dict[str, Any]: ...  # for the job record and the plan fingerprint
-    def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None: ...
-    def check_supported(self, device: Any) -> None: ...  # does its library take these options on this device?
-    def pieces(self, dtype: str, shape: tuple[int, ...]) -> list[Piece]: ...
-    def quantization_config(self, kept_experts: list[str]) -> dict[str, Any]: ...
-    def quantize(self, weight: torch.Tensor, device: Any, name: str = "") -> list[tuple[str, torch.Tensor]]: ...
-    def dequantize(self, pieces: dict[str, torch.Tensor], device: Any = "cpu", name: str = "") -> torch.Tensor: ...
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:  # for the job record and the plan fingerprint
+        raise NotImplementedError
+
+    def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
+        raise NotImplementedError
+
+    def pieces(self, dtype: str, shape: tuple[int, ...]) -> list[Piece]:
+        raise NotImplementedError
+
+    def quantization_config(self, kept_experts: list[str]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def quantize(self, weight: torch.Tensor, device: Any, name: str = "") -> list[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def dequantize(self, pieces: dict[str, torch.Tensor], device: Any = "cpu", name: str = "") -> torch.Tensor:
+        raise NotImplementedError
+
     def check_pieces(self, weight: str, found: dict[str, tuple[str, tuple[int, ...]]], shape: tuple[int, ...],
-                     file: str | None = None) -> None: ...
+                     file: str | None = None) -> None:
+        raise NotImplementedError
+
+    # ---- optional, with defaults ----
+    def check_supported(self, device: Any) -> None:
+        """Does its library take these options on this device? (a UsageError if not)"""
+
+    def like(self, name: str) -> Scheme:
+        """Scheme `name` made with this one's shared inputs (a ggml type's imatrix), for a mix of schemes."""
+        return make_scheme(name)
+
+    def straddles_rows(self, shape: tuple[int, ...]) -> bool:
+        """Whether a weight of this shape hits a known limitation of its library's readers (a warning)."""
+        return False
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 
 from m1.dtypes import DTYPE_BYTES
 from m1.errors import CheckpointError, ConfigError, UsageError
-from m1.schemes import Family, Piece
+from m1.schemes import Family, Piece, Scheme
 from m1.schemes.bnb_layout import NESTED_BLOCKSIZE, STATE_DTYPES
 
 SCHEMES = ("nf4", "fp4", "int8")
@@ -45,7 +45,7 @@ FLOAT_REPR_MAX = 24  # longest repr() of a Python float, e.g. -2.225073858507201
 
 
 @dataclass(frozen=True)
-class BnbScheme:
+class BnbScheme(Scheme):
     name: str  # nf4 | fp4 | int8
     blocksize: int | None = None  # 4-bit only; None when a config did not record it
     double_quant: bool = False  # 4-bit only

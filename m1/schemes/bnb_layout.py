@@ -3,6 +3,9 @@ imported without torch, so commands that only read headers stay fast."""
 
 from __future__ import annotations
 
+from m1.dtypes import torch_name
+
 NESTED_BLOCKSIZE = 256  # quantize_4bit(compress_statistics=True) quantizes the absmax in blocks of 256
-# torch dtype names as QuantState.as_dict writes them (str(dtype) without "torch.").
-STATE_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+# The weight dtypes a 4-bit state records: safetensors name -> the torch name QuantState.as_dict writes
+# (str(dtype) without "torch.").
+STATE_DTYPES = {name: torch_name(name) for name in ("BF16", "F16", "F32")}

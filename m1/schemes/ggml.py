@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from m1.errors import UsageError
-from m1.schemes import Family, Piece
+from m1.schemes import Family, Piece, Scheme, make_scheme
 
 NUMPY_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4")  # gguf.quants
 GGML_LIB_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")  # llama.cpp's ggml, through ctypes
@@ -45,7 +45,7 @@ _IMATRICES: dict[str, Any] = {}  # path -> m1.verify's IMatrix, read once per pr
 
 
 @dataclass(frozen=True)
-class GgmlScheme:
+class GgmlScheme(Scheme):
     name: str
     imatrix: str | None = None  # a GGUF imatrix file (m1 verify imatrix, or llama.cpp's llama-imatrix)
     imatrix_sha256: str | None = None  # what --resume checks: the same statistics, not just the same path
@@ -102,6 +102,9 @@ class GgmlScheme:
 
     def check_supported(self, device: Any) -> None:
         pass  # gguf-py runs on the CPU, whatever --device says
+
+    def like(self, name: str) -> Scheme:
+        return make_scheme(name, imatrix=self.imatrix) if self.imatrix else make_scheme(name)
 
     def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
         values, _ = block_shape(self.name)
