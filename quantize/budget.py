@@ -275,6 +275,38 @@ def read_recipe(path: Path, fmt: str) -> dict[str, Any]:
     return doc
 
 
+def check_coverage(doc: dict[str, Any], cfg: Any, fmt: str, path: Path) -> None:
+    """A recipe covers exactly this model's groups, and its weights exactly theirs, each weight at its group's
+    candidate: anything missing would be replayed at the main scheme without a word, anything extra was made for
+    another model."""
+    from m1.verify.sensitivity import groups_of
+
+    hint = "a recipe replays on the model it was made for, as m1 quantize --budget wrote it"
+    groups = doc.get("groups")
+    if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
+        raise UsageError("the recipe has no groups (group -> candidate)", file=str(path), hint=hint)
+    weights = doc["weights"]
+    want = {g.key: g.recipe_names(cfg, fmt) for g in groups_of(cfg)}
+    missing = [g for g in want if g not in groups]
+    extra = [g for g in groups if g not in want]
+    if missing or extra:
+        what = f"lacks group {missing[0]}" if missing else f"has group {extra[0]}, which this model does not have"
+        raise UsageError(f"the recipe {what} ({len(missing)} missing, {len(extra)} extra of {len(want)} groups)",
+                         file=str(path), hint=hint)
+    named = {n for names in want.values() for n in names}
+    missing_w = [n for names in want.values() for n in names if n not in weights]
+    extra_w = [n for n in weights if n not in named]
+    if missing_w or extra_w:
+        what = f"lacks weight {missing_w[0]}" if missing_w else f"names {extra_w[0]}, which no group of this model has"
+        raise UsageError(f"the recipe {what} ({len(missing_w)} missing, {len(extra_w)} extra)", file=str(path),
+                         hint=hint)
+    for g, names in want.items():
+        off = [n for n in names if weights[n] != groups[g]]
+        if off:
+            raise UsageError(f"the recipe gives group {g} {groups[g]} but its weight {off[0]} {weights[off[0]]}",
+                             file=str(path), hint=hint)
+
+
 def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None = None) -> MixPlan:
     """The plan of a stored recipe: the same weights get the same schemes; nothing is measured."""
     from m1.quantize.job import plan_from_checkpoint
@@ -292,6 +324,7 @@ def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None 
         if stray:
             raise UsageError(f"the recipe names {stray[0]}, which this checkpoint does not have", file=str(path),
                              hint="a recipe replays on the model it was made for")
+    check_coverage(doc, ckpt.config, fmt, path)
     main = doc.get("scheme") or opts.scheme.name
     scheme = opts.scheme if main == opts.scheme.name else (
         make_scheme(main, imatrix=imatrix) if imatrix and main in GGML_LIB_TYPES else make_scheme(main))

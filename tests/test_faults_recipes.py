@@ -5,6 +5,7 @@ tensor or group) with exit 1 or 2, never 0 or an internal error, and nothing com
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,3 +175,78 @@ def test_a_truncated_imatrix_is_a_usage_error(k_model, tmp_path: Path, run, leng
 @pytest.mark.parametrize("budget", ["1e400bpw", "inf bpw", "nanbpw", "9" * 400 + "GB", "1e400"])
 def test_a_budget_past_what_a_float_holds_is_a_usage_error(tiny: Path, tmp_path: Path, run, budget: str) -> None:
     refused(run("quantize", tiny, tmp_path / "out", "--budget", budget, "--dry-run"), "budget")
+
+
+# ---- class 6: a recipe covers exactly this model's groups and agrees with itself ---------------------------
+
+
+@pytest.fixture(params=["release", "gguf"])
+def recipe_case(request: pytest.FixtureRequest, tiny: Path, tmp_path: Path) -> tuple[Path, dict, list[str]]:
+    """(source, a recipe document of a mix for it, the replay's format arguments)."""
+    from m1.checkpoint import Checkpoint
+    from m1.policy import Policy
+    from m1.quantize.budget import plan_budget
+    from m1.quantize.job import QuantizeOptions
+    from m1.schemes import make_scheme
+
+    fmt = request.param
+    ckpt = Checkpoint.open(tiny)
+    scheme, cands = ("nf4", "nf4,int8") if fmt == "release" else ("q4_0", "q4_0,q8_0")
+    opts = QuantizeOptions(scheme=make_scheme(scheme), policy=Policy.from_options([], []), by_layer=False,
+                           shard_size=5 * 10**9, to=None if fmt == "release" else "gguf",
+                           format_options={"stem": "out"} if fmt == "gguf" else {})
+    uniform = plan_budget(ckpt, opts, budget="10GB", candidates=cands, fmt=fmt).recipe["predicted"]["uniform"]
+    middle = sum(u["bytes"] for u in uniform.values()) // 2
+    doc = plan_budget(ckpt, opts, budget=str(middle), candidates=cands, fmt=fmt).recipe
+    assert len(set(doc["groups"].values())) == 2  # a real mix
+    return tiny, doc, ([] if fmt == "release" else ["--format", "gguf"])
+
+
+def replay(run: Callable, src: Path, tmp_path: Path, doc: dict, fmt_args: list[str]) -> tuple[int, str, str]:
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(doc))
+    dest = tmp_path / ("out.gguf" if fmt_args else "out")
+    return run("quantize", src, dest, "--recipe", path, "--dry-run", *fmt_args)
+
+
+def test_an_intact_recipe_replays(recipe_case, tmp_path: Path, run) -> None:
+    src, doc, fmt_args = recipe_case
+    code, _, err = replay(run, src, tmp_path, doc, fmt_args)
+    assert code == 0, err
+
+
+def test_a_recipe_without_one_weight_is_refused_naming_it(recipe_case, tmp_path: Path, run) -> None:
+    src, doc, fmt_args = recipe_case
+    gone = sorted(doc["weights"])[5]
+    del doc["weights"][gone]
+    refused(replay(run, src, tmp_path, doc, fmt_args), str(tmp_path / "recipe.json"), gone)
+
+
+def test_a_recipe_without_one_group_is_refused_naming_it(recipe_case, tmp_path: Path, run) -> None:
+    src, doc, fmt_args = recipe_case
+    from m1.checkpoint import Checkpoint
+    from m1.verify.sensitivity import Group
+
+    group = "2.w2"
+    del doc["groups"][group]
+    for name in Group(2, "w2").recipe_names(Checkpoint.open(src).config, "gguf" if fmt_args else "release"):
+        del doc["weights"][name]
+    refused(replay(run, src, tmp_path, doc, fmt_args), str(tmp_path / "recipe.json"), group)
+
+
+def test_a_recipe_for_a_layer_the_model_lacks_is_refused(recipe_case, tmp_path: Path, run) -> None:
+    src, doc, fmt_args = recipe_case
+    extra = ("blk.9.ffn_down_exps.weight" if fmt_args else "model.layers.9.block_sparse_moe.experts.0.w2.weight")
+    doc["weights"][extra] = doc["scheme"]
+    refused(replay(run, src, tmp_path, doc, fmt_args), str(tmp_path / "recipe.json"), extra)
+    del doc["weights"][extra]
+    doc["groups"]["9.w2"] = doc["scheme"]
+    refused(replay(run, src, tmp_path, doc, fmt_args), str(tmp_path / "recipe.json"), "9.w2")
+
+
+def test_a_recipe_whose_weights_and_groups_disagree_is_refused(recipe_case, tmp_path: Path, run) -> None:
+    src, doc, fmt_args = recipe_case
+    group, scheme = next(iter(doc["groups"].items()))
+    other = next(c for c in doc["candidates"] if c != scheme)
+    doc["groups"][group] = other
+    refused(replay(run, src, tmp_path, doc, fmt_args), str(tmp_path / "recipe.json"), group)
