@@ -317,10 +317,11 @@ def summary_lines(doc: dict[str, Any], sizes: dict[str, dict[str, int]], layers:
         lines.append(f"{c:8s} {sum(g.endswith('w13') for g in gs):5d} {sum(g.endswith('w2') for g in gs):5d} "
                      f"{human_bytes(b):>12s} {err:12.6g}")
     lines += ["layer map:", *("  " + x for x in doc["layer_map"])]
-    lines.append(f"mix: {human_bytes(doc['bytes'])} ({doc['bpw']:.3f} bits per weight) of budget "
+    lines.append(f"mix: {human_bytes(doc['disk_bytes'])} on disk (tensors {human_bytes(doc['bytes'])}, "
+                 f"{doc['bpw']:.3f} bits per weight; headers, index, manifest and recipe included) of budget "
                  f"{human_bytes(doc['budget']['bytes'])}, predicted error {doc['predicted']['mix']:.6g}")
     for c, u in doc["predicted"]["uniform"].items():
-        lines.append(f"  uniform {c:8s} {human_bytes(u['bytes']):>12s} predicted {u['predicted']:.6g}"
+        lines.append(f"  uniform {c:8s} {human_bytes(u['bytes']):>12s} on disk, predicted {u['predicted']:.6g}"
                      f"{'' if u['fits'] else '  (over the budget)'}")
     if doc["loader"].startswith("a bitsandbytes mix"):
         lines.append("note: " + doc["loader"])
