@@ -118,8 +118,9 @@ def parse_budget(text: str, params: int, fixed: int = 0) -> tuple[int, str]:
             bpw = float(t[:-3])
         except ValueError:
             raise UsageError(f"cannot read the budget {text!r}", hint="write it like 240GB or 4.6bpw") from None
-        if not bpw > 0:
-            raise UsageError(f"the budget must be positive, got {text!r}")
+        if not bpw > 0 or not math.isfinite(bpw):
+            raise UsageError(f"the budget must be a positive, finite number of bits per weight, got {text!r}",
+                             hint="write it like 240GB or 4.6bpw")
         total = int(bpw * params / 8)
         return total, f"{bpw:g} bits per weight x {params:,} parameters = {human_bytes(total)}"
     try:

@@ -40,8 +40,10 @@ from typing import TYPE_CHECKING, Any
 from m1.checkpoint import Checkpoint
 from m1.errors import DestinationError, M1Error, UsageError
 from m1.manifest import (
+    CREATED_FORMAT,
     finished_files,
     guard_source,
+    manifest_document,
     manifest_name,
     prepare_destination,
     prepare_files,
@@ -311,18 +313,11 @@ def _finish(plan: Plan, dest: Path, sink: Sink, records: dict[str, dict[str, Any
     for name, text in plan.written.items():
         write_bytes_atomic(dest / name, text.encode())
     small = [*plan.written, *sink.finish(dest, plan)]
-    manifest = {
-        "m1_manifest_version": 1,
-        "tool": f"m1 {__version__}",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "job": plan.job,
-        "fingerprint": fingerprint,
-        "plan": [{"file": f.name, "tensors": [t.name for t in f.tensors]} for f in plan.files],
-        "shards": {f.name: {"sha256": records[f.name]["sha256"], "size": records[f.name]["size"]}
-                   for f in plan.files},
-        "files": {name: file_sha256(dest / name).hexdigest()
-                  for name in [*(["config.json", *plan.extra_files] if plan.writes_config else []), *small]},
-    }
+    manifest = manifest_document(
+        plan, f"m1 {__version__}", time.strftime(CREATED_FORMAT, time.gmtime()), fingerprint,
+        {f.name: (records[f.name]["sha256"], records[f.name]["size"]) for f in plan.files},
+        {name: file_sha256(dest / name).hexdigest()
+         for name in [*(["config.json", *plan.extra_files] if plan.writes_config else []), *small]})
     write_json_atomic(dest / manifest_name(stem), manifest)
     (dest / progress_name(stem)).unlink(missing_ok=True)
     for path in _rank_progress_files(dest, stem):

@@ -19,6 +19,24 @@ from m1.errors import CheckpointError, DestinationError
 
 MANIFEST = "m1-manifest.json"
 PROGRESS = ".m1-progress.json"
+CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # always 20 characters
+SHA256_PLACEHOLDER = "0" * 64  # a sha256's hex length, for sizing a manifest before anything is hashed
+
+
+def manifest_document(plan: Any, tool: str, created: str, fingerprint: str, shards: dict[str, tuple[str, int]],
+                      files: dict[str, str]) -> dict[str, Any]:
+    """The manifest: the job, the plan's files with their sha256 and size (`shards`), and the small files'
+    sha256 (`files`). The executor writes it last; `m1.quantize.budget` sizes it with placeholders."""
+    return {
+        "m1_manifest_version": 1,
+        "tool": tool,
+        "created": created,
+        "job": plan.job,
+        "fingerprint": fingerprint,
+        "plan": [{"file": f.name, "tensors": [t.name for t in f.tensors]} for f in plan.files],
+        "shards": {name: {"sha256": sha, "size": size} for name, (sha, size) in shards.items()},
+        "files": files,
+    }
 
 
 def manifest_name(stem: str | None = None) -> str:

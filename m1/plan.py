@@ -142,6 +142,16 @@ class Plan:
                 r["quantized_after"] += op.nbytes
         return roles
 
+    def expert_schemes(self) -> dict[str, int]:
+        """Expert weights by the scheme that quantizes them ("keep": left as they are), most first: one entry
+        for a uniform quantization, several for a mix."""
+        out: dict[str, int] = {}
+        for op in self.ops:
+            if op.role == "expert":
+                name = op.scheme if op.kind in ("quantize", "stack") and op.scheme is not None else "keep"
+                out[name] = out.get(name, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def totals(self) -> dict[str, dict[str, int]]:
         quantized = {"tensors": 0, "params": 0, "bytes_before": 0, "bytes_after": 0}
         kept = dict(quantized)
@@ -167,7 +177,8 @@ class Plan:
             "extra_files": self.extra_files,
         }
         if self.scheme is not None:
-            out.update(scheme=self.scheme.name, **self.scheme.options(), params=self.params,
+            out.update(scheme=self.scheme.name, **self.scheme.options(), expert_schemes=self.expert_schemes(),
+                       params=self.params,
                        by_role=self.by_role(), **self.totals())
         if not self.writes_config:  # a format that carries its own metadata (GGUF): its sizes by tensor type
             out["by_type"] = self.by_type()
@@ -211,7 +222,14 @@ class Plan:
 
     def _quantize_lines(self) -> Iterator[str]:
         totals = self.totals()
-        yield f"scheme: {self.scheme.describe()}"
+        mix = {n: k for n, k in self.expert_schemes().items() if n != "keep"}
+        if len(mix) > 1 or "recipe" in self.job:  # a recipe's mix, even where one scheme and keep remain
+            counts = ", ".join(f"{n} {k}" for n, k in self.expert_schemes().items())
+            yield f"scheme: a mix of {len(self.expert_schemes())} (expert weights: {counts})"
+            for name in mix:
+                yield f"  {self.schemes[name].describe()}" if name in self.schemes else f"  {name}"
+        else:
+            yield f"scheme: {self.scheme.describe()}"
         yield f"{'role':16s} {'tensors':>8s} {'quantized':>9s} {'params':>9s} {'before':>11s} {'after':>11s}"
         for role, r in sorted(self.by_role().items(), key=lambda kv: -kv[1]["bytes_before"]):
             yield (f"{role:16s} {r['tensors']:8d} {r['quantized']:9d} {human_count(r['params']):>9s} "

@@ -203,6 +203,21 @@ def encode_header(entries: Iterable[tuple[str, str, tuple[int, ...], int]], meta
     return struct.pack("<Q", length) + body.ljust(length, b" ")
 
 
+def header_bytes(planned: list[tuple[str, str, tuple[int, ...], int, bool]],
+                 metadata: dict[str, str] | None = None) -> int:
+    """The header's bytes (length prefix included) `write_shard_unsynced` writes for `planned`: exact, as the
+    header of exact tensors is written from the plan and that of inexact ones fills the space reserved here."""
+    guess = encode_header([(n, d, s, b) for n, d, s, b, _ in planned], metadata)
+    if all(p[4] for p in planned):
+        return len(guess)
+    reserve = _reserve(len(guess), len(planned))
+    return 8 + reserve + -reserve % 8
+
+
+def _reserve(guess: int, tensors: int) -> int:
+    return guess - 8 + 256 * tensors  # room for each inexact tensor's real shape and offsets
+
+
 def write_shard(
     path: Path,
     planned: list[tuple[str, str, tuple[int, ...], int, bool]],
@@ -242,7 +257,7 @@ def write_shard_unsynced(
                 sha.update(header)
             else:
                 guess = encode_header([(n, d, s, b) for n, d, s, b, _ in planned], metadata)
-                reserve = len(guess) - 8 + 256 * len(planned)
+                reserve = _reserve(len(guess), len(planned))
                 write_all(fd, b"\0" * (8 + reserve))
             actual: list[tuple[str, str, tuple[int, ...], int]] = []
             with ChunkSink(fd, sha if exact else None) as sink:  # its threads end before `f` closes

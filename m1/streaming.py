@@ -269,5 +269,10 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def json_text(obj: object) -> str:
+    """How m1 writes its JSON files (config, index, manifest)."""
+    return json.dumps(obj, indent=2) + "\n"
+
+
 def write_json_atomic(path: Path, obj: object) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_bytes_atomic(path, json_text(obj).encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from m1.errors import UsageError
@@ -40,7 +41,10 @@ def parse_size(text: str | int) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in SIZE_UNITS:
         raise UsageError(f"cannot read the size {text!r}", hint="write it like 5GB, 500MB or 2GiB")
-    value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    number = float(m.group(1)) * SIZE_UNITS[m.group(2).upper()]
+    if not math.isfinite(number):  # 400 digits: past what a float holds
+        raise UsageError(f"the size {text!r} is too large", hint="write it like 5GB, 500MB or 2GiB")
+    value = int(number)
     if value <= 0:
         raise UsageError(f"size must be positive, got {text!r}")
     return value

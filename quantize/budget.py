@@ -104,6 +104,40 @@ class MixPlan:
     lines: list[str] = field(default_factory=list)  # what --dry-run prints before the plan
 
 
+def output_bytes(plan: Any, ckpt: Any, recipe: dict[str, Any] | None = None) -> int:
+    """At least every byte the job writes for `plan`: each file with its header (the sink's `file_bytes`), what
+    the sink writes after them (the index), config.json and the copied files, the job's own small files and
+    `recipe`, and the manifest (sized with placeholder hashes and each file's bound, as many digits or more)."""
+    from m1.manifest import SHA256_PLACEHOLDER, manifest_document
+    from m1.sinks import get_sink
+    from m1.streaming import json_text
+    from m1.version import __version__
+
+    sink = get_sink(plan.sink)
+    files = {f.name: sink.file_bytes(plan, f) for f in plan.files}
+    small: dict[str, int] = {}
+    if plan.writes_config:
+        small["config.json"] = len(json_text(plan.config).encode())
+        for name in plan.extra_files:
+            small[name] = len(ckpt.storage.read_bytes(name))
+    written = {n: len(t.encode()) for n, t in plan.written.items()}
+    if recipe is not None:
+        written[f"{plan.stem}.{RECIPE_NAME}" if plan.stem is not None else RECIPE_NAME] = len(recipe_text(recipe))
+    small.update(written)
+    small.update(sink.finish_bytes(plan))
+    manifest = manifest_document(plan, f"m1 {__version__}", "0000-00-00T00:00:00Z", SHA256_PLACEHOLDER,
+                                 {n: (SHA256_PLACEHOLDER, b) for n, b in files.items()},
+                                 dict.fromkeys(small, SHA256_PLACEHOLDER))
+    return sum(files.values()) + sum(small.values()) + len(json_text(manifest).encode())
+
+
+def recipe_text(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
+
+
+MAX_FITS = 12  # allocations tried: each takes off what the last one's whole output went past the budget
+
+
 def _fmt_family(fmt: str) -> str:
     return "gguf" if fmt == "gguf" else "bnb"
 
@@ -116,7 +150,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
                 calibration: str = "", metric: str = "kl", device: str = "cpu", imatrix: str | None = None,
                 sensitivity: Any = None) -> MixPlan:
     """Measure (or take `sensitivity`, or the prior), allocate, plan. `opts`: QuantizeOptions of the job."""
-    from m1.allocate import allocate, describe, layer_map, parse_budget, rule_of_thumb, uniform
+    from m1.allocate import allocate, parse_budget, rule_of_thumb
     from m1.quantize.job import plan_from_checkpoint
     from m1.units import human_bytes
     from m1.verify import sensitivity as sens_mod
@@ -147,46 +181,59 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
                          hint="measure again with --calibration")
     measured = windows is not None or not sensitivity.calibration.startswith("prior")
     errors = {g.key: {c: sensitivity.error(g.key, c, metric) for c in cands} for g in groups}
-    smallest = fixed + sum(min(row.values()) for row in sizes.values())
+    # Every byte on disk counts: besides the groups' tensors, the other tensors, every file's header, the index,
+    # config and copied files, the manifest and the recipe. A uniform plan of each candidate sizes them; the
+    # part that grows with the groups' tensors (headers, index and manifest entries) is shared out over the
+    # groups, so the DP weighs a candidate by its bytes on disk, and each allocation whose whole output still
+    # goes past the budget (a mix's config lists its weights) gives the excess back until it fits.
+    all_names = [n for g in groups for n in g.recipe_names(cfg, fmt)]
+    disk_sizes: dict[str, dict[str, int]] = {g: dict(row) for g, row in sizes.items()}
+    for c, scheme in cands.items():
+        uniform_plan = plan_from_checkpoint(ckpt, replace(opts, scheme=scheme or smallest_scheme,
+                                                          recipe=dict.fromkeys(all_names, c)))
+        on_disk = output_bytes(uniform_plan, ckpt, {"weights": dict.fromkeys(all_names, c)})
+        share = -(-(on_disk - sum(row[c] for row in sizes.values())) // len(groups))
+        for g in disk_sizes:
+            disk_sizes[g][c] += share
+    smallest = sum(min(row.values()) for row in disk_sizes.values())
+    outside = smallest - sum(min(row.values()) for row in sizes.values())
     if smallest > total_budget:
         raise UsageError(f"--budget {budget} ({human_bytes(total_budget)}) is below the smallest mix of these "
-                         f"candidates, {human_bytes(smallest)} ({human_bytes(fixed)} of it outside the expert groups)",
+                         f"candidates, {human_bytes(smallest)} on disk ({human_bytes(outside)} of it outside the "
+                         "expert groups: other tensors, headers, index, manifest, recipe)",
                          hint="raise --budget, or add a smaller candidate (e.g. q3_k for a GGUF)")
-    alloc = allocate(sizes, errors, total_budget - fixed)
-    recipe_weights: dict[str, str] = {}
-    for g in groups:
-        for name in g.recipe_names(cfg, fmt):
-            recipe_weights[name] = alloc.assignment[g.key]
-    used = Counter(c for c in alloc.assignment.values() if c != sens_mod.KEEP)
-    if not used:
-        raise UsageError("the budget leaves every group unquantized: nothing to quantize",
-                         hint="use m1 convert for an unquantized copy, or lower --budget")
-    main_name = used.most_common(1)[0][0]
-    plan = plan_from_checkpoint(ckpt, replace(opts, scheme=cands[main_name], recipe=recipe_weights))
+    group_budget = total_budget
+    for _ in range(MAX_FITS):
+        alloc = allocate(disk_sizes, errors, group_budget)
+        recipe_weights: dict[str, str] = {}
+        for g in groups:
+            for name in g.recipe_names(cfg, fmt):
+                recipe_weights[name] = alloc.assignment[g.key]
+        used = Counter(c for c in alloc.assignment.values() if c != sens_mod.KEEP)
+        if not used:
+            raise UsageError("the budget leaves every group unquantized: nothing to quantize",
+                             hint="use m1 convert for an unquantized copy, or lower --budget")
+        main_name = used.most_common(1)[0][0]
+        plan = plan_from_checkpoint(ckpt, replace(opts, scheme=cands[main_name], recipe=recipe_weights))
+        doc = _recipe_doc(plan, alloc, cands, sizes, errors, disk_sizes, total_budget, budget, budget_text,
+                          main_name, "kl" if not measured else metric, measured, sensitivity, recipe_weights, cfg,
+                          fmt, len(used))
+        doc["disk_bytes"] = total_budget  # as many digits or more than the sum it becomes
+        on_disk = output_bytes(plan, ckpt, doc)
+        if on_disk <= total_budget:
+            break
+        group_budget -= on_disk - total_budget  # headers and lists grew with the mix: take it off the groups
+        if group_budget < smallest:
+            break
+    else:
+        on_disk = total_budget + 1
+    if on_disk > total_budget:
+        raise UsageError(f"--budget {budget} ({human_bytes(total_budget)}) leaves no mix of these candidates that "
+                         f"fits on disk with its headers, index, manifest and recipe", hint="raise --budget")
+    doc["disk_bytes"] = on_disk
     schemes_used = sorted(set(alloc.assignment.values()), key=lambda c: list(cands).index(c))
     if fmt != "gguf" and len([c for c in schemes_used if c != sens_mod.KEEP]) > 1:
         plan.warnings.append(BNB_MIX_NOTE)
-    uniforms = {}
-    for c in cands:
-        b, p = uniform(sizes, errors, c)
-        uniforms[c] = {"bytes": b + fixed, "predicted": p, "fits": b + fixed <= total_budget}
-    parts = list(sens_mod.PARTS)
-    doc = {
-        "m1_recipe": RECIPE_VERSION, "format": fmt, "scheme": main_name, "candidates": list(cands),
-        "budget": {"text": budget, "bytes": total_budget, "read_as": budget_text},
-        "bytes": plan.total_bytes, "fixed_bytes": fixed, "params": plan.params,
-        "bpw": 8 * plan.total_bytes / plan.params if plan.params else None,
-        "metric": metric if measured else "prior",
-        "calibration": sensitivity.calibration, "calibration_tokens": sensitivity.tokens,
-        "groups": alloc.assignment, "group_bytes": {g: sizes[g][c] for g, c in alloc.assignment.items()},
-        "predicted": {"mix": alloc.predicted, "uniform": uniforms},
-        "allocation": describe(alloc),
-        "layer_map": layer_map(alloc.assignment, parts, cfg.num_hidden_layers, list(cands)),
-        "loader": BNB_MIX_NOTE if fmt != "gguf" and len(used) > 1 else
-        ("GGUF stores a type per tensor: llama.cpp reads the mix" if fmt == "gguf" else "one scheme"),
-        "weights": recipe_weights,
-        "sensitivity": sensitivity.to_json(),
-    }
     lines = summary_lines(doc, sizes, cfg.num_hidden_layers, cands)
     if fmt != "gguf" and 2 <= len(cfg.layer_kinds):
         low, high = list(cands)[0], list(cands)[-1]
@@ -196,6 +243,39 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
         lines.append(f"llama.cpp's layer pattern ({high} for w2 of the first/last eighth and every third layer, else "
                      f"{low}): {human_bytes(rot_bytes)}, predicted {rot_err:.6g}")
     return MixPlan(plan, doc, lines)
+
+
+def _recipe_doc(plan: Any, alloc: Any, cands: dict[str, Any], sizes: dict[str, dict[str, int]],
+                errors: dict[str, dict[str, float]], disk_sizes: dict[str, dict[str, int]], total_budget: int,
+                budget: str, budget_text: str,
+                main_name: str, metric: str, measured: bool, sensitivity: Any, recipe_weights: dict[str, str],
+                cfg: Any, fmt: str, n_used: int) -> dict[str, Any]:
+    """The recipe document (m1-recipe.json); the uniform schemes' bytes are their whole output on disk."""
+    from m1.allocate import describe, layer_map, uniform
+    from m1.verify import sensitivity as sens_mod
+
+    uniforms = {}
+    for c in cands:
+        b, p = uniform(disk_sizes, errors, c)
+        uniforms[c] = {"bytes": b, "predicted": p, "fits": b <= total_budget}
+    parts = list(sens_mod.PARTS)
+    doc = {
+        "m1_recipe": RECIPE_VERSION, "format": fmt, "scheme": main_name, "candidates": list(cands),
+        "budget": {"text": budget, "bytes": total_budget, "read_as": budget_text},
+        "bytes": plan.total_bytes, "fixed_bytes": _fixed_bytes(plan), "params": plan.params,
+        "bpw": 8 * plan.total_bytes / plan.params if plan.params else None,
+        "metric": metric if measured else "prior",
+        "calibration": sensitivity.calibration, "calibration_tokens": sensitivity.tokens,
+        "groups": alloc.assignment, "group_bytes": {g: sizes[g][c] for g, c in alloc.assignment.items()},
+        "predicted": {"mix": alloc.predicted, "uniform": uniforms},
+        "allocation": describe(alloc),
+        "layer_map": layer_map(alloc.assignment, parts, cfg.num_hidden_layers, list(cands)),
+        "loader": BNB_MIX_NOTE if fmt != "gguf" and n_used > 1 else
+        ("GGUF stores a type per tensor: llama.cpp reads the mix" if fmt == "gguf" else "one scheme"),
+        "weights": recipe_weights,
+        "sensitivity": sensitivity.to_json(),
+    }
+    return doc
 
 
 def _source(ckpt: Any) -> Any:
@@ -237,10 +317,11 @@ def summary_lines(doc: dict[str, Any], sizes: dict[str, dict[str, int]], layers:
         lines.append(f"{c:8s} {sum(g.endswith('w13') for g in gs):5d} {sum(g.endswith('w2') for g in gs):5d} "
                      f"{human_bytes(b):>12s} {err:12.6g}")
     lines += ["layer map:", *("  " + x for x in doc["layer_map"])]
-    lines.append(f"mix: {human_bytes(doc['bytes'])} ({doc['bpw']:.3f} bits per weight) of budget "
+    lines.append(f"mix: {human_bytes(doc['disk_bytes'])} on disk (tensors {human_bytes(doc['bytes'])}, "
+                 f"{doc['bpw']:.3f} bits per weight; headers, index, manifest and recipe included) of budget "
                  f"{human_bytes(doc['budget']['bytes'])}, predicted error {doc['predicted']['mix']:.6g}")
     for c, u in doc["predicted"]["uniform"].items():
-        lines.append(f"  uniform {c:8s} {human_bytes(u['bytes']):>12s} predicted {u['predicted']:.6g}"
+        lines.append(f"  uniform {c:8s} {human_bytes(u['bytes']):>12s} on disk, predicted {u['predicted']:.6g}"
                      f"{'' if u['fits'] else '  (over the budget)'}")
     if doc["loader"].startswith("a bitsandbytes mix"):
         lines.append("note: " + doc["loader"])
@@ -275,6 +356,38 @@ def read_recipe(path: Path, fmt: str) -> dict[str, Any]:
     return doc
 
 
+def check_coverage(doc: dict[str, Any], cfg: Any, fmt: str, path: Path) -> None:
+    """A recipe covers exactly this model's groups, and its weights exactly theirs, each weight at its group's
+    candidate: anything missing would be replayed at the main scheme without a word, anything extra was made for
+    another model."""
+    from m1.verify.sensitivity import groups_of
+
+    hint = "a recipe replays on the model it was made for, as m1 quantize --budget wrote it"
+    groups = doc.get("groups")
+    if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
+        raise UsageError("the recipe has no groups (group -> candidate)", file=str(path), hint=hint)
+    weights = doc["weights"]
+    want = {g.key: g.recipe_names(cfg, fmt) for g in groups_of(cfg)}
+    missing = [g for g in want if g not in groups]
+    extra = [g for g in groups if g not in want]
+    if missing or extra:
+        what = f"lacks group {missing[0]}" if missing else f"has group {extra[0]}, which this model does not have"
+        raise UsageError(f"the recipe {what} ({len(missing)} missing, {len(extra)} extra of {len(want)} groups)",
+                         file=str(path), hint=hint)
+    named = {n for names in want.values() for n in names}
+    missing_w = [n for names in want.values() for n in names if n not in weights]
+    extra_w = [n for n in weights if n not in named]
+    if missing_w or extra_w:
+        what = f"lacks weight {missing_w[0]}" if missing_w else f"names {extra_w[0]}, which no group of this model has"
+        raise UsageError(f"the recipe {what} ({len(missing_w)} missing, {len(extra_w)} extra)", file=str(path),
+                         hint=hint)
+    for g, names in want.items():
+        off = [n for n in names if weights[n] != groups[g]]
+        if off:
+            raise UsageError(f"the recipe gives group {g} {groups[g]} but its weight {off[0]} {weights[off[0]]}",
+                             file=str(path), hint=hint)
+
+
 def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None = None) -> MixPlan:
     """The plan of a stored recipe: the same weights get the same schemes; nothing is measured."""
     from m1.quantize.job import plan_from_checkpoint
@@ -292,6 +405,7 @@ def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None 
         if stray:
             raise UsageError(f"the recipe names {stray[0]}, which this checkpoint does not have", file=str(path),
                              hint="a recipe replays on the model it was made for")
+    check_coverage(doc, ckpt.config, fmt, path)
     main = doc.get("scheme") or opts.scheme.name
     scheme = opts.scheme if main == opts.scheme.name else (
         make_scheme(main, imatrix=imatrix) if imatrix and main in GGML_LIB_TYPES else make_scheme(main))

@@ -66,3 +66,54 @@ def test_a_gguf_mix_gives_each_stacked_tensor_its_type(tmp_path: Path, run) -> N
     code, out, err = run("verify", "compare", src, tmp_path / "mix.gguf", "--tokens", "512", "--ctx", "128", "-q",
                          "--json")
     assert code == 0, err
+
+
+def _on_disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("fmt, candidates", [("release", "int8,keep"), ("gguf", "q4_0,q8_0")])
+def test_a_budget_is_a_promise_about_every_byte_on_disk(make_tiny_ckpt, tmp_path: Path, run, fmt: str,
+                                                        candidates: str) -> None:
+    """Shards with their headers, the index, config and copied files, the manifest and the recipe: all of it
+    fits the budget, and the budget is not wasted (under-used by at most two groups' steps between candidates)."""
+    src = make_tiny_ckpt("six", layers=6, softmax_every=3, hidden=64, intermediate=128)
+    fmt_args = ["--format", "gguf"] if fmt == "gguf" else []
+    probe = str(int(0.9 * _on_disk(src)))  # below keeping every group: a mix, whose summary sizes the uniforms
+    code, out, err = run("quantize", src, tmp_path / "probe", "--budget", probe, "--candidates", candidates,
+                         "--dry-run", "--json", *fmt_args)
+    assert code == 0, err
+    uniform = json.loads(out)["mix"]["predicted"]["uniform"]
+    small, big = sorted(u["bytes"] for u in uniform.values())
+    step = (big - small) / 12  # 6 layers x 2 groups
+    for i, budget in enumerate(small + (big - small) * f // 4 for f in (1, 2, 3)):
+        folder = tmp_path / f"out{i}"
+        dest = folder / "x.gguf" if fmt == "gguf" else folder
+        folder.mkdir()
+        code, _, err = run("quantize", src, dest, "--budget", str(budget), "--candidates", candidates, "-q",
+                           *fmt_args)
+        assert code == 0, err
+        written = _on_disk(folder)
+        assert written <= budget, (budget, written)
+        assert budget - written <= 2 * step, (budget, written, step)
+        recipe = json.loads(next(folder.glob("*m1-recipe.json")).read_text())
+        assert len(set(recipe["groups"].values())) == 2  # a real mix at each budget
+        assert recipe["disk_bytes"] >= written  # the bound it was planned with
+
+
+def test_the_dry_run_of_a_mix_shows_the_mix_and_its_bytes_on_disk(make_tiny_ckpt, tmp_path: Path, run) -> None:
+    src = make_tiny_ckpt("six", layers=6, softmax_every=3, hidden=64, intermediate=128)
+    args = ["quantize", src, tmp_path / "x.gguf", "--format", "gguf", "--candidates", "q4_0,q8_0", "--dry-run"]
+    code, out, err = run(*args, "--budget", str(int(0.6 * _on_disk(src))))
+    assert code == 0, err
+    plan_part = out[out.index("plan for"):]
+    scheme_line = next(x for x in plan_part.splitlines() if "scheme:" in x)
+    assert "a mix" in scheme_line and "q4_0" in scheme_line and "q8_0" in scheme_line, scheme_line
+    assert "q4_0 (ggml" in plan_part and "q8_0 (ggml" in plan_part
+    mix_line = next(x for x in out.splitlines() if x.startswith("mix: "))
+    assert "on disk" in mix_line
+    code, out, err = run(*args, "--budget", str(int(0.6 * _on_disk(src))), "--json")
+    assert code == 0, err
+    found = json.loads(out)
+    assert set(found["expert_schemes"]) == {"q4_0", "q8_0"} and sum(found["expert_schemes"].values()) == 18
+    assert found["mix"]["disk_bytes"] <= int(0.6 * _on_disk(src))

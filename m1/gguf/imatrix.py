@@ -9,8 +9,10 @@ imatrix` writes it; the ggml schemes read it (`importance`) to quantize K-quants
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +20,12 @@ from m1.errors import UsageError
 
 SUM2 = ".in_sum2"
 COUNTS = ".counts"
+# The largest importance (in_sum2 / counts) ggml can weigh with weights inside +-1: its K-quant and IQ4
+# quantizers form sums of at most 256 terms w * l^2 (l a level, |l| <= 127; w = importance * sqrt(sigma2 + x^2)
+# <= sqrt(3) * importance for |x| <= 1), so 256 * 127^2 * sqrt(3) * importance must stay below FLT_MAX (3.4e38).
+# m1.schemes.ggml_lib checks the same bound against each tensor's own largest weight before calling ggml.
+IMPORTANCE_MAX = float(np.finfo(np.float32).max) / (256 * 127**2 * 3**0.5)
+_READ_ERRORS = (OSError, ValueError, IndexError, KeyError, TypeError, struct.error, OverflowError)
 
 
 @dataclass
@@ -44,6 +52,7 @@ class IMatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     seconds: float = 0.0
+    source: str | None = None  # the file it was read from (for errors)
 
     def unseen_experts(self) -> dict[int, list[int]]:
         """layer -> the experts no calibration token was routed to (from that layer's ffn_up_exps counts)."""
@@ -102,13 +111,14 @@ def read_imatrix(path: str | Path) -> IMatrix:
 
     try:
         reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read a GGUF imatrix ({exc})", file=str(path)) from None
-    fields = {k: f.contents() for k, f in reader.fields.items()}
+        fields = {k: f.contents() for k, f in reader.fields.items()}
+        tensors = {t.name: t for t in reader.tensors}
+    except _READ_ERRORS as exc:  # gguf-py raises IndexError or struct.error on a truncated file
+        raise UsageError(f"cannot read a GGUF imatrix ({type(exc).__name__}: {exc})", file=str(path),
+                         hint="make one with m1 verify imatrix SRC OUT.gguf") from None
     if fields.get("general.type") != "imatrix":
         raise UsageError(f"not an imatrix file (general.type is {fields.get('general.type')!r})", file=str(path),
                          hint="make one with m1 verify imatrix SRC OUT.gguf")
-    tensors = {t.name: t for t in reader.tensors}
     entries = {}
     for tname, t in tensors.items():
         if not tname.endswith(SUM2):
@@ -116,24 +126,75 @@ def read_imatrix(path: str | Path) -> IMatrix:
         name = tname[: -len(SUM2)]
         counts = tensors.get(name + COUNTS)
         if counts is None:
-            raise UsageError(f"{tname} has no {name + COUNTS}", file=str(path))
-        n_cols, n_mat = (int(d) for d in t.shape) if len(t.shape) == 2 else (int(t.shape[0]), 1)
-        sums = np.asarray(t.data, dtype=np.float32).reshape(n_mat, n_cols).astype(np.float64)
-        n = np.rint(np.asarray(counts.data, dtype=np.float32).reshape(-1)).astype(np.int64)
-        entries[name] = Entry(name, sums, n)
-    datasets = fields.get("imatrix.datasets") or []
-    return IMatrix(dict(sorted(entries.items())), list(datasets), int(fields.get("imatrix.chunk_count", 0)),
-                   int(fields.get("imatrix.chunk_size", 0)))
+            raise UsageError(f"{tname} has no {name + COUNTS}", file=str(path), tensor=name)
+        entries[name] = _entry(name, t, counts, str(path))
+    try:
+        datasets = [str(d) for d in fields.get("imatrix.datasets") or []]
+        chunk_count, chunk_size = int(fields.get("imatrix.chunk_count", 0)), int(fields.get("imatrix.chunk_size", 0))
+    except (TypeError, ValueError):
+        raise UsageError("imatrix.datasets, chunk_count or chunk_size has the wrong type", file=str(path)) from None
+    return IMatrix(dict(sorted(entries.items())), datasets, chunk_count, chunk_size, source=str(path))
+
+
+def _entry(name: str, sums_t: Any, counts_t: Any, file: str) -> Entry:
+    """One weight's tensors checked for what ggml can use: f32, [n_cols, n_mat] and [1, n_mat] (GGUF ne order),
+    finite, not negative, whole counts, and means (in_sum2 / counts) within IMPORTANCE_MAX."""
+    from gguf import GGMLQuantizationType
+
+    for t in (sums_t, counts_t):
+        if t.tensor_type != GGMLQuantizationType.F32:
+            raise UsageError(f"{t.name} is {t.tensor_type.name}, an imatrix stores F32",
+                             file=file, tensor=name)
+    shape = [int(d) for d in sums_t.shape]
+    if len(shape) not in (1, 2) or min(shape) < 1:
+        raise UsageError(f"{name + SUM2} has shape {shape}, not [n_cols, n_mat]", file=file, tensor=name)
+    n_cols, n_mat = (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 1)
+    raw_counts = np.asarray(counts_t.data, dtype=np.float32).reshape(-1)
+    if raw_counts.size != n_mat:
+        raise UsageError(f"{name + COUNTS} has {raw_counts.size} values for the {n_mat} matrices of {name + SUM2}",
+                         file=file, tensor=name, hint="the file is damaged: make it again with m1 verify imatrix")
+    sums = np.asarray(sums_t.data, dtype=np.float32).reshape(n_mat, n_cols)
+    for what, values in ((SUM2, sums), (COUNTS, raw_counts)):
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise UsageError(f"{name + what} holds negative, NaN or infinite values (sums of squares and token "
+                             "counts are finite and not negative)", file=file, tensor=name,
+                             hint="the file is damaged: make it again with m1 verify imatrix")
+    counts = np.rint(raw_counts).astype(np.int64)
+    seen = counts > 0
+    means = sums[seen].astype(np.float64) / counts[seen, None]
+    if means.size and float(means.max()) > IMPORTANCE_MAX:
+        raise UsageError(f"{name} has an importance of {float(means.max()):.3g} (in_sum2 / counts), past the "
+                         f"{IMPORTANCE_MAX:.3g} ggml's quantizers can weigh without overflowing", file=file,
+                         tensor=name, hint="the file is damaged: make it again with m1 verify imatrix")
+    return Entry(name, sums.astype(np.float64), counts)
+
+
+def importance_row(imatrix: IMatrix, gguf_name: str, matrix: int, n_cols: int) -> np.ndarray:
+    """`importance` of one matrix (expert `matrix` of a stacked weight, else 0), checked against the weight:
+    the imatrix has that matrix and one value per column of its rows."""
+    e = _find(imatrix, gguf_name)
+    hint = "make it from the same model with m1 verify imatrix"
+    if matrix >= e.n_mat:
+        raise UsageError(f"the imatrix has {e.n_mat} matrices (experts) for {gguf_name}, the model at least "
+                         f"{matrix + 1}", file=imatrix.source, tensor=gguf_name, hint=hint)
+    if e.n_cols != n_cols:
+        raise UsageError(f"the imatrix has {e.n_cols} columns for {gguf_name}, whose rows have {n_cols} values",
+                         file=imatrix.source, tensor=gguf_name, hint=hint)
+    return importance(imatrix, gguf_name)[matrix]
+
+
+def _find(imatrix: IMatrix, gguf_name: str) -> Entry:
+    try:
+        return imatrix.entries[gguf_name]
+    except KeyError:
+        raise UsageError(f"the imatrix has no entry for {gguf_name}", file=imatrix.source, tensor=gguf_name,
+                         hint="make it from the same model with m1 verify imatrix") from None
 
 
 def importance(imatrix: IMatrix, gguf_name: str) -> np.ndarray:
     """What ggml's quantizer takes for `gguf_name`: f32 [n_mat, n_cols], in_sum2 / counts per matrix, 1 where a
     matrix saw no token (llama-quantize's load_imatrix). Row e is expert e's imatrix for a stacked weight."""
-    try:
-        e = imatrix.entries[gguf_name]
-    except KeyError:
-        raise UsageError(f"the imatrix has no entry for {gguf_name}", tensor=gguf_name,
-                         hint="make it from the same model with m1 verify imatrix") from None
+    e = _find(imatrix, gguf_name)
     out = np.ones_like(e.sums, dtype=np.float32)
     seen = e.counts > 0
     out[seen] = (e.sums[seen] / e.counts[seen, None]).astype(np.float32)

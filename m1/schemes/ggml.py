@@ -80,18 +80,17 @@ class GgmlScheme(Scheme):
             return cls(name)
         return cls(name, str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest())
 
-    def _importance(self, source: str) -> Any:
+    def _importance(self, source: str, n_cols: int) -> Any:
         """The imatrix row for one source weight (an expert's row of its stacked GGUF tensor), or None."""
         if self.imatrix is None:
             return None
-        from m1.gguf.imatrix import importance, read_imatrix
+        from m1.gguf.imatrix import importance_row, read_imatrix
         from m1.gguf.names import to_gguf
 
         if self.imatrix not in _IMATRICES:
             _IMATRICES[self.imatrix] = read_imatrix(self.imatrix)
         target = to_gguf(source)
-        rows = importance(_IMATRICES[self.imatrix], target.name)
-        return rows[target.expert or 0]
+        return importance_row(_IMATRICES[self.imatrix], target.name, target.expert or 0, n_cols)
 
     def describe(self) -> str:
         values, size = block_shape(self.name)
@@ -115,7 +114,7 @@ class GgmlScheme(Scheme):
             raise UsageError(f"rows of {shape[-1]} values do not split into {self.name} blocks of {values}",
                              file=file, tensor=name, hint="keep this tensor with --keep, or choose another type")
         if self.imatrix is not None:
-            self._importance(name)  # the imatrix has this weight, with its column count
+            self._importance(name, shape[-1])  # the imatrix has this weight and expert, with its column count
 
     def pieces(self, dtype: str, shape: tuple[int, ...]) -> list[Piece]:
         return [Piece("weight", self.name.upper(), tuple(shape), type_nbytes(self.name, shape))]
@@ -130,12 +129,16 @@ class GgmlScheme(Scheme):
         if self.name in GGML_LIB_TYPES:
             from m1.schemes import ggml_lib
 
-            data = ggml_lib.quantize_rows(self.name, rows.reshape(-1, rows.shape[-1]), self._importance(name),
-                                          tensor=name or None)
+            data = ggml_lib.quantize_rows(self.name, rows.reshape(-1, rows.shape[-1]),
+                                          self._importance(name, rows.shape[-1]), tensor=name or None,
+                                          imatrix_file=self.imatrix)
         else:
             from gguf.quants import quantize
 
+            from m1.schemes import ggml_lib
+
             data = quantize(rows, _qtype(self.name))
+            ggml_lib.check_blocks(self.name, data, tensor=name or None)  # f16 scales overflow past 65504
         return [("weight", torch.from_numpy(data.reshape(-1)))]
 
     def dequantize(self, pieces: dict[str, Any], device: Any = "cpu", name: str = "",

@@ -51,6 +51,18 @@ SUPPORTED: tuple[GGMLQuantizationType, ...] = (*K_TYPES, Q.IQ4_XS, Q.IQ4_NL, Q.Q
                                                Q.Q8_0, Q.MXFP4)
 # ggml's quantize_q8_0 and quantize_mxfp4 never read quant_weights; every other supported type uses them.
 IGNORES_IMATRIX = frozenset({Q.Q8_0, Q.MXFP4})
+# Byte offsets of the f16 scales in one block (ggml-common.h's block_* structs): every other field is an
+# integer, so a block whose scales are finite dequantizes to finite values. MXFP4's scale is an E8M0 byte that
+# a finite input never makes NaN (0xFF); it has no entry.
+SCALE_OFFSETS: dict[GGMLQuantizationType, tuple[int, ...]] = {
+    Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,),
+    Q.IQ4_NL: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
+}
+F32_MAX = float(np.finfo(np.float32).max)
+# ggml's weighted sums have at most 256 terms of w * max(l^2, |l x|, x^2), levels |l| <= 127 and
+# w = importance * sqrt(sigma2 + x^2) <= sqrt(3) * importance * |x|max: with m = max(1, |x|max) each sum stays
+# below 256 * 127^2 * sqrt(3) * importance * m^3, which must be finite in f32 (m1.gguf.imatrix checks m = 1).
+SUM_TERMS = 256 * 127**2 * 3**0.5
 
 
 def type_of(qtype: GGMLType) -> GGMLQuantizationType:
@@ -232,7 +244,7 @@ def _check_finite(values: np.ndarray, what: str, tensor: str | None) -> None:
 
 
 def _imatrix_row(imatrix: np.ndarray | None, t: GGMLQuantizationType, n_per_row: int,
-                 tensor: str | None) -> np.ndarray | None:
+                 tensor: str | None, file: str | None = None) -> np.ndarray | None:
     if imatrix is None:
         if requires_imatrix(t):
             raise UsageError(f"{type_name(t)} needs an importance matrix", tensor=tensor,
@@ -241,30 +253,74 @@ def _imatrix_row(imatrix: np.ndarray | None, t: GGMLQuantizationType, n_per_row:
     weights = np.ascontiguousarray(np.asarray(imatrix, dtype=np.float32).reshape(-1))
     if weights.shape[0] != n_per_row:
         raise UsageError(f"the importance matrix has {weights.shape[0]} values for rows of {n_per_row}",
-                         tensor=tensor, hint="an imatrix row is one value per input column of the weight")
-    _check_finite(weights, "the importance matrix", tensor)
+                         file=file, tensor=tensor, hint="an imatrix row is one value per input column of the weight")
+    if not np.isfinite(weights).all():
+        raise UsageError("the importance matrix holds NaN or infinite values; ggml cannot quantize with them",
+                         file=file, tensor=tensor, hint="make the imatrix again with m1 verify imatrix")
     if (weights < 0).any():
-        raise UsageError("the importance matrix has negative values (it is a sum of squares)", tensor=tensor)
+        raise UsageError("the importance matrix has negative values (it is a sum of squares)", file=file,
+                         tensor=tensor)
     return weights
 
 
+def _check_importance_range(weights: np.ndarray, rows: np.ndarray, tensor: str | None, file: str | None) -> None:
+    """That ggml's weighted sums (SUM_TERMS) stay finite for these importances and these rows."""
+    top = float(weights.max()) if weights.size else 0.0
+    if top == 0.0:
+        return
+    m = max(1.0, float(np.abs(rows).max()))
+    if top * SUM_TERMS * m**3 > F32_MAX:
+        raise UsageError(f"an importance of {top:.3g} with weights up to {m:.3g} overflows ggml's weighted sums "
+                         f"(at most {F32_MAX / (SUM_TERMS * m**3):.3g} for these weights)", file=file, tensor=tensor,
+                         hint="the importance matrix is damaged or from another model: make it again with m1 verify "
+                              "imatrix, or quantize without --imatrix")
+
+
+def check_blocks(qtype: GGMLType, blocks: np.ndarray, tensor: str | None = None) -> None:
+    """UsageError when a quantized block's f16 scale is not finite (weights past f16's range, or an importance
+    ggml could not weigh): checked on the bytes, before anything is written, without dequantizing."""
+    t = type_of(qtype)
+    offsets = SCALE_OFFSETS.get(t, ())
+    if not offsets:
+        return
+    from gguf import GGML_QUANT_SIZES
+
+    size = GGML_QUANT_SIZES[t][1]
+    raw = np.ascontiguousarray(blocks).reshape(-1).view(np.uint8)
+    if raw.size % size:
+        raise UsageError(f"{raw.size} bytes are not whole {type_name(t)} blocks of {size} bytes", tensor=tensor)
+    per_block = raw.reshape(-1, size)
+    for offset in offsets:
+        scales = np.ascontiguousarray(per_block[:, offset : offset + 2]).view(np.float16)
+        if not np.isfinite(scales).all():
+            block = int(np.flatnonzero(~np.isfinite(scales.reshape(-1)))[0])
+            raise UsageError(f"block {block} of the {type_name(t)} output has a scale that is not finite (f16 "
+                             "holds at most 65504): ggml would write NaN or infinite weights", tensor=tensor,
+                             hint="check the source with m1 verify integrity --deep, and the imatrix if one is given")
+
+
 def quantize_rows(qtype: GGMLType, data: np.ndarray, imatrix: np.ndarray | None = None, *,
-                  tensor: str | None = None, threads: int = 1, check_finite: bool = True) -> np.ndarray:
+                  tensor: str | None = None, threads: int = 1, check_finite: bool = True,
+                  imatrix_file: str | None = None) -> np.ndarray:
     """ggml's quantization of rows `data` f32 [n_rows, n_per_row] (1-D: one row; a torch tensor of any float dtype
     is taken as its f32 values) -> uint8 [n_rows, row_size].
 
     imatrix: f32 [n_per_row] column importances for this 2-D weight (one expert's), or None. `tensor` names the
     tensor in errors. threads > 1 splits the rows over threads (ctypes releases the GIL; ggml's quantizers are
     thread-safe once initialised); the bytes do not depend on it. check_finite=False skips the NaN/inf check of
-    `data` (one pass at memory speed) for a caller that has made it already.
+    `data` (one pass at memory speed) for a caller that has made it already. `imatrix_file` names the imatrix
+    in errors. The importances are checked against the rows (`SUM_TERMS`) and the output's scales for finite
+    values (`check_blocks`).
     """
     t = type_of(qtype)
     rows = _f32_rows(data, tensor)
     n_rows, n_per_row = rows.shape
     rsize = row_size(t, n_per_row, tensor)
-    weights = _imatrix_row(imatrix, t, n_per_row, tensor)
+    weights = _imatrix_row(imatrix, t, n_per_row, tensor, imatrix_file)
     if check_finite:
         _check_finite(rows, "the tensor", tensor)
+    if weights is not None and takes_imatrix(t):
+        _check_importance_range(weights, rows, tensor, imatrix_file)
     out = np.empty((n_rows, rsize), dtype=np.uint8)
     lib = _lib()
     lib.ggml_quantize_init(int(t))
@@ -285,6 +341,7 @@ def quantize_rows(qtype: GGMLType, data: np.ndarray, imatrix: np.ndarray | None 
             written = sum(pool.map(lambda first: chunk(first, min(step, n_rows - first)), range(0, n_rows, step)))
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes} ({type_name(t)})")
+    check_blocks(t, out, tensor)
     return out
 
 

@@ -33,6 +33,14 @@ class Sink(Protocol):
         """After every file is committed: write what lists them; returns the names written."""
         ...
 
+    def file_bytes(self, plan: Plan, file: OutputFile) -> int:
+        """At least the bytes `write_file` puts on disk for `file` (its header included), from the plan alone."""
+        ...
+
+    def finish_bytes(self, plan: Plan) -> dict[str, int]:
+        """What `finish` will write: name -> at least its bytes, from the plan alone."""
+        ...
+
 
 _SINKS: dict[str, Sink] = {}
 

@@ -98,5 +98,11 @@ class GGUFSink:
     def finish(self, dest: Path, plan: Plan) -> list[str]:
         return []  # the files carry their own metadata: no index
 
+    def file_bytes(self, plan: Plan, file: OutputFile) -> int:
+        return len(_header(plan, file)) + sum(t.nbytes + -t.nbytes % ALIGNMENT for t in file.tensors)
+
+    def finish_bytes(self, plan: Plan) -> dict[str, int]:
+        return {}
+
 
 SINK = GGUFSink()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from m1 import safetensors_io
 from m1.plan import OutputFile, Plan
-from m1.safetensors_io import read_header
-from m1.streaming import PendingShard, Produced, write_json_atomic
+from m1.safetensors_io import header_bytes, read_header
+from m1.streaming import PendingShard, Produced, json_text, write_json_atomic
 
 INDEX = "model.safetensors.index.json"
 
@@ -36,6 +36,15 @@ class SafetensorsSink:
         write_json_atomic(dest / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         return [INDEX]
 
+
+    def file_bytes(self, plan: Plan, file: OutputFile) -> int:
+        planned = [(t.name, t.dtype, t.shape, t.nbytes, t.exact) for t in file.tensors]
+        return header_bytes(planned) + file.nbytes  # inexact sizes are upper bounds
+
+    def finish_bytes(self, plan: Plan) -> dict[str, int]:
+        weight_map = {t.name: file.name for file in plan.files for t in file.tensors}
+        bound = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}  # as many digits or more
+        return {INDEX: len(json_text(bound).encode())}
 
     def check(self, plan: Plan) -> None:
         pass
