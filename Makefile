@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-slow test-all bench lint clean
 
 # llama-cpp-python (test extra) compiles llama.cpp once, then comes from pip's wheel cache. GGML_NATIVE=OFF:
 # the cached wheel then targets AVX2/FMA/F16C, not the building CPU, so it never dies of SIGILL on another
@@ -23,8 +23,15 @@ setup: $(BIN)/m1
 demo: setup
 	bash scripts/demo.sh $(DEMO)
 
+# make test: the suite without the studies and long matrices (at most 3 minutes on 2 cores); make test-slow:
+# those (marked slow); make test-all: both. CI (.ci/run) runs both, with the 15 slowest tests printed.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not slow" --durations=15
+
+test-slow: setup
+	$(BIN)/python -m pytest -q tests -m slow --durations=15
+
+test-all: test test-slow
 
 bench: setup
 	$(BIN)/python bench/run_all.py

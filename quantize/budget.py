@@ -150,7 +150,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
                 calibration: str = "", metric: str = "kl", device: str = "cpu", imatrix: str | None = None,
                 sensitivity: Any = None) -> MixPlan:
     """Measure (or take `sensitivity`, or the prior), allocate, plan. `opts`: QuantizeOptions of the job."""
-    from m1.allocate import allocate, parse_budget, rule_of_thumb
+    from m1.allocate import Allocation, allocate, parse_budget, rule_of_thumb
     from m1.quantize.job import plan_from_checkpoint
     from m1.units import human_bytes
     from m1.verify import sensitivity as sens_mod
@@ -202,13 +202,9 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
                          f"candidates, {human_bytes(smallest)} on disk ({human_bytes(outside)} of it outside the "
                          "expert groups: other tensors, headers, index, manifest, recipe)",
                          hint="raise --budget, or add a smaller candidate (e.g. q3_k for a GGUF)")
-    group_budget = total_budget
-    for _ in range(MAX_FITS):
-        alloc = allocate(disk_sizes, errors, group_budget)
-        recipe_weights: dict[str, str] = {}
-        for g in groups:
-            for name in g.recipe_names(cfg, fmt):
-                recipe_weights[name] = alloc.assignment[g.key]
+    def attempt(alloc: Any) -> tuple[Any, dict[str, Any], int]:
+        """The plan and recipe of an allocation, and its whole output's bytes on disk."""
+        recipe_weights = {name: alloc.assignment[g.key] for g in groups for name in g.recipe_names(cfg, fmt)}
         used = Counter(c for c in alloc.assignment.values() if c != sens_mod.KEEP)
         if not used:
             raise UsageError("the budget leaves every group unquantized: nothing to quantize",
@@ -219,14 +215,27 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
                           main_name, "kl" if not measured else metric, measured, sensitivity, recipe_weights, cfg,
                           fmt, len(used))
         doc["disk_bytes"] = total_budget  # as many digits or more than the sum it becomes
-        on_disk = output_bytes(plan, ckpt, doc)
-        if on_disk <= total_budget:
+        return plan, doc, output_bytes(plan, ckpt, doc)
+
+    group_budget = total_budget
+    for _ in range(MAX_FITS):
+        alloc = allocate(disk_sizes, errors, group_budget)
+        plan, doc, on_disk = attempt(alloc)
+        if on_disk <= total_budget or group_budget == smallest:
             break
-        group_budget -= on_disk - total_budget  # headers and lists grew with the mix: take it off the groups
-        if group_budget < smallest:
-            break
-    else:
-        on_disk = total_budget + 1
+        # Headers and lists grew with the mix (a bitsandbytes mix's config lists its weights): take it off the
+        # groups, down to the smallest mix at most.
+        group_budget = max(smallest, group_budget - (on_disk - total_budget))
+    if on_disk > total_budget:
+        # Every mix the allocator found lists too much beside its tensors (on a small model a bitsandbytes mix's
+        # weight list outweighs what it saves): the best uniform candidate that fits, if one does.
+        for c in sorted((c for c in cands if c != sens_mod.KEEP), key=lambda c: sum(e[c] for e in errors.values())):
+            uniform = Allocation({g: c for g in disk_sizes}, sum(row[c] for row in sizes.values()),
+                                 sum(e[c] for e in errors.values()), group_budget, 1, True)
+            tried = attempt(uniform)
+            if tried[2] <= total_budget:
+                alloc, (plan, doc, on_disk) = uniform, tried
+                break
     if on_disk > total_budget:
         raise UsageError(f"--budget {budget} ({human_bytes(total_budget)}) leaves no mix of these candidates that "
                          f"fits on disk with its headers, index, manifest and recipe", hint="raise --budget")

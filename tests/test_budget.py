@@ -133,6 +133,7 @@ def _row(study: dict, name: str) -> dict:
     return next(r for r in study["rows"] if r["name"] == name)
 
 
+@pytest.mark.slow
 def test_measured_mix_beats_uniform_and_the_llama_cpp_pattern_at_equal_size(claims: dict) -> None:
     study = claims
     mix, rot = _row(study, "measured mix @ pattern size"), _row(study, "llama.cpp pattern")
@@ -146,6 +147,7 @@ def test_measured_mix_beats_uniform_and_the_llama_cpp_pattern_at_equal_size(clai
                 assert m["kl"] < u["kl"], (m["name"], u["name"], m["kl"], u["kl"])
 
 
+@pytest.mark.slow
 def test_predicted_and_measured_kl_side_by_side(claims: dict) -> None:
     study = claims
     setting = study["setting"]

@@ -286,7 +286,10 @@ KILLS = [(command, workers, how) for command in ("quantize", "convert") for work
          for how in (signal.SIGKILL, signal.SIGTERM)]
 
 
-@pytest.mark.parametrize(("command", "workers", "how"), KILLS,
+# One representative kill (convert, one worker, kill -9) runs in `make test`; the whole matrix in `make test-all`.
+@pytest.mark.parametrize(("command", "workers", "how"),
+                         [k if k == ("convert", 1, signal.SIGKILL) else pytest.param(*k, marks=pytest.mark.slow)
+                          for k in KILLS],
                          ids=[f"{c}-{w}w-{'kill9' if h == signal.SIGKILL else 'term'}" for c, w, h in KILLS])
 def test_kill_at_a_random_point_then_resume(make_tiny_ckpt, tmp_path: Path, command: str, workers: int,
                                             how: int) -> None:

@@ -181,7 +181,7 @@ def test_a_budget_past_what_a_float_holds_is_a_usage_error(tiny: Path, tmp_path:
 
 
 @pytest.fixture(params=["release", "gguf"])
-def recipe_case(request: pytest.FixtureRequest, tiny: Path, tmp_path: Path) -> tuple[Path, dict, list[str]]:
+def recipe_case(request: pytest.FixtureRequest, make_tiny_ckpt, tmp_path: Path) -> tuple[Path, dict, list[str]]:
     """(source, a recipe document of a mix for it, the replay's format arguments)."""
     from m1.checkpoint import Checkpoint
     from m1.policy import Policy
@@ -190,6 +190,9 @@ def recipe_case(request: pytest.FixtureRequest, tiny: Path, tmp_path: Path) -> t
     from m1.schemes import make_scheme
 
     fmt = request.param
+    # Experts large enough that a bitsandbytes mix saves more than its config's list of weights costs (on the
+    # default tiny M1 nf4 is not even smaller than int8), so the middle budget is a real mix of the two.
+    tiny = make_tiny_ckpt("mixable", hidden=128, intermediate=256)
     ckpt = Checkpoint.open(tiny)
     scheme, cands = ("nf4", "nf4,int8") if fmt == "release" else ("q4_0", "q4_0,q8_0")
     opts = QuantizeOptions(scheme=make_scheme(scheme), policy=Policy.from_options([], []), by_layer=False,

@@ -259,6 +259,7 @@ def test_resume_of_a_stream_downloads_only_what_is_missing(hub, tmp_path: Path) 
     assert weights(dest) == weights(ref)
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_stream_their_shares_within_the_bound_per_node(hub, tmp_path: Path) -> None:
     """Under torchrun every rank streams its own contiguous share through its own scratch folder, the node's
     bound split between its ranks; together they give the bytes of one process."""
@@ -285,6 +286,7 @@ def test_torchrun_ranks_stream_their_shares_within_the_bound_per_node(hub, tmp_p
     assert not list(dest.glob(".*"))
 
 
+@pytest.mark.slow
 def test_m1_40k_from_the_hub_fits_40gb_in_the_source_order(hub, tmp_path: Path, capsys) -> None:
     """The real index (413 shards, 912 GB) served sparse: the release deals a layer's experts over dozens of
     shards, so the size layout would hold ~130 GB of shards at once; --scratch 40GB picks the source order,

@@ -43,6 +43,7 @@ def built(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return files
 
 
+@pytest.mark.slow
 @needs_ggml
 def test_k_quant_tensors_read_back_as_ggml_reads_them(built: dict[str, Path]) -> None:
     import gguf
@@ -58,6 +59,7 @@ def test_k_quant_tensors_read_back_as_ggml_reads_them(built: dict[str, Path]) ->
         assert np.array_equal(ours, theirs), t.name
 
 
+@pytest.mark.slow
 @needs_ggml
 def test_the_imatrix_changes_the_bytes_and_q4_0_ignores_it(built: dict[str, Path], model: Path, tmp_path: Path,
                                                            run) -> None:
@@ -80,6 +82,7 @@ def test_a_k_quant_refuses_rows_that_do_not_fit(make_tiny_ckpt, tmp_path: Path, 
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.slow
 @needs_ggml
 def test_in_llama_cpp_q4_k_with_the_imatrix_beats_q4_0_and_q4_k_without(built: dict[str, Path], model: Path) -> None:
     import warnings

@@ -68,6 +68,7 @@ def test_chunked_layers_equal_one_call_and_the_reference(prefix: str, monkeypatc
             - forward_layer(cfg, 2, layer_w, hidden)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_65536_tokens_match_8192_on_the_shared_prefix() -> None:
     """Bitwise: the 64k run's first 8192 logits are the 8k run's, at the default chunk (4096 positions)."""
     cfg = tiny_config(rotary_dim=8, kinds=("lightning", "softmax", "lightning"))
@@ -109,6 +110,7 @@ BY_POSITION = ["--corpus", "mr-niah", "--ctx", "2048", "--tokens", "8192", "--de
                "--no-layers", "--by-position"]
 
 
+@pytest.mark.slow
 def test_by_position_shows_damage_that_grows_along_the_window(run, tmp_path: Path) -> None:
     sound = tmp_path / "sound"
     code, _, err = run("convert", TRAINED, sound, "--to", "hf", "-q")  # a sound copy in another layout

@@ -249,7 +249,7 @@ def same_as_single(out: Path, single_out: Path) -> None:
         assert not list((out / sub).glob(".*")), sub  # no progress record, temporary file or scratch left
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_torchrun_ranks_write_the_bytes_one_process_writes(single, tmp_path: Path, n: int) -> None:
     src, single_out = single
     out = tmp_path / "out"
@@ -300,6 +300,7 @@ def _recorded(dest: Path) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_run_fails_the_job_and_resume_with_another_world_size_finishes_it(
         make_tiny_ckpt, tmp_path: Path) -> None:
     from m1.cli import run_cli
