@@ -196,7 +196,8 @@ class GGUFStorage:
             except FileNotFoundError:
                 raise CheckpointError("missing GGUF file", file=str(path), hint=RE_EXPORT) from None
             except LayoutError as exc:
-                raise CheckpointError(str(exc), file=str(path), tensor=exc.tensor, hint=RE_EXPORT) from None
+                raise CheckpointError(f"not a readable GGUF: {exc}", file=str(path), tensor=exc.tensor,
+                                      hint=f"the file is truncated or damaged; {RE_EXPORT}") from None
             except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError, OSError) as exc:
                 raise CheckpointError(f"not a readable GGUF: {_reader_error(exc)}", file=str(path),
                                       hint=f"the file is truncated or damaged; {RE_EXPORT}") from None
@@ -769,7 +770,8 @@ def check_layout(extents: list[Extent], data_offset: int, file_size: int, alignm
                               "refuses the file)", e.name)
         if data_offset + e.end > file_size:
             raise LayoutError(f"its data (bytes {e.offset}..{e.end} of the data section, which starts at byte "
-                              f"{data_offset}) runs past the end of the file ({file_size} bytes)", e.name)
+                              f"{data_offset}) runs past the end of the file ({file_size} bytes: truncated, or a "
+                              "damaged offset)", e.name)
     ordered = sorted(extents, key=lambda e: (e.offset, e.end, e.name))
     for prev, cur in zip(ordered, ordered[1:], strict=False):
         if cur.offset == prev.offset and (cur.nbytes or prev.nbytes):
