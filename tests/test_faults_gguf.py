@@ -328,3 +328,25 @@ def test_inspect_of_a_q4_0_gguf_reports_the_stored_types_and_sizes(sound: dict[s
     assert info["quantization"] is not None and "Q4_0" in info["quantization"]
     code, out, err = run("inspect", path)
     assert code == 0 and "quantization: none" not in out and "Q4_0" in out, out
+
+
+def test_inspect_of_a_q4_k_gguf_reports_the_stored_types_and_sizes(tmp_path: Path, run) -> None:
+    """Q4_K (ggml's own quantizer, blocks of 256): stored types and sizes, and the layout checks pass it."""
+    from m1.schemes import ggml_lib
+    from m1.tiny import TinySpec, make_tiny
+
+    if not ggml_lib.available():
+        pytest.skip("llama-cpp-python (m1[gguf-k]) is not installed")
+    make_tiny(tmp_path / "tiny", TinySpec(hidden=256, intermediate=256, head_dim=64, rotary_dim=32, vocab=256))
+    path = tmp_path / "tiny-q4_k.gguf"
+    code, _, err = run("quantize", tmp_path / "tiny", path, "--format", "gguf", "--scheme", "q4_k", "-q")
+    assert code == 0, err
+    code, out, err = run("inspect", path)
+    assert code == 0 and "quantization: gguf Q4_K" in out and "Q4_K " in out, out + err
+    stored = GGUFStorage(path).stored_types()
+    assert sum(t["bytes"] for t in stored.values()) <= path.stat().st_size
+    data = bytearray(path.read_bytes())
+    count_one_short(data, gguf.GGUFReader(path))
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="tensor count"):
+        GGUFStorage(path)

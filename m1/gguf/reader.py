@@ -545,6 +545,14 @@ class GGUFStorage:
             out[slot.qtype.name]["bytes"] += slot.stored_bytes
         return out
 
+    def stored(self, name: str) -> tuple[str, int]:
+        """The GGML type and the bytes as stored of tensor `name` (of header(file)): what inspect reports, where
+        the header gives the dtype and size it is read back in."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise CheckpointError("tensor not in the GGUF", file=self.root, tensor=name)
+        return slot.qtype.name, slot.stored_bytes
+
     # ---- tensors ------------------------------------------------------------------------------------
     def read_tensor(self, name: str) -> torch.Tensor:
         """One spec tensor, dequantized (block types, F32) or as stored (F16, BF16), in torch order."""
