@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from m1.checkpoint import Checkpoint
 from m1.dtypes import FLOAT_DTYPES, torch_dtype
@@ -21,6 +21,9 @@ from m1.manifest import read_manifest
 from m1.safetensors_io import Header
 from m1.spec import Role, TensorSpec, classify, inventory
 from m1.streaming import file_sha256
+
+if TYPE_CHECKING:
+    from m1.gguf.reader import GGUFStorage
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,13 @@ def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, 
         ckpt = Checkpoint.open(source, revision=revision)
     except UsageError:
         raise
-    except M1Error as exc:
-        report.add("unreadable", exc.message, exc.file, exc.tensor)
+    except M1Error as exc:  # a GGUF whose tensor infos do not tile its data section, too (m1.gguf.reader)
+        report.add("unreadable", exc.message + (f" ({exc.hint})" if exc.hint else ""), exc.file, exc.tensor)
         return report
     headers = check_checkpoint(ckpt, report, layers)
-    if _gguf_checks(ckpt) is not None:
-        _check_gguf(ckpt, report, check_hashes and layers is None)
+    gguf = _gguf_storage(ckpt)
+    if gguf is not None:
+        _check_gguf(gguf, report, check_hashes and layers is None)
     elif check_hashes and not ckpt.remote and layers is None:
         _check_manifest(Path(ckpt.root), report)
     if deep:
@@ -232,7 +236,7 @@ def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityR
                 report.add("missing-tensor", "a quantized weight lacks this bitsandbytes tensor", None, name)
     # One float dtype for the whole checkpoint (the router may stay fp32): a stray dtype is damage.
     # Not in a GGUF: its type policy mixes types by design (_check_gguf checks the types by role instead).
-    if float_dtypes and _gguf_checks(ckpt) is None:
+    if float_dtypes and _gguf_storage(ckpt) is None:
         main_dtype, _ = float_dtypes.most_common(1)[0]
         report.stats["dtype"] = main_dtype
         for name, info in present.items():
@@ -261,14 +265,16 @@ def _check_plain(spec: TensorSpec, info: Any, file: str | None, report: Integrit
         float_dtypes[info.dtype] += 1
 
 
-def _gguf_checks(ckpt: Checkpoint) -> Any:
-    """The GGUF storage's own checks (m1.gguf.reader.GGUFStorage.gguf_findings), or None for any other storage."""
-    return getattr(ckpt.storage, "gguf_findings", None)
+def _gguf_storage(ckpt: Checkpoint) -> GGUFStorage | None:
+    """The checkpoint's storage where it is a GGUF (which has checks of its own), else None."""
+    from m1.gguf.reader import GGUFStorage
+
+    return ckpt.storage if isinstance(ckpt.storage, GGUFStorage) else None
 
 
-def _check_gguf(ckpt: Checkpoint, report: IntegrityReport, check_hashes: bool) -> None:
+def _check_gguf(gguf: GGUFStorage, report: IntegrityReport, check_hashes: bool) -> None:
     """A GGUF read back: tensor types by role, and its m1 manifest (<stem>.m1-manifest.json) when there is one."""
-    for code, message, file, tensor in _gguf_checks(ckpt)(check_hashes):
+    for code, message, file, tensor in gguf.gguf_findings(check_hashes):
         report.add(code, message, file, tensor)
     report.stats["format"] = "gguf"
 
