@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import cache
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -682,7 +682,7 @@ def _plain_reader() -> type[GGUFReader]:
         def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int],
                                                                            list[GGUFValueType]]:
             if raw_type == GGUFValueType.ARRAY:
-                _check_array(self.data, int(orig_offs), self._key)
+                _check_array(self.data, int(orig_offs), self._key, "little" if self.byte_order == "I" else "big")
             self._depth += 1
             try:
                 return super()._get_field_parts(orig_offs, raw_type)
@@ -709,14 +709,14 @@ class LayoutError(ValueError):
 _MIN_ENTRY = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 8: 8, 9: 12, 10: 8, 11: 8, 12: 8}
 
 
-def _check_array(data: np.ndarray, offset: int, key: str) -> None:
+def _check_array(data: np.ndarray, offset: int, key: str, order: Literal["little", "big"] = "little") -> None:
     """An array value at `offset` (its uint32 element type, then its uint64 length) that fits the bytes left
     in the file and holds no more entries than any M1 GGUF needs; a short or unknown one gguf-py reports."""
     head = bytes(data[offset:offset + 12])
     if len(head) < 12:
         return
-    entry = _MIN_ENTRY.get(int.from_bytes(head[:4], "little"))
-    length = int.from_bytes(head[4:], "little")
+    entry = _MIN_ENTRY.get(int.from_bytes(head[:4], order))
+    length = int.from_bytes(head[4:], order)
     if entry is None:
         return
     left = len(data) - offset - 12
