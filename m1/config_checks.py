@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from m1.errors import ConfigError
@@ -63,36 +64,40 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_config_values(raw: dict[str, Any], source: str = "config.json") -> None:
-    """Raise a ConfigError naming `source` and the key for the first value m1 cannot use."""
-    hint = "fix this value in config.json"
+def check_config_values(raw: dict[str, Any], source: str = "config.json", names: Mapping[str, str] | None = None,
+                        hint: str = "fix this value in config.json") -> None:
+    """Raise a ConfigError naming `source` and the key for the first value m1 cannot use.
+
+    `names`: how the source spells each key where it is not a config.json (a GGUF's `minimax-01.expert_count`
+    for num_local_experts), so that the error names what the user can find in the file."""
+    name = (lambda key: key) if names is None else (lambda key: names.get(key, key))
     for key in (*REQUIRED_SIZES, *OPTIONAL_SIZES):
         if key not in raw or (key == "head_dim" and raw[key] is None):
             continue  # a missing required key is reported by from_dict
         value, bound = raw[key], MAX_SIZES[key]
         if not _is_int(value) or not 1 <= value <= bound:
-            raise ConfigError(f"{key} must be an integer from 1 to {bound}, got {_shown(value)} (m1 reads sizes up "
-                              f"to {BOUND_FACTOR}x MiniMax-M1's)", file=source, hint=hint)
+            raise ConfigError(f"{name(key)} must be an integer from 1 to {bound}, got {_shown(value)} (m1 reads "
+                              f"sizes up to {BOUND_FACTOR}x MiniMax-M1's)", file=source, hint=hint)
     layers, experts = raw.get("num_hidden_layers"), raw.get("num_local_experts")
     if _is_int(layers) and _is_int(experts) and layers * experts > MAX_LAYER_EXPERTS:
-        raise ConfigError(f"num_hidden_layers x num_local_experts = {layers} x {experts} = {layers * experts} "
-                          f"exceeds {MAX_LAYER_EXPERTS} ({BOUND_FACTOR}x MiniMax-M1's "
+        raise ConfigError(f"{name('num_hidden_layers')} x {name('num_local_experts')} = {layers} x {experts} = "
+                          f"{layers * experts} exceeds {MAX_LAYER_EXPERTS} ({BOUND_FACTOR}x MiniMax-M1's "
                           f"{M1_SIZES['num_hidden_layers']} x {M1_SIZES['num_local_experts']})", file=source,
                           hint=hint)
     hidden, heads = raw.get("hidden_size"), raw.get("num_attention_heads")
     if raw.get("head_dim") is None and _is_int(hidden) and _is_int(heads) and hidden < heads:
-        raise ConfigError(f"head_dim is not given and hidden_size {hidden} // num_attention_heads {heads} is 0",
-                          file=source, hint="give head_dim")
+        raise ConfigError(f"{name('head_dim')} is not given and {name('hidden_size')} {hidden} // "
+                          f"{name('num_attention_heads')} {heads} is 0", file=source, hint=f"give {name('head_dim')}")
     for key in POSITIVE_NUMBERS:
         if key in raw and not (_is_number(raw[key]) and math.isfinite(raw[key]) and raw[key] > 0):
-            raise ConfigError(f"{key} must be a finite number above 0, got {_shown(raw[key])}", file=source,
+            raise ConfigError(f"{name(key)} must be a finite number above 0, got {_shown(raw[key])}", file=source,
                               hint=hint)
     for key in FACTOR_KEYS:
         if key in raw and not (_is_number(raw[key]) and math.isfinite(raw[key])):
-            raise ConfigError(f"{key} must be a finite number, got {_shown(raw[key])}", file=source, hint=hint)
+            raise ConfigError(f"{name(key)} must be a finite number, got {_shown(raw[key])}", file=source, hint=hint)
     for key in BOOLEANS:
         if key in raw and type(raw[key]) is not bool:
-            raise ConfigError(f"{key} must be true or false, got {_shown(raw[key])}", file=source, hint=hint)
+            raise ConfigError(f"{name(key)} must be true or false, got {_shown(raw[key])}", file=source, hint=hint)
     shared = raw.get("shared_intermediate_size")
     if shared is not None and not (_is_int(shared) and shared >= 0):
         raise ConfigError(f"shared_intermediate_size must be an integer >= 0, got {_shown(shared)}", file=source,

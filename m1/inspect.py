@@ -6,6 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from m1.checkpoint import Checkpoint
+from m1.dtypes import FLOAT_DTYPES
 from m1.errors import M1Error
 from m1.spec import classify, inventory
 from m1.units import human_bytes, human_count
@@ -31,6 +32,9 @@ def layer_ranges(indices: list[int]) -> str:
 def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, Any]:
     ckpt = Checkpoint.open(source, revision=revision)
     cfg = ckpt.config
+    # A storage that decodes its own block types (GGUF: to F32) reports its types and bytes as stored.
+    storage = ckpt.storage
+    decoded = 0
     by_role: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
     by_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "bytes": 0})
     expected = {t.name: t for t in inventory(cfg)}
@@ -53,14 +57,16 @@ def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, An
                 unexpected.append(info.name)
                 continue
             seen.add(c.weight_name)
+            dtype, nbytes = storage.stored_as(info.name) or (info.dtype, info.nbytes)
+            decoded += info.nbytes
             role = by_role[c.rule.role.value]
             role["tensors"] += 1
-            role["bytes"] += info.nbytes
+            role["bytes"] += nbytes
             if c.companion is None:
                 role["params"] += expected[c.weight_name].numel
-            d = by_dtype[info.dtype]
+            d = by_dtype[dtype]
             d["tensors"] += 1
-            d["bytes"] += info.nbytes
+            d["bytes"] += nbytes
     missing = [n for n in expected if n not in seen]
     from m1.integrity import IntegrityReport, check_checkpoint
 
@@ -79,6 +85,9 @@ def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, An
         except M1Error as exc:
             scheme = None
             unreadable.append(f"config.json quantization_config: {exc.message}")
+    if storage.own_format is not None:  # its block types are its quantization, largest first
+        blocks = sorted((t for t in by_dtype if t not in FLOAT_DTYPES), key=lambda t: -by_dtype[t]["bytes"])
+        scheme = f"{storage.own_format} " + ", ".join(blocks) if blocks else None
     return {
         "source": str(source),
         "revision": revision,
@@ -97,7 +106,8 @@ def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, An
         "shards": len(ckpt.files()),
         "tensors": len(ckpt.weight_map),
         "params": sum(r["params"] for r in by_role.values()),
-        "bytes": sum(r["bytes"] for r in by_role.values()),
+        "bytes": sum(r["bytes"] for r in by_role.values()),  # as stored
+        "decoded_bytes": decoded,  # as read back (a GGUF's block types as F32)
         "by_role": dict(by_role),
         "by_dtype": dict(by_dtype),
         "missing": missing,
@@ -115,13 +125,14 @@ def render_inspect(info: dict[str, Any]) -> str:
         f"rotary {info['rotary_dim']}/{info['head_dim']}",
         f"  quantization: {info['quantization'] or 'none'}",
         f"  {info['tensors']} tensors in {info['shards']} shards, {human_count(info['params'])} parameters, "
-        f"{human_bytes(info['bytes'])}",
+        f"{human_bytes(info['bytes'])}" + (f" stored, {human_bytes(info['decoded_bytes'])} read back"
+                                          if info["decoded_bytes"] != info["bytes"] else ""),
         "  by role:",
     ]
     for role, r in sorted(info["by_role"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"    {role:16s} {r['tensors']:6d} tensors {human_count(r['params']):>9} params "
                      f"{human_bytes(r['bytes']):>10}")
-    lines.append("  by dtype:")
+    lines.append("  by stored type:" if info["decoded_bytes"] != info["bytes"] else "  by dtype:")
     for dtype, d in sorted(info["by_dtype"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"    {dtype:16s} {d['tensors']:6d} tensors {human_bytes(d['bytes']):>10}")
     for key in ("missing", "unexpected", "unreadable", "problems"):

@@ -71,8 +71,8 @@ def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, 
         ckpt = Checkpoint.open(source, revision=revision)
     except UsageError:
         raise
-    except M1Error as exc:
-        report.add("unreadable", exc.message, exc.file, exc.tensor)
+    except M1Error as exc:  # a GGUF whose tensor infos do not tile its data section, too (m1.gguf.reader)
+        report.add("unreadable", exc.message + (f" ({exc.hint})" if exc.hint else ""), exc.file, exc.tensor)
         return report
     headers = check_checkpoint(ckpt, report, layers)
     if ckpt.storage.own_format is not None:

@@ -80,6 +80,11 @@ class Storage:
         (`m1 verify integrity` adds them to its report)."""
         return []
 
+    def stored_as(self, name: str) -> tuple[str, int] | None:
+        """The dtype (or block type) and bytes tensor `name` is stored in, where they differ from its header's
+        decoded view (a GGUF's block types); None: as the header says."""
+        return None
+
     def shard_sizes(self) -> dict[str, int] | None:
         """The size of every file as the remote listing gives it, for a storage that downloads (None: local)."""
         return None
