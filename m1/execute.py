@@ -71,6 +71,7 @@ class RunOptions:
     show_progress: bool = True
     label: str = "write"
     scratch: int | None = None  # --scratch: stream a Hub source through at most this many bytes of disk
+    inputs: tuple[Path, ...] = ()  # files the job reads besides the checkpoint (an imatrix, a recipe)
 
 
 @dataclass
@@ -136,13 +137,12 @@ def execute(plan: Plan, dest: Path, ckpt: Checkpoint, opts: RunOptions = RunOpti
 
 
 def _prepare(plan: Plan, dest: Path, folder: Path, ckpt: Checkpoint, stem: str | None, opts: RunOptions) -> Any:
-    if stem is not None:  # a file set (a GGUF) in a folder that may hold other things
-        if not ckpt.remote and any(dest.resolve() == (Path(ckpt.root) / f).resolve() for f in ckpt.files()):
-            raise DestinationError("the destination is a file of the source", file=str(dest),
-                                   hint="write to another file")
+    sources = [*ckpt.storage.sources(), *opts.inputs]
+    if stem is not None:  # a file set (a GGUF) in a folder that may hold other things: its own files only
+        names = [*(f.name for f in plan.files), *plan.written, manifest_name(stem), progress_name(stem)]
+        guard_source([folder / name for name in names], sources)
         return prepare_files(folder, [f.name for f in plan.files], stem, opts.resume, opts.overwrite)
-    if not ckpt.remote:
-        guard_source(dest, [Path(ckpt.root)])
+    guard_source([dest], sources)
     return prepare_destination(dest, opts.resume, opts.overwrite)
 
 

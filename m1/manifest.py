@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,32 @@ def is_m1_output(dest: Path) -> bool:
     return (dest / MANIFEST).is_file() or (dest / PROGRESS).is_file()
 
 
-def guard_source(dest: Path, sources: list[Path]) -> None:
-    """The destination may be neither a source nor a folder that holds one: writing there mixes the two,
-    and --overwrite would delete the source."""
-    out = dest.resolve()
-    for src in sources:
-        src = src.resolve()
-        if out == src or out in src.parents:
-            raise DestinationError("destination is the source checkpoint or a folder that holds it", file=str(dest),
-                                   hint="write to another folder")
+def guard_source(dests: Iterable[Path], sources: Iterable[Path]) -> None:
+    """The one rule for every command that writes (convert, quantize, verify imatrix and logits, compare's
+    report): no destination may be a source, hold one or lie inside one, or --overwrite (or a plain write)
+    would destroy what the job reads. Real paths are compared (symlinks resolved), and an existing file is
+    also compared by identity (a hard link is the same file)."""
+    real_sources = [(src, src.resolve()) for src in sources]
+    for dest in dests:
+        out = dest.resolve()
+        for src, real in real_sources:
+            if out == real or _same_file(out, real):
+                what = "is the source"
+            elif out in real.parents:
+                what = "holds the source"
+            elif real in out.parents:
+                what = "lies inside the source"
+            else:
+                continue
+            raise DestinationError(f"the destination {what} {src}", file=str(dest),
+                                   hint="write to a path outside every source")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 class DestinationLock:

@@ -38,6 +38,8 @@ class Storage(Protocol):
     def local_path(self, file: str) -> Path: ...
     def extra_files(self) -> list[str]: ...
     def identity(self, files: list[str]) -> dict[str, Any]: ...
+    def sources(self) -> list[Path]: ...  # the local paths it reads: no job may write there (m1.manifest)
+    def manifest_path(self) -> Path | None: ...  # the m1 manifest that lists its files, when m1 made it
 
 
 class LocalStorage:
@@ -72,6 +74,14 @@ class LocalStorage:
 
     def local_path(self, file: str) -> Path:
         return self.path / file
+
+    def sources(self) -> list[Path]:
+        return [self.path]
+
+    def manifest_path(self) -> Path | None:
+        from m1.manifest import MANIFEST
+
+        return self.path / MANIFEST
 
     def extra_files(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir() if p.is_file() and is_extra_file(p.name))

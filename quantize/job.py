@@ -53,11 +53,13 @@ def plan_from_checkpoint(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
 
 def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device: str = "auto", workers: int = 1,
                  threads: int | None = None, resume: bool = False, overwrite: bool = False,
-                 show_progress: bool = True, plan: Plan | None = None, scratch: int | None = None) -> dict[str, Any]:
+                 show_progress: bool = True, plan: Plan | None = None, scratch: int | None = None,
+                 inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Quantize `ckpt` into `dest`; returns what was written and how fast (per device too).
 
     `device` is a --device value (m1.devices: a set or `cuda` gives each worker its own GPU); `scratch`
-    streams a Hub source through at most that many bytes of disk (m1.scratch)."""
+    streams a Hub source through at most that many bytes of disk (m1.scratch); `inputs`: the other files
+    the job reads (an imatrix, a recipe), which it must not write over."""
     from m1.devices import resolve_device
 
     dev = resolve_device(device)
@@ -68,7 +70,7 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
     spec = device if "," in device else str(dev)  # a set of devices goes to the executor as it is
     run = execute(plan, dest, ckpt, RunOptions(resume=resume, overwrite=overwrite, workers=workers, threads=threads,
                                                device=spec, show_progress=show_progress, label="quantize",
-                                               scratch=scratch))
+                                               scratch=scratch, inputs=inputs))
     params_done = sum(f.params for f in plan.files if f.name in run.written)
     shards = run.manifest["shards"]
     return {

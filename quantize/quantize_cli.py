@@ -167,7 +167,8 @@ def quantize_cmd(
 
         recipe_file = attach_recipe(dest, plan, mix.recipe)
     result = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
-                          overwrite=overwrite, show_progress=not quiet, plan=plan, scratch=bound)
+                          overwrite=overwrite, show_progress=not quiet, plan=plan, scratch=bound,
+                          inputs=tuple(p for p in (imatrix, recipe) if p is not None))
     if not is_main_process():  # under torchrun, rank 0 says what the job wrote
         return
     if recipe_file is not None:
