@@ -64,10 +64,16 @@ class Checkpoint:
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, source: str | Path, revision: str | None = None) -> Checkpoint:
+        from m1.manifest import lock_held, note_source, rewritten_error
+
         source = str(source)
         if source.endswith(".gguf"):  # llama.cpp's format (a file, or the split set named after it), dequantized
             from m1.gguf.reader import GGUFStorage, first_split
 
+            folder = Path(source).parent
+            if not Path(source).is_file() and not first_split(Path(source)).is_file() and lock_held(folder):
+                raise rewritten_error(Path(source))  # --overwrite removed it and is writing it again
+            note_source(folder, refuse_if_held=False)  # the folder may hold other GGUFs being written
             if Path(source).is_file() or first_split(Path(source)).is_file():
                 return cls.from_storage(GGUFStorage(source))
         if is_repo_id(source):
@@ -77,6 +83,7 @@ class Checkpoint:
         if not Path(source).is_dir():
             raise UsageError("not a checkpoint folder or Hub repo id", file=source,
                              hint="give a folder holding config.json and safetensors shards, or owner/name")
+        note_source(Path(source), refuse_if_held=True)
         return cls.from_storage(LocalStorage(source))
 
     @classmethod

@@ -89,6 +89,55 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+# ---- a source that a writer holds -------------------------------------------------------------------------
+# A run that --overwrite-s (or resumes into) a folder holds its lock for as long as it writes; a job that reads
+# that folder meanwhile sees files vanish or change under it. The lock says so: checked when a source is opened
+# (m1.checkpoint) and, for a read that fails, by the CLI before it reports the failure (rewritten_source).
+
+_LOCKED_HERE: set[Path] = set()  # folders this process holds the destination lock of
+_READING: list[Path] = []  # folders this process opened sources in
+
+
+def lock_held(folder: Path) -> bool:
+    """Whether another process holds `folder`'s destination lock (an m1 run is writing there)."""
+    if folder.resolve() in _LOCKED_HERE:
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock, if it was taken
+    return False
+
+
+def rewritten_error(folder: Path) -> CheckpointError:
+    return CheckpointError("the source is being rewritten: another m1 run holds its destination lock", file=str(folder),
+                           hint="wait for that run to finish, then run this again")
+
+
+def note_source(folder: Path, refuse_if_held: bool) -> None:
+    """A folder this process reads from; `refuse_if_held`: fail now if a writer holds it (a checkpoint folder,
+    not a shared folder that holds a GGUF among other things)."""
+    if refuse_if_held and lock_held(folder):
+        raise rewritten_error(folder)
+    _READING.append(folder)
+
+
+def forget_sources() -> None:
+    """A new command (tests run many in one process) starts with none."""
+    _READING.clear()
+
+
+def rewritten_source() -> Path | None:
+    """After a read failed: the first source folder a writer now holds (its failure is that, not damage)."""
+    return next((folder for folder in _READING if lock_held(folder)), None)
+
+
 class DestinationLock:
     """An exclusive flock on the destination folder for the whole run; a second run is refused at once."""
 
@@ -108,11 +157,13 @@ class DestinationLock:
             self.fd = None
             raise DestinationError("another m1 run is writing to this destination", file=str(self.dest),
                                    hint="wait for it to finish (or stop it), then use --resume") from None
+        _LOCKED_HERE.add(self.dest.resolve())
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+            _LOCKED_HERE.discard(self.dest.resolve())
 
 
 def prepare_destination(dest: Path, resume: bool, overwrite: bool) -> DestinationLock:

@@ -3,6 +3,10 @@ whose manifest says it changed is refused, and a source being rewritten says so.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,70 @@ def test_the_rule_is_one_function(tmp_path: Path) -> None:
             guard_source([dest], [tmp_path / "src" / "a.gguf", tmp_path / "src"])
     guard_source([tmp_path / "other"], [tmp_path / "src"])
     guard_source([tmp_path / "srcx"], [tmp_path / "src"])  # a name that starts like the source is not inside it
+
+
+# ---- class 9: a source being rewritten says so ---------------------------------------------------------------
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)  # what m1's destination lock takes (m1.manifest.DestinationLock)
+for name in sys.argv[2:]:  # what --overwrite does first: empty the folder
+    os.unlink(os.path.join(sys.argv[1], name))
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@contextmanager
+def writer_holding(folder: Path, *remove: str) -> Iterator[None]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), *remove], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"held\n"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def nf4(make_tiny_ckpt, tmp_path: Path, run) -> Path:
+    src = make_tiny_ckpt("src", **QUANTIZABLE)
+    code, _, err = run("quantize", src, tmp_path / "nf4", "--scheme", "nf4", "-q")
+    assert code == 0, err
+    return tmp_path / "nf4"
+
+
+def test_a_source_whose_lock_is_held_is_refused_at_open(nf4: Path, tmp_path: Path, run) -> None:
+    with writer_holding(nf4):
+        code, _, err = run("convert", nf4, tmp_path / "deq", "--dtype", "bf16", "-q")
+        assert code == 1 and "being rewritten" in one_error(err), err
+        assert not (tmp_path / "deq").exists()
+    assert run("convert", nf4, tmp_path / "deq", "--dtype", "bf16", "-q")[0] == 0
+
+
+def test_a_read_that_fails_under_a_rewrite_says_so(nf4: Path, tmp_path: Path, run, monkeypatch) -> None:
+    """The writer starts --overwrite after the reader opened its source: the read that then fails (a shard gone,
+    a quant state gone) is reported as the rewrite, not as damage."""
+    import m1.ops
+
+    real = m1.ops.OpRunner.__call__
+    started: list[object] = []
+
+    def racing(self, name):  # noqa: ANN001, ANN202
+        if not started:
+            folder = Path(self.ckpt.root)
+            folder = folder.parent if folder.suffix == ".gguf" else folder
+            shards = [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".gguf")]
+            started.append(writer_holding(folder, *shards))
+            started[0].__enter__()
+        return real(self, name)
+
+    monkeypatch.setattr(m1.ops.OpRunner, "__call__", racing)
+    try:
+        code, _, err = run("convert", nf4, tmp_path / "deq", "--dtype", "bf16", "-q")
+        assert code == 1 and "being rewritten" in one_error(err), err
+        assert not (tmp_path / "deq" / "m1-manifest.json").exists()
+    finally:
+        if started:
+            started[0].__exit__(None, None, None)

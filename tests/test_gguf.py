@@ -386,6 +386,7 @@ def test_padding_rows_are_scanned_in_blocks_not_read_whole(tmp_path: Path) -> No
     assert max(rows.shape[0] for _, rows in blocks) == 7
     assert torch.equal(torch.cat([rows for _, rows in blocks]), whole[100:])
     assert list(read_rows_from(ckpt, name, 512)) == []
-    export_gguf(tmp_path, tmp_path / "out.gguf")
-    assert fields(tmp_path / "out.gguf")["tokenizer.ggml.suppress_tokens"] == \
+    (tmp_path / "gguf").mkdir()  # beside the source: a destination inside it is refused
+    export_gguf(tmp_path, tmp_path / "gguf" / "out.gguf")
+    assert fields(tmp_path / "gguf" / "out.gguf")["tokenizer.ggml.suppress_tokens"] == \
         [i for i in range(256, 512) if i >= 300 and i != 420]
