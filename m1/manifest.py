@@ -38,6 +38,10 @@ def read_manifest(root: Path, stem: str | None = None) -> dict[str, Any] | None:
     return _read_record(path, "manifest")
 
 
+def read_manifest_file(path: Path) -> dict[str, Any]:
+    return _read_record(path, "manifest")
+
+
 def read_progress(dest: Path, stem: str | None = None) -> dict[str, Any] | None:
     path = dest / progress_name(stem)
     return _read_record(path, "progress record") if path.exists() else None

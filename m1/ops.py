@@ -103,7 +103,11 @@ class OpRunner:
         if (info.file.endswith(".safetensors") and not hasattr(storage, "read_tensor")
                 and getattr(storage, "copy_in_kernel", True)):
             # byte ranges: copied in the kernel, like cp (not while streaming: the shard may be gone by then)
-            yield from file_ranges(self.ckpt.local_path(info.file), info.start, info.nbytes)
+            check = self.ckpt.source_check
+            for piece in file_ranges(self.ckpt.local_path(info.file), info.start, info.nbytes):
+                if check is not None:
+                    check.observe(info.file, piece.offset, piece.length)
+                yield piece
             return
         chunks = self.ckpt.iter_chunks(source)
         while True:

@@ -187,3 +187,107 @@ def test_a_read_that_fails_under_a_rewrite_says_so(nf4: Path, tmp_path: Path, ru
     finally:
         if started:
             started[0].__exit__(None, None, None)
+
+
+# ---- class 4: a source whose manifest says it changed ----------------------------------------------------------
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last tensor's data: the header still parses, every check but the sha256 passes
+    path.write_bytes(bytes(data))
+
+
+def looks_incomplete(dest: Path) -> None:
+    folder = dest.parent if dest.suffix == ".gguf" else dest
+    if folder.exists():
+        assert not [p for p in folder.iterdir() if p.name.endswith("m1-manifest.json")]
+        assert not list(folder.glob("*.index.json")) and not list(folder.glob(".*.tmp"))
+    if dest.suffix == ".gguf":
+        assert not dest.exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("command", ["convert", "quantize"])
+def test_a_changed_shard_of_an_m1_source_is_refused(make_tiny_ckpt, tmp_path: Path, run, command: str,
+                                                     workers: int) -> None:
+    src = make_tiny_ckpt("s0", **QUANTIZABLE)
+    made = tmp_path / "made"
+    assert run("convert", src, made, "--to", "hf", "--layout", "by-layer", "-q")[0] == 0
+    shard = sorted(made.glob("model-*.safetensors"))[1]
+    flip_last_byte(shard)
+    assert run("verify", "integrity", made)[0] == 1  # what verify says: the jobs must agree
+    job = ["--to", "release"] if command == "convert" else ["--scheme", "int8", "--threads", "1"]
+    dest = tmp_path / "out"
+    code, _, err = run(command, made, dest, *job, "--workers", workers, "-q")
+    assert code == 1, err
+    line = one_error(err)
+    assert shard.name in line and "manifest" in line
+    looks_incomplete(dest)
+
+
+@pytest.mark.parametrize("command", ["convert", "quantize"])
+def test_a_changed_gguf_is_refused(q40: Path, tmp_path: Path, run, command: str) -> None:
+    flip_last_byte(q40)
+    assert run("verify", "integrity", q40)[0] == 1
+    dest = tmp_path / "o" / "back.gguf"
+    job = ["--to", "gguf"] if command == "convert" else ["--format", "gguf", "--scheme", "q8_0"]
+    code, _, err = run(command, q40, dest, *job, "-q")
+    assert code == 1 and q40.name in one_error(err) and "manifest" in err, err
+    looks_incomplete(dest)
+    code, _, err = run("convert", q40, tmp_path / "rel", "--to", "release", "-q")
+    assert code == 1 and q40.name in one_error(err), err
+    looks_incomplete(tmp_path / "rel")
+
+
+def test_a_sound_m1_source_converts_as_before(make_tiny_ckpt, tmp_path: Path, run) -> None:
+    """The check reads nothing into the output: an m1-made source and the same bytes without a manifest give
+    the same files, with one worker and two, into hf (another tensor order) and by layer."""
+    src = make_tiny_ckpt("s0", **QUANTIZABLE)
+    made = tmp_path / "made"
+    assert run("convert", src, made, "--to", "hf", "--layout", "by-layer", "-q")[0] == 0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for p in made.iterdir():
+        if p.name != "m1-manifest.json":
+            (bare / p.name).write_bytes(p.read_bytes())
+    for job in (["--to", "release"], ["--to", "release", "--layout", "by-layer", "--workers", "2"]):
+        a, b = tmp_path / "a", tmp_path / "b"
+        assert run("convert", made, a, *job, "--overwrite", "-q")[0] == 0
+        assert run("convert", bare, b, *job, "--overwrite", "-q")[0] == 0
+        shards = sorted(p.name for p in a.glob("*.safetensors"))
+        assert shards and shards == sorted(p.name for p in b.glob("*.safetensors"))
+        for name in shards:
+            assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_the_running_hash_is_right_whatever_the_read_order(tmp_path: Path) -> None:
+    """Ranges read out of order, twice, in part or not at all: the check still hashes exactly the file."""
+    import hashlib
+    import random
+
+    from m1.errors import CheckpointError
+    from m1.source_check import SourceCheck, SourceRecords
+
+    data = random.Random(0).randbytes(1 << 20)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    rng = random.Random(1)
+    for sha, ok in ((hashlib.sha256(data).hexdigest(), True), ("0" * 64, False)):
+        records = SourceRecords(tmp_path / "m", {"f": path}, {"f": (sha, len(data))}, {"f": "out"})
+        check = SourceCheck(records, set())
+        check.begin("out")
+
+        def read_then_complete() -> None:
+            for _ in range(40):
+                a = rng.randrange(len(data))
+                n = rng.randrange(1, 1 << 16)
+                check.observe("f", a, n, data[a:a + n] if rng.random() < 0.5 else None)
+            check.complete("out")
+
+        if ok:
+            read_then_complete()
+        else:
+            with pytest.raises(CheckpointError, match="sha256"):  # at the read that ends the file, or at the end
+                read_then_complete()
+        check.close()

@@ -523,6 +523,11 @@ class GGUFStorage:
         return out
 
     # ---- tensors ------------------------------------------------------------------------------------
+    def stored_range(self, name: str) -> tuple[str, int, int]:
+        """Where a tensor's stored bytes are: (file, offset, length), for the source check (m1.source_check)."""
+        slot = self.slots[name]
+        return slot.file, slot.offset, slot.stored_bytes
+
     def read_tensor(self, name: str) -> torch.Tensor:
         """One spec tensor, dequantized (block types, F32) or as stored (F16, BF16), in torch order."""
         import torch
