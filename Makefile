@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO ?= demo
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-all bench lint clean
 
 # llama-cpp-python (test extra) compiles llama.cpp once, then comes from pip's wheel cache. GGML_NATIVE=OFF:
 # the cached wheel then targets AVX2/FMA/F16C, not the building CPU, so it never dies of SIGILL on another
@@ -24,6 +24,9 @@ demo: setup
 	bash scripts/demo.sh $(DEMO)
 
 test: setup
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+test-all: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
