@@ -278,7 +278,7 @@ def test_the_running_hash_is_right_whatever_the_read_order(tmp_path: Path) -> No
         check = SourceCheck(records, set())
         check.begin("out")
 
-        def read_then_complete() -> None:
+        def read_then_complete(check: SourceCheck = check) -> None:
             for _ in range(40):
                 a = rng.randrange(len(data))
                 n = rng.randrange(1, 1 << 16)

@@ -20,6 +20,8 @@ from m1.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+# torchrun's console script is torch.distributed.run: a venv without the script still has the module
+LAUNCH = [str(TORCHRUN)] if TORCHRUN.exists() else [sys.executable, "-m", "torch.distributed.run"]
 QUANTIZABLE = {"hidden": 64, "intermediate": 128}  # rows of whole 64-value blocks
 
 # Runs m1 commands one after another in one process (under torchrun: one rank), each given as a JSON list of
@@ -54,7 +56,7 @@ sys.exit(max(codes, default=0))
 
 
 def torchrun(n: int, *args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
-    cmd = [str(TORCHRUN), "--standalone", "--nnodes", "1", "--nproc-per-node", str(n), *args]
+    cmd = [*LAUNCH, "--standalone", "--nnodes", "1", "--nproc-per-node", str(n), *args]
     full_env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
