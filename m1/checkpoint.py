@@ -30,6 +30,8 @@ from m1.storage import LocalStorage, Storage
 if TYPE_CHECKING:
     import torch
 
+    from m1.source_check import SourceCheck
+
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHUNK_BYTES = 64 << 20
 
@@ -48,6 +50,7 @@ class Checkpoint:
     _headers: dict[str, Header] = field(default_factory=dict, repr=False)
     _bin: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _by_layer: tuple[int, dict[int | None, list[str]]] | None = field(default=None, repr=False)
+    source_check: SourceCheck | None = field(default=None, repr=False)  # a job's check of what it reads
 
     @property
     def root(self) -> str:
@@ -64,10 +67,16 @@ class Checkpoint:
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, source: str | Path, revision: str | None = None) -> Checkpoint:
+        from m1.manifest import lock_held, note_source, rewritten_error
+
         source = str(source)
         if source.endswith(".gguf"):  # llama.cpp's format (a file, or the split set named after it), dequantized
             from m1.gguf.reader import GGUFStorage, first_split
 
+            folder = Path(source).parent
+            if not Path(source).is_file() and not first_split(Path(source)).is_file() and lock_held(folder):
+                raise rewritten_error(Path(source))  # --overwrite removed it and is writing it again
+            note_source(folder, refuse_if_held=False)  # the folder may hold other GGUFs being written
             if Path(source).is_file() or first_split(Path(source)).is_file():
                 return cls.from_storage(GGUFStorage(source))
         if is_repo_id(source):
@@ -77,6 +86,7 @@ class Checkpoint:
         if not Path(source).is_dir():
             raise UsageError("not a checkpoint folder or Hub repo id", file=source,
                              hint="give a folder holding config.json and safetensors shards, or owner/name")
+        note_source(Path(source), refuse_if_held=True)
         return cls.from_storage(LocalStorage(source))
 
     @classmethod
@@ -138,6 +148,7 @@ class Checkpoint:
         state = dict(self.__dict__)
         state["_bin"] = {}  # a worker process reloads .bin tensors lazily instead of unpickling them
         state["_headers"] = {k: v for k, v in self._headers.items() if not k.endswith(".bin")}
+        state["source_check"] = None  # a thread: each worker process runs its own
         return state
 
     # ---- names -------------------------------------------------------------------------------------
@@ -193,7 +204,10 @@ class Checkpoint:
 
         info = self.info(name)
         if self.storage.decodes_tensors:  # a storage that decodes its own tensors (GGUF)
-            return self.storage.read_tensor(name)
+            tensor = self.storage.read_tensor(name)
+            if self.source_check is not None:
+                self.source_check.observe(*self.storage.stored_range(name))
+            return tensor
         if info.file.endswith(".bin") and info.file not in self._bin:
             self.header(info.file)  # loads the .bin (again, in a worker process)
         if info.file in self._bin:
@@ -208,6 +222,8 @@ class Checkpoint:
             got = f.readinto(memoryview(buf))
         if got != info.nbytes:
             raise CheckpointError("truncated while reading", file=info.file, tensor=name, hint="re-download it")
+        if self.source_check is not None:  # hashed from the page cache: the caller may change its tensor
+            self.source_check.observe(info.file, info.start, info.nbytes)
         return torch.from_numpy(buf).view(dtype).reshape(info.shape)
 
     def iter_chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
@@ -236,6 +252,8 @@ class Checkpoint:
                 got = f.readinto(buf)
                 if got != want:
                     raise CheckpointError("truncated while reading", file=info.file, tensor=name, hint="re-download it")
+                if self.source_check is not None:
+                    self.source_check.observe(info.file, info.start + done, want, buf)
                 yield done // row_bytes, memoryview(buf)
                 done += want
 

@@ -73,11 +73,24 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     _say(f"warning: {message}")
 
 
+def _rewritten_instead(exc: Exception) -> Exception:
+    """A read that failed because a writer is --overwrite-ing the source is said as that, not as damage."""
+    from m1.manifest import rewritten_error, rewritten_source
+
+    if isinstance(exc, M1Error) and exc.exit_code == 2:  # bad options: nothing to do with the source
+        return exc
+    folder = rewritten_source()
+    return exc if folder is None else rewritten_error(folder)
+
+
 def run_cli(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this; `main` exits with it)."""
     debug = os.environ.get("M1_DEBUG") == "1"
     previous = warnings.showwarning
     warnings.showwarning = _warning_line
+    from m1.manifest import forget_sources
+
+    forget_sources()
     try:
         result = app(args=list(argv) if argv is not None else None, standalone_mode=False, prog_name="m1")
         if result == 130:  # typer turns KeyboardInterrupt into a silent exit code 130
@@ -86,6 +99,7 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except M1Error as exc:
         if debug:
             raise
+        exc = _rewritten_instead(exc)
         _say(f"error: {exc.one_line()}")
         return exc.exit_code
     except _CLICK_EXITS as exc:
@@ -108,6 +122,10 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, the traceback with M1_DEBUG=1
         if debug:
             raise
+        busy = _rewritten_instead(exc)
+        if busy is not exc:
+            _say(f"error: {busy.one_line()}")
+            return busy.exit_code
         text = str(exc).splitlines()[0] if str(exc) else ""
         _say(f"error: internal error {type(exc).__name__}: {text} (this is a bug in m1; please report it, with the "
              "traceback that M1_DEBUG=1 shows)")

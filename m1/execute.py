@@ -52,6 +52,7 @@ from m1.manifest import (
 from m1.ops import OpRunner, Timing
 from m1.plan import OutputFile, Plan
 from m1.sinks import Sink, get_sink
+from m1.source_check import SourceCheck, SourceRecords, source_records
 from m1.streaming import PendingShard, file_sha256, write_bytes_atomic, write_json_atomic
 from m1.version import __version__
 
@@ -73,6 +74,7 @@ class RunOptions:
     show_progress: bool = True
     label: str = "write"
     scratch: int | None = None  # --scratch: stream a Hub source through at most this many bytes of disk
+    inputs: tuple[Path, ...] = ()  # files the job reads besides the checkpoint (an imatrix, a recipe)
 
 
 @dataclass
@@ -121,6 +123,7 @@ def execute(plan: Plan, dest: Path, ckpt: Checkpoint, opts: RunOptions = RunOpti
         files = list(plan.files)
         last = files[:1] if sink.first_last and len(files) > 1 else []
         _share(files[len(last):], last, ckpt, opts, ranks)
+    sources = None if ckpt.remote else source_records(ckpt, plan)  # sizes checked before anything is written
     lock = None
     if ranks is None or ranks.main:  # under torchrun rank 0 locks; the others wait for it in _run
         try:
@@ -131,25 +134,24 @@ def execute(plan: Plan, dest: Path, ckpt: Checkpoint, opts: RunOptions = RunOpti
             raise
     try:
         with _terminate_as_interrupt():
-            return _run(plan, folder, ckpt, sink, opts, threads, stem, ranks)
+            return _run(plan, folder, ckpt, sink, opts, threads, stem, ranks, sources)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _prepare(plan: Plan, dest: Path, folder: Path, ckpt: Checkpoint, stem: str | None, opts: RunOptions) -> Any:
-    if stem is not None:  # a file set (a GGUF) in a folder that may hold other things
-        if not ckpt.remote and any(dest.resolve() == (Path(ckpt.root) / f).resolve() for f in ckpt.files()):
-            raise DestinationError("the destination is a file of the source", file=str(dest),
-                                   hint="write to another file")
+    sources = [*ckpt.storage.sources(), *opts.inputs]
+    if stem is not None:  # a file set (a GGUF) in a folder that may hold other things: its own files only
+        names = [*(f.name for f in plan.files), *plan.written, manifest_name(stem), progress_name(stem)]
+        guard_source([folder / name for name in names], sources)
         return prepare_files(folder, [f.name for f in plan.files], stem, opts.resume, opts.overwrite)
-    if not ckpt.remote:
-        guard_source(dest, [Path(ckpt.root)])
+    guard_source([dest], sources)
     return prepare_destination(dest, opts.resume, opts.overwrite)
 
 
 def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions, threads: int,
-         stem: str | None, ranks: Ranks | None) -> RunResult:
+         stem: str | None, ranks: Ranks | None, sources: SourceRecords | None) -> RunResult:
     from m1.devices import device_set, writer_devices
     from m1.progress import lane_progress
 
@@ -202,8 +204,11 @@ def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions,
         warnings.warn(f"--device names {len(named)} devices but {opts.workers} worker"
                       f"{'s' if opts.workers != 1 else ''} write: {', '.join(named[opts.workers:])} stay idle "
                       f"(use --workers {len(named)})", stacklevel=3)
-    ctx = _Context(plan, ckpt, str(dest), writers[0], threads)
+    ctx = _Context(plan, ckpt, str(dest), writers[0], threads, sources)
     pool = _WorkerPool(ctx, writers, fork_ok=ranks is None) if parallel else None
+    if sources is not None:  # without workers this process writes all its files: it hashes what they own from
+        mine_names = {f.name for f in [*mine, *mine_last]} if pool is None else set()  # the first read on
+        ckpt.source_check = SourceCheck(sources, {s for s, o in sources.owner.items() if o in mine_names})
     scratch = _open_scratch(streaming, ckpt, dest, stem, ranks) if streaming is not None else None
     lanes = sorted(set(writers)) if len(set(writers)) > 1 else []
     here = ([] if pool is not None else mine) + (last if ranks is None else [])
@@ -255,6 +260,9 @@ def _run(plan: Plan, dest: Path, ckpt: Checkpoint, sink: Sink, opts: RunOptions,
                         raise
     finally:
         scratch_result = _close_scratch(scratch, ckpt, dest, stem)
+        if ckpt.source_check is not None:
+            ckpt.source_check.close()
+            ckpt.source_check = None
     seconds = time.perf_counter() - started
 
     if ranks is None:
@@ -472,6 +480,7 @@ class _Context:
     dest: str
     device: str
     threads: int
+    sources: SourceRecords | None = None  # an m1-made source: what its files must hash to (m1.source_check)
 
 
 def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Callable[[int], None],
@@ -485,6 +494,9 @@ def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Calla
         from m1.scratch import StepTracker
 
         produce = tracker = StepTracker(runner, file, scratch)
+    check = ctx.ckpt.source_check
+    if check is not None:
+        check.begin(file.name)
     try:
         sha, size, pending = sink.write_file(Path(ctx.dest) / file.name, file, produce, on_bytes, ctx.plan)
     except BaseException:
@@ -493,6 +505,12 @@ def _write_unsynced(ctx: _Context, sink: Sink, file: OutputFile, on_bytes: Calla
         raise
     finally:
         runner.close()
+    if check is not None:
+        try:
+            check.complete(file.name)  # the source files this file owns match their manifest, or it is dropped
+        except BaseException:
+            pending.discard()
+            raise
     if tracker is not None:
         tracker.finish()  # the file's bytes are all in its temporary file: its last shards may go
     seconds = time.perf_counter() - started
@@ -546,6 +564,8 @@ def _init_worker(ctx: _Context, queue: Any, slots: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the job; workers just die with it
     device = slots.get(timeout=600)  # this worker's own device (--device cuda: one GPU each)
     ctx = replace(ctx, device=device)
+    if ctx.sources is not None:  # this worker's own running hashes, for the files it will be given
+        ctx.ckpt.source_check = SourceCheck(ctx.sources, set())
     if "torch" in sys.modules or ctx.plan.scheme is not None:
         import torch
 

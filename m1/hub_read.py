@@ -249,6 +249,12 @@ class HubStorage(Storage):
     def extra_files(self) -> list[str]:
         return list_extra_files(self.root, self.revision)
 
+    def sources(self) -> list[Path]:
+        return []  # nothing local to protect: shards go to the Hub cache or a scratch folder
+
+    def manifest_path(self) -> Path | None:
+        return None
+
     def identity(self, files: list[str]) -> dict[str, Any]:
         return {name: self.sizes.get(name) for name in files}
 

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,10 @@ def read_manifest(root: Path, stem: str | None = None) -> dict[str, Any] | None:
     return _read_record(path, "manifest")
 
 
+def read_manifest_file(path: Path) -> dict[str, Any]:
+    return _read_record(path, "manifest")
+
+
 def read_progress(dest: Path, stem: str | None = None) -> dict[str, Any] | None:
     path = dest / progress_name(stem)
     return _read_record(path, "progress record") if path.exists() else None
@@ -78,15 +83,81 @@ def is_m1_output(dest: Path) -> bool:
     return (dest / MANIFEST).is_file() or (dest / PROGRESS).is_file()
 
 
-def guard_source(dest: Path, sources: list[Path]) -> None:
-    """The destination may be neither a source nor a folder that holds one: writing there mixes the two,
-    and --overwrite would delete the source."""
-    out = dest.resolve()
-    for src in sources:
-        src = src.resolve()
-        if out == src or out in src.parents:
-            raise DestinationError("destination is the source checkpoint or a folder that holds it", file=str(dest),
-                                   hint="write to another folder")
+def guard_source(dests: Iterable[Path], sources: Iterable[Path]) -> None:
+    """The one rule for every command that writes (convert, quantize, verify imatrix and logits, compare's
+    report): no destination may be a source, hold one or lie inside one, or --overwrite (or a plain write)
+    would destroy what the job reads. Real paths are compared (symlinks resolved), and an existing file is
+    also compared by identity (a hard link is the same file)."""
+    real_sources = [(src, src.resolve()) for src in sources]
+    for dest in dests:
+        out = dest.resolve()
+        for src, real in real_sources:
+            if out == real or _same_file(out, real):
+                what = "is the source"
+            elif out in real.parents:
+                what = "holds the source"
+            elif real in out.parents:
+                what = "lies inside the source"
+            else:
+                continue
+            raise DestinationError(f"the destination {what} {src}", file=str(dest),
+                                   hint="write to a path outside every source")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+# ---- a source that a writer holds -------------------------------------------------------------------------
+# A run that --overwrite-s (or resumes into) a folder holds its lock for as long as it writes; a job that reads
+# that folder meanwhile sees files vanish or change under it. The lock says so: checked when a source is opened
+# (m1.checkpoint) and, for a read that fails, by the CLI before it reports the failure (rewritten_source).
+
+_LOCKED_HERE: set[Path] = set()  # folders this process holds the destination lock of
+_READING: list[Path] = []  # folders this process opened sources in
+
+
+def lock_held(folder: Path) -> bool:
+    """Whether another process holds `folder`'s destination lock (an m1 run is writing there)."""
+    if folder.resolve() in _LOCKED_HERE:
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the shared lock, if it was taken
+    return False
+
+
+def rewritten_error(folder: Path) -> CheckpointError:
+    return CheckpointError("the source is being rewritten: another m1 run holds its destination lock", file=str(folder),
+                           hint="wait for that run to finish, then run this again")
+
+
+def note_source(folder: Path, refuse_if_held: bool) -> None:
+    """A folder this process reads from; `refuse_if_held`: fail now if a writer holds it (a checkpoint folder,
+    not a shared folder that holds a GGUF among other things)."""
+    if refuse_if_held and lock_held(folder):
+        raise rewritten_error(folder)
+    _READING.append(folder)
+
+
+def forget_sources() -> None:
+    """A new command (tests run many in one process) starts with none."""
+    _READING.clear()
+
+
+def rewritten_source() -> Path | None:
+    """After a read failed: the first source folder a writer now holds (its failure is that, not damage)."""
+    return next((folder for folder in _READING if lock_held(folder)), None)
 
 
 class DestinationLock:
@@ -108,11 +179,13 @@ class DestinationLock:
             self.fd = None
             raise DestinationError("another m1 run is writing to this destination", file=str(self.dest),
                                    hint="wait for it to finish (or stop it), then use --resume") from None
+        _LOCKED_HERE.add(self.dest.resolve())
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+            _LOCKED_HERE.discard(self.dest.resolve())
 
 
 def prepare_destination(dest: Path, resume: bool, overwrite: bool) -> DestinationLock:

@@ -102,7 +102,11 @@ class OpRunner:
         storage = self.ckpt.storage
         if info.file.endswith(".safetensors") and storage.copy_in_kernel:
             # byte ranges: copied in the kernel, like cp (not while streaming: the shard may be gone by then)
-            yield from file_ranges(self.ckpt.local_path(info.file), info.start, info.nbytes)
+            check = self.ckpt.source_check
+            for piece in file_ranges(self.ckpt.local_path(info.file), info.start, info.nbytes):
+                if check is not None:
+                    check.observe(info.file, piece.offset, piece.length)
+                yield piece
             return
         chunks = self.ckpt.iter_chunks(source)
         while True:

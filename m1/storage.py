@@ -75,6 +75,11 @@ class Storage:
         """One spec tensor, decoded by the storage itself (only where `decodes_tensors`)."""
         raise InternalError(f"{type(self).__name__} does not decode tensors itself", tensor=name)
 
+    def stored_range(self, name: str) -> tuple[str, int, int]:
+        """(file, offset, length) of the bytes `read_tensor` decoded (only where `decodes_tensors`), so they are
+        hashed against the source's manifest as they pass (m1.source_check)."""
+        raise InternalError(f"{type(self).__name__} does not decode tensors itself", tensor=name)
+
     def findings(self, check_hashes: bool = True) -> list[tuple[str, str, str | None, str | None]]:
         """(code, message, file, tensor) for what the storage's own format may get wrong beyond the spec checks
         (`m1 verify integrity` adds them to its report)."""
@@ -92,6 +97,14 @@ class Storage:
     def download_to(self, file: str, folder: Path) -> Path:
         """`file` fetched into `folder` (a remote storage streaming through bounded scratch)."""
         raise InternalError(f"{type(self).__name__} has no files to download", file=file)
+
+    def sources(self) -> list[Path]:
+        """The local paths it reads: no job may write there (m1.manifest.guard_source); none for a remote one."""
+        return []
+
+    def manifest_path(self) -> Path | None:
+        """The m1 manifest that lists its files, when m1 made it (its sha256s are checked as the bytes pass)."""
+        return None
 
 
 class LocalStorage(Storage):
@@ -124,6 +137,14 @@ class LocalStorage(Storage):
 
     def local_path(self, file: str) -> Path:
         return self.path / file
+
+    def sources(self) -> list[Path]:
+        return [self.path]
+
+    def manifest_path(self) -> Path | None:
+        from m1.manifest import MANIFEST
+
+        return self.path / MANIFEST
 
     def extra_files(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir() if p.is_file() and is_extra_file(p.name))

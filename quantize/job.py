@@ -105,7 +105,8 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
 
         recipe_file = attach_recipe(dest, plan, mix.recipe)
     stats = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
-                         overwrite=overwrite, show_progress=progress, plan=plan, scratch=bound)
+                         overwrite=overwrite, show_progress=progress, plan=plan, scratch=bound,
+                         inputs=tuple(Path(p) for p in (imatrix, recipe) if p is not None))
     if recipe_file is not None:
         stats["recipe"] = str(recipe_file)
     return JobResult(dest, plan, stats.pop("manifest"), stats=stats, mix=mix, recipe=recipe_file)
@@ -125,11 +126,13 @@ def plan_from_checkpoint(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
 
 def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device: str = "auto", workers: int = 1,
                  threads: int | None = None, resume: bool = False, overwrite: bool = False,
-                 show_progress: bool = True, plan: Plan | None = None, scratch: int | None = None) -> dict[str, Any]:
+                 show_progress: bool = True, plan: Plan | None = None, scratch: int | None = None,
+                 inputs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Quantize `ckpt` into `dest`; returns what was written and how fast (per device too).
 
     `device` is a --device value (m1.devices: a set or `cuda` gives each worker its own GPU); `scratch`
-    streams a Hub source through at most that many bytes of disk (m1.scratch)."""
+    streams a Hub source through at most that many bytes of disk (m1.scratch); `inputs`: the other files
+    the job reads (an imatrix, a recipe), which it must not write over."""
     from m1.devices import resolve_device
 
     dev = resolve_device(device)
@@ -138,7 +141,7 @@ def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device:
     spec = device if "," in device else str(dev)  # a set of devices goes to the executor as it is
     run = execute(plan, dest, ckpt, RunOptions(resume=resume, overwrite=overwrite, workers=workers, threads=threads,
                                                device=spec, show_progress=show_progress, label="quantize",
-                                               scratch=scratch))
+                                               scratch=scratch, inputs=inputs))
     params_done = sum(f.params for f in plan.files if f.name in run.written)
     shards = run.manifest["shards"]
     return {

@@ -20,6 +20,8 @@ from m1.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+# torchrun's console script is torch.distributed.run: a venv without the script still has the module
+LAUNCH = [str(TORCHRUN)] if TORCHRUN.exists() else [sys.executable, "-m", "torch.distributed.run"]
 QUANTIZABLE = {"hidden": 64, "intermediate": 128}  # rows of whole 64-value blocks
 
 # Runs m1 commands one after another in one process (under torchrun: one rank), each given as a JSON list of
@@ -54,7 +56,7 @@ sys.exit(max(codes, default=0))
 
 
 def torchrun(n: int, *args: str, env: dict[str, str] | None = None, **popen: object) -> subprocess.Popen:
-    cmd = [str(TORCHRUN), "--standalone", "--nnodes", "1", "--nproc-per-node", str(n), *args]
+    cmd = [*LAUNCH, "--standalone", "--nnodes", "1", "--nproc-per-node", str(n), *args]
     full_env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
@@ -333,3 +335,52 @@ def test_a_rank_killed_mid_run_fails_the_job_and_resume_with_another_world_size_
     assert run_cli([str(a) for a in [*args[:2], clean, *args[3:]]]) == 0
     assert outputs(dest) == outputs(clean)
     assert not list(dest.glob(".*"))
+
+
+def _open_temporary(pid: int, dest: Path) -> str | None:
+    """The temporary file a rank is writing into now (None between files)."""
+    import psutil
+
+    try:
+        files = psutil.Process(pid).open_files()
+    except psutil.Error:
+        return None
+    return next((Path(f.path).name for f in files if Path(f.path).parent == dest and f.path.endswith(".tmp")), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume_world", [1, 2, 3])
+def test_a_rank_killed_mid_file_then_resumed_with_1_2_or_3_ranks_gives_the_one_process_bytes(
+        make_tiny_ckpt, tmp_path: Path, resume_world: int) -> None:
+    """The tiny model finishes before a kill can land, so each tensor is slowed (M1_TEST_SLOW in the driver):
+    every rank then stays inside one file for seconds. Rank 1 is killed -9 while it holds a temporary file
+    open; the job fails without a complete-looking output, and --resume with 1, 2 or 3 ranks writes exactly
+    what one process writes."""
+    from m1.cli import run_cli
+
+    src = make_tiny_ckpt("src", layers=8, softmax_every=4, **QUANTIZABLE)
+    dest, clean = tmp_path / "dest", tmp_path / "clean"
+    args = ["quantize", src, dest, "--scheme", "int8", "--layout", "by-layer", "-q"]
+    proc = driver(tmp_path, 3, [args], env={"M1_TEST_SLOW": "0.3"})
+    victim, inside = None, None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        victim = victim or _rank_pid(proc.pid, 1)
+        if victim is not None and (tmp := _open_temporary(victim, dest)) is not None:
+            time.sleep(1.0)  # well inside the file: it is still the one open
+            if _open_temporary(victim, dest) == tmp:
+                inside = tmp
+                break
+        time.sleep(0.05)
+    assert inside is not None and proc.poll() is None, finish(proc)[1]
+    os.kill(victim, signal.SIGKILL)
+    code, text = finish(proc, timeout=120)
+    assert code != 0, text
+    assert not (dest / "m1-manifest.json").exists() and not (dest / "model.safetensors.index.json").exists()
+    assert not (dest / inside[1:-len(".tmp")]).exists()  # the file it was inside never appeared
+
+    code, text = finish(driver(tmp_path, resume_world, [[*args, "--resume"]]))
+    assert code == 0, text
+    assert run_cli([str(a) for a in [*args[:2], clean, *args[3:]]]) == 0
+    assert outputs(dest) == outputs(clean)
+    assert not list(dest.glob(".*"))  # no progress record, and the killed rank's temporary file is gone

@@ -97,18 +97,19 @@ def imatrix_cmd(
         plan = plan_imatrix(Checkpoint.open(source), tokens, ctx, batch_size, cdtype, process_output)
         _print_plan(source, plan, json_out)
         return
-    if out.exists() and not overwrite:
-        raise UsageError("OUT exists", file=str(out), hint="pass --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise UsageError("the folder for OUT does not exist", file=str(out), hint="create it first")
-
     from m1.devices import resolve_device
     from m1.gguf.imatrix import write_imatrix
+    from m1.manifest import guard_source
     from m1.progress import count_progress
     from m1.verify.imatrix import compute_imatrix
     from m1.verify.sources import CheckpointWeights
 
     weights = CheckpointWeights.open(source)
+    guard_source([out], weights.ckpt.storage.sources())
+    if out.exists() and not overwrite:
+        raise UsageError("OUT exists", file=str(out), hint="pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise UsageError("the folder for OUT does not exist", file=str(out), hint="create it first")
     cfg = weights.config
     windows, what = _calibration(source, text, corpus, corpus_part, token_ids, ctx, tokens, cfg.vocab_size)
     with count_progress(cfg.num_hidden_layers, "layers", "layers", not quiet and not json_out) as advance:

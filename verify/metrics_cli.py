@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from m1.cli_options import JsonOpt, QuietOpt, print_json
+
+if TYPE_CHECKING:
+    from m1.verify.compare import Model
 
 TextOpt = Annotated[Path | None, typer.Option("--text", help="A UTF-8 text file to evaluate on.")]
 CorpusOpt = Annotated[str, typer.Option("--corpus", help="Bundled text: mr-niah or mr-niah-10240 (held-out 10%), "
@@ -121,6 +124,13 @@ def _model(source: str):  # noqa: ANN202
     return model
 
 
+def _guard(dest: Path, models: list[Model], *files: Path) -> None:
+    """Nothing verify writes (a report folder, a saved reference) may be or hold what it reads."""
+    from m1.manifest import guard_source
+
+    guard_source([dest], [*(p for m in models for p in m.source.ckpt.storage.sources()), *files])
+
+
 def perplexity_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder.")],
     text: TextOpt = None,
@@ -220,6 +230,8 @@ def compare_cmd(
             "text": text, "corpus": corpus, "token_ids": token_ids, "ctx": ctx, "tokens": tokens,
             "second_half": second_half, "top_k": top_k})
         candidates = [_model(m) for m in models]
+        if report is not None:
+            _guard(report, candidates, ref_logits)
         reference, what = meta.get("source", str(ref_logits)), meta.get("text", "")
         with count_progress(candidates[0].config.num_hidden_layers * len(candidates), "layers", "layers", show) as adv:
             results = compare_to_saved(ref, candidates, windows, dev, thresholds, cdtype, batch_size, adv,
@@ -228,6 +240,8 @@ def compare_cmd(
         if len(models) < 2:
             raise UsageError("compare needs REF and at least one CAND (or --ref-logits FILE and candidates)")
         loaded = [_model(m) for m in models]
+        if report is not None:
+            _guard(report, loaded)
         windows, what = _windows(models[0], text, corpus, token_ids, ctx, tokens, second_half,
                                  loaded[0].config.vocab_size)
         reference = models[0]
@@ -286,6 +300,7 @@ def logits_cmd(
     if not save.parent.is_dir():
         raise UsageError("the folder for --save does not exist", file=str(save), hint="create it first")
     model = _model(source)
+    _guard(save, [model])
     windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, second_half, model.config.vocab_size)
     with count_progress(model.config.num_hidden_layers, "layers", "layers", not quiet and not json_out) as advance:
         ref = reference_run(model, windows, resolve_device(device), _compute_dtype(dtype), batch_size, top_k, advance)

@@ -556,6 +556,11 @@ class GGUFStorage(Storage):
         return slot.qtype.name, slot.stored_bytes
 
     # ---- tensors ------------------------------------------------------------------------------------
+    def stored_range(self, name: str) -> tuple[str, int, int]:
+        """Where a tensor's stored bytes are: (file, offset, length), for the source check (m1.source_check)."""
+        slot = self.slots[name]
+        return slot.file, slot.offset, slot.stored_bytes
+
     def read_tensor(self, name: str) -> torch.Tensor:
         """One spec tensor, dequantized (block types, F32) or as stored (F16, BF16), in torch order."""
         import torch
@@ -619,13 +624,21 @@ class GGUFStorage(Storage):
             out += self._manifest_findings()
         return out
 
-    def _manifest_findings(self) -> list[tuple[str, str, str | None, str | None]]:
+    def sources(self) -> list[Path]:
+        """The GGUF files and the manifest beside them (which an output of the same stem would replace)."""
+        return [*(self.folder / f for f in self.files), self.manifest_path()]
+
+    def manifest_path(self) -> Path:
         from m1.manifest import MANIFEST
-        from m1.streaming import file_sha256
 
         m = SPLIT_NAME.match(self.files[0])
         stem = m["stem"] if m and len(self.files) > 1 else self.path.stem
-        path = self.folder / f"{stem}.{MANIFEST}"
+        return self.folder / f"{stem}.{MANIFEST}"
+
+    def _manifest_findings(self) -> list[tuple[str, str, str | None, str | None]]:
+        from m1.streaming import file_sha256
+
+        path = self.manifest_path()
         if not path.is_file():
             return []
         try:
