@@ -25,6 +25,7 @@ from m1.cli_options import (
     TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
+    format_help,
     format_option_values,
     print_json,
     print_plan,
@@ -35,8 +36,7 @@ from m1.errors import UsageError
 def convert_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id.")],
     dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
-    to: Annotated[str | None, typer.Option("--to", help="Output format: 'hf' (transformers' minimax), 'release' or "
-                                           "'gguf' (llama.cpp).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help=format_help("the source's"))] = None,
     layout: StreamLayoutOpt = None,
     shard_size: ShardSizeOpt = "5GB",
     dtype: Annotated[str, typer.Option("--dtype", help="keep, bf16, fp16 or fp32 (dequantizes bnb experts).")] = "keep",

@@ -265,6 +265,13 @@ class Checkpoint:
     def global_weights(self) -> dict[str, torch.Tensor]:
         return {n: self.get(n) for n in self.names_in_layer(None)}
 
+    # The rest of the verify engine's WeightSource interface (m1.verify.engine), so a plain checkpoint runs in it.
+    def global_weight(self, name: str) -> torch.Tensor:
+        return self.get(name)
+
+    def stacked_layer_weights(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        return None  # the engine stacks the experts itself
+
     def extra_files(self) -> list[str]:
         """Tokenizer, generation and remote-code files beside the weights."""
         return self.storage.extra_files()

@@ -42,6 +42,14 @@ StreamLayoutOpt = Annotated[
 ]
 
 
+def format_help(default: str) -> str:
+    """--to / --format's help, from the format registry."""
+    from m1.formats import all_formats
+
+    return f"Output format ({default} by default): " + "; ".join(f"'{f.name}': {f.description}"
+                                                                for f in all_formats()) + "."
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

@@ -446,20 +446,19 @@ def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vo
     """--calibration as `m1 verify perplexity` reads its input: a bundled corpus name (its first 90%, never the
     held-out part that `verify compare --corpus` judges on), token ids (.json/.npy) or a text file. The windows
     are spread evenly over the whole text when it holds more than --calibration-tokens."""
-    from m1.verify.metrics_cli import _windows
-    from m1.verify.text import CORPORA
+    from m1.verify.text import CORPORA, read_windows
 
     path = Path(calibration)
     if calibration in CORPORA:
-        windows, what = _windows(source, None, calibration, None, ctx, tokens, False, vocab_size, holdout=False,
+        windows, what = read_windows(source, None, calibration, None, ctx, tokens, False, vocab_size, holdout=False,
                                  spread=True)
     elif path.suffix in (".json", ".npy"):
-        windows, what = _windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size, spread=True)
+        windows, what = read_windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size, spread=True)
     elif not path.is_file():
         raise UsageError(f"--calibration {calibration!r} is neither a bundled corpus nor a file",
                          hint=f"use {', '.join(CORPORA)}, a UTF-8 text file, or token ids (.json/.npy)")
     else:
-        windows, what = _windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size, spread=True)
+        windows, what = read_windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size, spread=True)
     return windows, f"{what}, {windows.tokens.shape[0]} windows of {ctx} spread over it"
 
 

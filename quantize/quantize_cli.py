@@ -25,6 +25,7 @@ from m1.cli_options import (
     TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
+    format_help,
     format_option_values,
     print_json,
     print_plan,
@@ -32,12 +33,21 @@ from m1.cli_options import (
 from m1.errors import UsageError
 
 
+def scheme_help() -> str:
+    """--scheme's help, from the scheme registry: every family's schemes and the formats that store them."""
+    from m1.schemes import families, make_scheme
+
+    parts = []
+    for family in families():
+        stores = make_scheme(family.schemes[0]).formats
+        parts.append(f"{family.name} {', '.join(family.schemes)} (--format {'/'.join(stores)})")
+    return "The scheme for the experts: " + "; ".join(parts) + "."
+
+
 def quantize_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (bf16/fp16/fp32 experts).")],
     dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
-    scheme: Annotated[str, typer.Option("--scheme", help="bitsandbytes nf4, fp4 (4-bit, blockwise) or int8 (LLM.int8); "
-                                        "with --format gguf a ggml type: q8_0, q4_0, q4_1, q5_0, q5_1, mxfp4.")
-                      ] = "nf4",
+    scheme: Annotated[str, typer.Option("--scheme", help=scheme_help())] = "nf4",
     blocksize: Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (default 64).")] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too "
@@ -58,8 +68,7 @@ def quantize_cmd(
     revision: RevisionOpt = None,
     imatrix: Annotated[Path | None, typer.Option("--imatrix", help="GGUF K-quants: an importance matrix from m1 "
                                                  "verify imatrix (or llama.cpp's llama-imatrix).")] = None,
-    out_format: Annotated[str | None, typer.Option("--format", help="Output format: the source's (default), "
-                                                   "'release', 'hf' or 'gguf'.")] = None,
+    out_format: Annotated[str | None, typer.Option("--format", help=format_help("the source's"))] = None,
     attn_type: AttnTypeOpt = None,
     head_type: HeadTypeOpt = None,
     embed_type: EmbedTypeOpt = None,

@@ -272,3 +272,17 @@ def test_inspect_text01(tiny: Path, run) -> None:
     assert code == 0, err
     info = json.loads(out)
     assert info["flavour"] == "release" and info["model_type"] == "minimax_text_01"
+
+
+def test_help_lists_every_registered_scheme_and_format(run) -> None:
+    from m1.formats import format_names
+    from m1.schemes import scheme_names
+
+    code, out, _ = run("quantize", "--help")
+    assert code == 0
+    flat = " ".join(out.replace("│", " ").split())
+    missing = [s for s in scheme_names() if s not in flat]
+    assert not missing, f"--help does not name {missing}"
+    code, out, _ = run("convert", "--help")
+    flat = " ".join(out.replace("│", " ").split())
+    assert all(f"'{f}'" in flat for f in format_names())

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from m1.api import callable_module
 from m1.errors import M1Error, UsageError
 from m1.verify.engine import DEFAULT_CHUNK, embed, forward_layer_chunked, head, load_layer
 from m1.verify.metrics import (
@@ -380,3 +381,7 @@ def _check_stored(path: Path, ref: RefPositions, windows: Windows) -> None:
         if bad:
             raise M1Error(f"the reference holds {bad} NaN or infinite values in {name}, so nothing can be compared "
                           "with it", file=str(path), tensor=name, hint=hint)
+
+
+# `m1.verify.compare(REF, CAND, ...)`: this module, called, is the job (m1.verify.jobs.compare).
+callable_module(__name__, "m1.verify.jobs:compare")

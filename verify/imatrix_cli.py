@@ -20,11 +20,11 @@ PartOpt = Annotated[str, typer.Option("--corpus-part", help="With --corpus: 'cal
 def _calibration(source: str, text: Path | None, corpus: str, part: str, token_ids: Path | None, ctx: int,
                  tokens: int, vocab_size: int):  # noqa: ANN202
     from m1.errors import UsageError
-    from m1.verify.metrics_cli import _windows
+    from m1.verify.text import read_windows
 
     if part not in ("calibration", "held-out"):
         raise UsageError(f"--corpus-part must be calibration or held-out, got {part!r}")
-    return _windows(source, text, corpus, token_ids, ctx, tokens, False, vocab_size, holdout=part == "held-out")
+    return read_windows(source, text, corpus, token_ids, ctx, tokens, False, vocab_size, holdout=part == "held-out")
 
 
 def _print_plan(source: str, plan, json_out: bool) -> None:  # noqa: ANN001
@@ -84,13 +84,13 @@ def imatrix_cmd(
     from m1.checkpoint import Checkpoint
     from m1.errors import UsageError
     from m1.verify.imatrix import plan_imatrix
-    from m1.verify.metrics_cli import _at_least_one, _compute_dtype
+    from m1.verify.text import at_least_one, compute_dtype
 
-    _at_least_one("--batch-size", batch_size)
-    _at_least_one("--tokens", tokens)
+    at_least_one("--batch-size", batch_size)
+    at_least_one("--tokens", tokens)
     if ctx < 2:
         raise UsageError(f"--ctx must be at least 2, got {ctx}")
-    cdtype = _compute_dtype(dtype)
+    cdtype = compute_dtype(dtype)
     if out.is_dir():
         raise UsageError("OUT names a folder; it must be a file", file=str(out), hint=f"e.g. {out / 'imatrix.gguf'}")
     if dry_run:

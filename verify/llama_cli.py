@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from m1.cli_options import JsonOpt, print_json
-from m1.verify.metrics_cli import CorpusOpt, CtxOpt, IdsOpt, TextOpt, TokensOpt, _windows
+from m1.verify.metrics_cli import CorpusOpt, CtxOpt, IdsOpt, TextOpt, TokensOpt
 
 
 def llama_cmd(
@@ -33,7 +33,9 @@ def llama_cmd(
 
     llama_cpp()  # one line saying what to install, before any work
     cfg = Checkpoint.open(source).config
-    windows, what = _windows(source, text, corpus, token_ids, ctx, tokens, False, cfg.vocab_size)
+    from m1.verify.text import read_windows
+
+    windows, what = read_windows(source, text, corpus, token_ids, ctx, tokens, False, cfg.vocab_size)
     result = {"source": source, "gguf": str(gguf), "text": what, **compare_in_llama(source, gguf, windows.tokens)}
     passed = (max_kl is None or result["kl_mean"] <= max_kl) and (min_top1 is None or result["top1"] >= min_top1)
     result["pass"] = passed

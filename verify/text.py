@@ -156,3 +156,58 @@ def make_windows(ids: list[int], ctx: int, max_tokens: int | None, second_half: 
                          hint="lower --ctx or give more text")
     tokens = torch.tensor(ids[: n * ctx], dtype=torch.int64).reshape(n, ctx)
     return Windows(tokens, ctx // 2 if second_half else 0)
+
+
+# ---- what every command that reads a text calls ----------------------------------------------------------
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """--dtype of the engine commands: fp32 or bf16."""
+    from m1.dtypes import DTYPE_OPTIONS, torch_dtype
+
+    if name not in ("fp32", "bf16"):  # the engine's compute dtypes
+        raise UsageError(f"--dtype must be fp32 or bf16, got {name!r}")
+    return torch_dtype(DTYPE_OPTIONS[name])
+
+
+def at_least_one(option: str, value: int) -> int:
+    if value < 1:
+        raise UsageError(f"{option} must be at least 1, got {value}")
+    return value
+
+
+def read_windows(tokenizer_source: str, text: Path | None, corpus: str, token_ids: Path | None, ctx: int,
+                 tokens: int, second_half: bool, vocab_size: int | None = None, holdout: bool = True,
+                 spread: bool = False) -> tuple[Windows, str]:
+    """The windows every command reads text as: token ids, a text file, or a bundled corpus (its held-out part,
+    or with holdout=False the calibration part the scoring commands never see). `spread`: see make_windows."""
+    at_least_one("--tokens", tokens)
+    if token_ids is not None:
+        ids, what = load_token_ids(token_ids), str(token_ids)
+        if vocab_size is not None:
+            check_token_ids(ids, vocab_size, str(token_ids), tokenizer_source)
+    else:
+        if tokenizer_source.endswith(".gguf"):  # a GGUF carries its tokenizer: rebuilt as tokenizer.json
+            from m1.gguf.reader import GGUFStorage
+
+            tokenizer_source = str(GGUFStorage(tokenizer_source).tokenizer_folder())
+        if not Path(tokenizer_source).is_dir():
+            raise UsageError("tokenizing needs a local checkpoint folder", file=tokenizer_source,
+                             hint="pull the tokenizer files, or pass --token-ids FILE")
+        tok = load_tokenizer(tokenizer_source)
+        if text is not None:
+            try:
+                body, what = text.read_text(encoding="utf-8"), str(text)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"cannot read the text ({type(exc).__name__})", file=str(text)) from None
+        else:
+            body = corpus_text(corpus, holdout=holdout)
+            what = corpus_description(corpus) if holdout else f"corpus {corpus} (first 90%, calibration)"
+        ids = tok.encode(body)
+        if vocab_size is not None:
+            check_token_ids(ids, vocab_size, str(text) if text is not None else tokenizer_source, tokenizer_source)
+    return make_windows(ids, ctx, tokens, second_half, spread=spread), what
+
+
+def corpus_description(corpus: str) -> str:
+    return f"corpus {corpus} ({'whole text' if corpus in WHOLE_TEXT else 'held-out 10%'})"
