@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,7 +30,12 @@ from m1.storage import LocalStorage, Storage
 if TYPE_CHECKING:
     import torch
 
-    from m1.source_check import SourceCheck
+class ReadObserver(Protocol):
+    """Sees every byte range a job reads from the checkpoint (m1.source_check.SourceCheck hashes them against the
+    source's manifest)."""
+
+    def observe(self, file: str, offset: int, length: int, data: Any = None) -> None: ...
+
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHUNK_BYTES = 64 << 20
@@ -50,7 +55,7 @@ class Checkpoint:
     _headers: dict[str, Header] = field(default_factory=dict, repr=False)
     _bin: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     _by_layer: tuple[int, dict[int | None, list[str]]] | None = field(default=None, repr=False)
-    source_check: SourceCheck | None = field(default=None, repr=False)  # a job's check of what it reads
+    source_check: ReadObserver | None = field(default=None, repr=False)  # a job's check of what it reads
 
     @property
     def root(self) -> str:

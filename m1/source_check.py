@@ -43,8 +43,9 @@ class SourceRecords:
 
 
 def source_records(ckpt: Checkpoint, plan: Plan) -> SourceRecords | None:
-    """None unless m1 made the source (a manifest beside it). Sizes and the small files the reader already
-    read (config.json, the index) are checked here, before anything is written."""
+    """None unless m1 made the source (a manifest beside it). Sizes and the small files (config.json, the
+    index, and the extra files the plan copies: tokenizer, generation config) are checked here, before anything
+    is written."""
     from m1.manifest import read_manifest_file
 
     path = ckpt.storage.manifest_path()
@@ -53,7 +54,7 @@ def source_records(ckpt: Checkpoint, plan: Plan) -> SourceRecords | None:
     manifest = read_manifest_file(path)
     shards = manifest.get("shards", {})
     small = manifest.get("files", {}) if isinstance(manifest.get("files"), dict) else {}
-    for name in ["config.json", *([ckpt.index_file] if ckpt.index_file else [])]:
+    for name in ["config.json", *([ckpt.index_file] if ckpt.index_file else []), *plan.extra_files]:
         local = path.parent / name
         if isinstance(small.get(name), str) and local.is_file() and file_sha256(local).hexdigest() != small[name]:
             raise _changed(local, path)

@@ -226,6 +226,16 @@ def test_a_changed_shard_of_an_m1_source_is_refused(make_tiny_ckpt, tmp_path: Pa
     looks_incomplete(dest)
 
 
+def test_a_changed_tokenizer_of_an_m1_source_is_refused(make_tiny_ckpt, tmp_path: Path, run) -> None:
+    src = make_tiny_ckpt("s1")
+    made = tmp_path / "made"
+    assert run("convert", src, made, "--to", "hf", "-q")[0] == 0
+    flip_last_byte(made / "tokenizer_config.json")
+    code, _, err = run("convert", made, tmp_path / "out", "--to", "release", "-q")
+    assert code == 1 and "tokenizer_config.json" in one_error(err) and "manifest" in err, err
+    looks_incomplete(tmp_path / "out")
+
+
 @pytest.mark.parametrize("command", ["convert", "quantize"])
 def test_a_changed_gguf_is_refused(q40: Path, tmp_path: Path, run, command: str) -> None:
     flip_last_byte(q40)
