@@ -233,7 +233,7 @@ class Checkpoint:
 
     def iter_chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, memoryview]]:
         """The raw bytes of a tensor in pieces of whole rows: (first row, bytes)."""
-        from m1.streaming import tensor_bytes
+        from m1.atomic_io import tensor_bytes
 
         info = self.info(name)
         if self.storage.decodes_tensors:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from m1.atomic_io import PendingShard, file_sha256, write_bytes_atomic, write_json_atomic
 from m1.checkpoint import Checkpoint
 from m1.errors import DestinationError, M1Error, UsageError
 from m1.manifest import (
@@ -53,7 +54,6 @@ from m1.ops import OpRunner, Timing
 from m1.plan import OutputFile, Plan
 from m1.sinks import Sink, get_sink
 from m1.source_check import SourceCheck, SourceRecords, source_records
-from m1.streaming import PendingShard, file_sha256, write_bytes_atomic, write_json_atomic
 from m1.version import __version__
 
 if TYPE_CHECKING:

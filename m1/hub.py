@@ -317,8 +317,8 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
     """
     from huggingface_hub import HfApi
 
+    from m1.atomic_io import write_bytes_atomic
     from m1.integrity import check_integrity
-    from m1.streaming import write_bytes_atomic
 
     check_repo_id(repo_id)
     if not folder.is_dir():

@@ -110,8 +110,8 @@ def _expected_hashes(repo_id: str, revision: str | None, against: Path | None, r
     """(label, {file: (sha256, size)}) for each source of expected hashes."""
     from huggingface_hub import hf_hub_download
 
+    from m1.atomic_io import file_sha256
     from m1.manifest import MANIFEST, read_manifest
-    from m1.streaming import file_sha256
 
     sources = []
     if against is not None:

@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m1.atomic_io import file_sha256
 from m1.checkpoint import Checkpoint
 from m1.dtypes import FLOAT_DTYPES, torch_dtype
 from m1.errors import M1Error, UsageError
 from m1.manifest import read_manifest
 from m1.safetensors_io import Header
 from m1.spec import Role, TensorSpec, classify, inventory
-from m1.streaming import file_sha256
 
 
 @dataclass(frozen=True)

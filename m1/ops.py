@@ -14,11 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from m1.atomic_io import Produced, file_ranges, tensor_bytes
 from m1.checkpoint import Checkpoint
 from m1.dtypes import dtype_name, torch_dtype
 from m1.errors import InternalError
 from m1.plan import OutputFile, TensorOp
-from m1.streaming import Produced, file_ranges, tensor_bytes
 
 if TYPE_CHECKING:
     import torch

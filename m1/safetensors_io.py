@@ -21,9 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     pass
 
-from m1.dtypes import DTYPE_BYTES
-from m1.errors import CheckpointError, InternalError
-from m1.streaming import (
+from m1.atomic_io import (
     ChunkSink,
     PendingShard,
     Produced,
@@ -31,6 +29,8 @@ from m1.streaming import (
     raise_if_disk_full,
     write_all,
 )
+from m1.dtypes import DTYPE_BYTES
+from m1.errors import CheckpointError, InternalError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 

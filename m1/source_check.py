@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from m1.atomic_io import FileRange, file_sha256, hash_into
 from m1.errors import CheckpointError
-from m1.streaming import FileRange, file_sha256, hash_into
 
 if TYPE_CHECKING:
     from m1.checkpoint import Checkpoint

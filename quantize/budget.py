@@ -108,9 +108,9 @@ def output_bytes(plan: Any, ckpt: Any, recipe: dict[str, Any] | None = None) -> 
     """At least every byte the job writes for `plan`: each file with its header (the sink's `file_bytes`), what
     the sink writes after them (the index), config.json and the copied files, the job's own small files and
     `recipe`, and the manifest (sized with placeholder hashes and each file's bound, as many digits or more)."""
+    from m1.atomic_io import json_text
     from m1.manifest import SHA256_PLACEHOLDER, manifest_document
     from m1.sinks import get_sink
-    from m1.streaming import json_text
     from m1.version import __version__
 
     sink = get_sink(plan.sink)

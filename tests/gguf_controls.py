@@ -13,9 +13,9 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from m1.errors import UsageError
-from m1.gguf.export import TensorPlan
 from m1.gguf.metadata import KV, apply
 from m1.gguf.names import ARCH
+from m1.gguf.tensor_plan import TensorPlan
 
 Q = GGMLQuantizationType
 

@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from m1.atomic_io import Produced, tensor_bytes
 from m1.checkpoint import Checkpoint
 from m1.errors import CheckpointError, InternalError
 from m1.safetensors_io import read_header, write_shard
-from m1.streaming import Produced, tensor_bytes
 
 
 def all_tensors(root: Path) -> dict[str, torch.Tensor]:
@@ -265,9 +265,9 @@ def test_a_failing_write_stops_its_writer_threads_before_the_file_closes(tmp_pat
     import threading
     import time
 
-    from m1 import streaming
+    from m1 import atomic_io
 
-    real = streaming.write_all
+    real = atomic_io.write_all
     seen: list[str] = []
 
     def slow_write(fd: int, chunk: object) -> None:
@@ -279,7 +279,7 @@ def test_a_failing_write_stops_its_writer_threads_before_the_file_closes(tmp_pat
                 seen.append("closed")
         real(fd, chunk)
 
-    monkeypatch.setattr(streaming, "write_all", slow_write)
+    monkeypatch.setattr(atomic_io, "write_all", slow_write)
     calls = {"n": 0}
 
     def produce(name: str) -> Produced:

@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import m1.atomic_io
 import m1.ops
 import m1.safetensors_io
-import m1.streaming
 
 SHARD = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -442,10 +442,10 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, file_name: str, room: int = 10
             return _FullDisk(f, room)
         return f
 
-    monkeypatch.setattr(m1.streaming, "open", full_open, raising=False)
+    monkeypatch.setattr(m1.atomic_io, "open", full_open, raising=False)
 
     # Shards are written through file descriptors (os.write / copy_file_range): fail those too.
-    real_write_all = m1.streaming.write_all
+    real_write_all = m1.atomic_io.write_all
     left = {"room": room}
 
     def full_write_all(fd: int, chunk) -> None:
@@ -456,7 +456,7 @@ def fill_disk_at(monkeypatch: pytest.MonkeyPatch, file_name: str, room: int = 10
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(fd, chunk)
 
-    monkeypatch.setattr(m1.streaming, "write_all", full_write_all)
+    monkeypatch.setattr(m1.atomic_io, "write_all", full_write_all)
 
 
 @pytest.mark.parametrize("target", ["model-00002-of-{n:05d}.safetensors", "model.safetensors.index.json"])

@@ -28,8 +28,8 @@ from m1.checkpoint import Checkpoint
 from m1.config import M1Config
 from m1.errors import UsageError
 from m1.gguf import export_gguf, from_gguf, plan_tensors, to_gguf
-from m1.gguf.export import gguf_metadata
 from m1.gguf.metadata import model_metadata
+from m1.gguf.tensor_plan import gguf_metadata
 from m1.gguf.tokenizer import CHAT_TEMPLATE_WARNING, TokenizerFiles, read_tokenizer_files, tokenizer_metadata
 from m1.gguf.types import GGML_TYPES, K_TYPES, TypePolicy
 from m1.spec import inventory

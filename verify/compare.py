@@ -332,7 +332,7 @@ def model_perplexity(model: Model, windows: Windows, device: torch.device, dtype
 def save_reference(path: Path, ref: RefPositions, windows: Windows, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from m1.streaming import write_bytes_atomic
+    from m1.atomic_io import write_bytes_atomic
 
     tensors = {"tokens": windows.tokens.contiguous(), "top_logprobs": ref.top_logprobs.contiguous(),
                "top_ids": ref.top_ids.to(torch.int64).contiguous(), "logsumexp": ref.logsumexp.contiguous(),

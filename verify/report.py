@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from m1.streaming import write_bytes_atomic
+from m1.atomic_io import write_bytes_atomic
 from m1.verify.compare import CandidateResult
 
 COLUMNS = ("candidate", "tokens", "PPL ref", "PPL cand", "PPL ratio", "KL mean", "KL median", "KL p99", "KL max",

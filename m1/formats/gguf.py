@@ -30,9 +30,9 @@ def _names() -> NameTable:
 
 def plan_ops(cfg: Any, tensors: list[Any], request: Any, chosen: set[str], source: str,
              read_rows: Callable[[str, int], Any] | None, tokenizer_dir: Any) -> tuple[list[TensorOp], dict[str, Any]]:
-    """The GGUF's tensors (m1.gguf.export.plan_tensors: names, types, stacks) as ops, and the sink's metadata."""
-    from m1.gguf.export import plan_tensors
+    """The GGUF's tensors (m1.gguf.tensor_plan.plan_tensors: names, types, stacks) as ops, and the sink's metadata."""
     from m1.gguf.metadata import check_runnable
+    from m1.gguf.tensor_plan import plan_tensors
     from m1.gguf.types import FLOAT_TYPES, GGML_TYPES, SOURCE_TYPES, TypePolicy, type_name
     from m1.schemes.ggml import type_nbytes
     from m1.spec import Role
@@ -89,7 +89,7 @@ def _sink_data(cfg: Any, policy: Any, source: str, read_rows: Callable[[str, int
                tokenizer_dir: Any, options: dict[str, Any]) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from m1.gguf.export import gguf_metadata, zero_rows_of
+    from m1.gguf.tensor_plan import gguf_metadata, zero_rows_of
     from m1.gguf.tokenizer import base_vocab_size, read_tokenizer_files
 
     if tokenizer_dir is None:

@@ -4,13 +4,13 @@
 - `metadata`: the model keys from an `M1Config`, refusing configs llama.cpp cannot run;
 - `tokenizer`: the `tokenizer.ggml.*` keys from tokenizer.json / tokenizer_config.json;
 - `types`: GGML type names and the type policy (experts, attention, head, embedding);
-- `export`: what to write (`plan_tensors`, `gguf_metadata`);
+- `tensor_plan`: what to write (`plan_tensors`, `gguf_metadata`);
 - `job`: `export_gguf` runs the pipeline's gguf format (m1/formats/gguf.py) and sink (m1/sinks/gguf.py).
 """
 
-from m1.gguf.export import TensorPlan, plan_tensors
 from m1.gguf.job import ExportResult, export_gguf
 from m1.gguf.names import ARCH, from_gguf, to_gguf
+from m1.gguf.tensor_plan import TensorPlan, plan_tensors
 from m1.gguf.types import TypePolicy
 
 __all__ = ["ARCH", "ExportResult", "TensorPlan", "TypePolicy", "export_gguf", "from_gguf", "plan_tensors",

@@ -636,7 +636,7 @@ class GGUFStorage(Storage):
         return self.folder / f"{stem}.{MANIFEST}"
 
     def _manifest_findings(self) -> list[tuple[str, str, str | None, str | None]]:
-        from m1.streaming import file_sha256
+        from m1.atomic_io import file_sha256
 
         path = self.manifest_path()
         if not path.is_file():

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Protocol
 from m1.errors import InternalError
 
 if TYPE_CHECKING:
+    from m1.atomic_io import PendingShard, Produced
     from m1.plan import OutputFile, Plan
-    from m1.streaming import PendingShard, Produced
 
 
 class Sink(Protocol):

@@ -12,9 +12,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from m1.atomic_io import ChunkSink, PendingShard, Produced, raise_if_disk_full
 from m1.errors import InternalError, UsageError
 from m1.plan import OutputFile, Plan
-from m1.streaming import ChunkSink, PendingShard, Produced, raise_if_disk_full
 
 ALIGNMENT = 32  # gguf's default
 

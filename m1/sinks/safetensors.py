@@ -7,9 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from m1 import safetensors_io
+from m1.atomic_io import PendingShard, Produced, json_text, write_json_atomic
 from m1.plan import OutputFile, Plan
 from m1.safetensors_io import header_bytes, read_header
-from m1.streaming import PendingShard, Produced, json_text, write_json_atomic
 
 INDEX = "model.safetensors.index.json"
 

@@ -1,17 +1,13 @@
-"""Export an M1 checkpoint to one GGUF file for llama.cpp (`minimax-01`), streaming one tensor at a time.
+"""What a GGUF of an M1 checkpoint holds, for llama.cpp's `minimax-01`: pure functions of the config, the source
+dtypes and the tokenizer files.
 
-Two halves, so that the pipeline can use the first and bring its own writer:
+- `plan_tensors(cfg, source_dtypes, policy)` -> [TensorPlan(GGUF name, GGML type, shape, source names)]: the
+  experts of a layer stacked into one 3-D tensor (ggml blocks never cross a row, so quantizing each expert's
+  2-D slice is quantizing the stack), each tensor at the type the policy gives its role;
+- `gguf_metadata(...)` -> [KV]: the model's keys, the layer pattern, the tokenizer, the chat template.
 
-- what to write: `plan_tensors(cfg, source_dtypes, policy)` -> [TensorPlan(GGUF name, GGML type, shape,
-  source names)] and `gguf_metadata(...)` -> [KV]; pure functions of the config, the source dtypes and
-  the tokenizer files;
-- writing it: `write_gguf(dest, kvs, plan, read)` writes header, metadata and tensor infos with
-  `gguf.GGUFWriter`, then the data tensor by tensor; a stacked expert tensor is written expert by expert
-  (ggml blocks never cross a row, so quantizing each expert's 2-D slice is quantizing the 3-D stack), so
-  memory is one source tensor in f32 plus its encoding, whatever the model's size. The file is written
-  under a temporary name, fsynced and renamed.
-
-`m1.gguf.job.export_gguf(src_folder, dest_path, expert_type=...)` runs them through the pipeline.
+The gguf format (m1.formats.gguf) turns them into the plan's ops and the GGUF sink writes them;
+`m1.gguf.job.export_gguf(src_folder, dest_path, expert_type=...)` runs the whole trip.
 """
 
 from __future__ import annotations
