@@ -72,18 +72,19 @@ class Checkpoint:
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, source: str | Path, revision: str | None = None) -> Checkpoint:
+        from m1.formats import format_for_path
         from m1.manifest import lock_held, note_source, rewritten_error
 
         source = str(source)
-        if source.endswith(".gguf"):  # llama.cpp's format (a file, or the split set named after it), dequantized
-            from m1.gguf.reader import GGUFStorage, first_split
-
+        fmt = format_for_path(source)
+        if fmt is not None and fmt.open_storage is not None:  # a format that reads its own files (GGUF)
+            storage = fmt.open_storage(source)
             folder = Path(source).parent
-            if not Path(source).is_file() and not first_split(Path(source)).is_file() and lock_held(folder):
+            if storage is None and lock_held(folder):
                 raise rewritten_error(Path(source))  # --overwrite removed it and is writing it again
-            note_source(folder, refuse_if_held=False)  # the folder may hold other GGUFs being written
-            if Path(source).is_file() or first_split(Path(source)).is_file():
-                return cls.from_storage(GGUFStorage(source))
+            note_source(folder, refuse_if_held=False)  # the folder may hold other files being written
+            if storage is not None:
+                return cls.from_storage(storage)
         if is_repo_id(source):
             from m1.hub_read import HubStorage
 

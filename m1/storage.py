@@ -90,6 +90,11 @@ class Storage:
         decoded view (a GGUF's block types); None: as the header says."""
         return None
 
+    def tokenizer_folder(self) -> Path | None:
+        """A local folder holding its tokenizer.json and tokenizer_config.json (a GGUF rebuilds them from its
+        metadata); None where there is none."""
+        return None
+
     def shard_sizes(self) -> dict[str, int] | None:
         """The size of every file as the remote listing gives it, for a storage that downloads (None: local)."""
         return None

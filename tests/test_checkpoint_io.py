@@ -292,7 +292,7 @@ def test_a_failing_write_stops_its_writer_threads_before_the_file_closes(tmp_pat
     planned = [("a", "BF16", (4, 4), 32, True), ("b", "BF16", (4, 4), 32, True)]
     with pytest.raises(Exception, match="disk full"):
         if sink == "gguf":
-            from m1.sinks import gguf as gguf_sink
+            from m1.gguf import sink as gguf_sink
 
             monkeypatch.setattr(gguf_sink, "_header", lambda plan, f: b"GGUF")  # its content is not checked here
             _gguf_write(path, planned, produce)
@@ -308,7 +308,7 @@ def _gguf_write(path: Path, planned: list, produce) -> None:  # noqa: ANN001
     """The GGUF sink writing a file of two tensors (only the writing matters here, not the header)."""
     from types import SimpleNamespace
 
-    from m1.sinks import gguf as gguf_sink
+    from m1.gguf import sink as gguf_sink
 
     file = SimpleNamespace(name=path.name, tensors=[SimpleNamespace(name=n, nbytes=b) for n, _, _, b, _ in planned])
     gguf_sink.SINK.write_file(path, file, produce, None, SimpleNamespace())

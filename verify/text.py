@@ -187,10 +187,12 @@ def read_windows(tokenizer_source: str, text: Path | None, corpus: str, token_id
         if vocab_size is not None:
             check_token_ids(ids, vocab_size, str(token_ids), tokenizer_source)
     else:
-        if tokenizer_source.endswith(".gguf"):  # a GGUF carries its tokenizer: rebuilt as tokenizer.json
-            from m1.gguf.reader import GGUFStorage
+        from m1.formats import format_for_path
 
-            tokenizer_source = str(GGUFStorage(tokenizer_source).tokenizer_folder())
+        fmt = format_for_path(tokenizer_source)  # a file format that carries its tokenizer (GGUF: rebuilt)
+        storage = fmt.open_storage(tokenizer_source) if fmt is not None and fmt.open_storage is not None else None
+        if storage is not None:
+            tokenizer_source = str(storage.tokenizer_folder())
         if not Path(tokenizer_source).is_dir():
             raise UsageError("tokenizing needs a local checkpoint folder", file=tokenizer_source,
                              hint="pull the tokenizer files, or pass --token-ids FILE")

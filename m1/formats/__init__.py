@@ -17,7 +17,7 @@ from m1.formats import configs
 from m1.formats.base import Format, NameTable, identity_table
 
 __all__ = ["Format", "NameTable", "identity_table", "register_format", "unregister_format", "get_format",
-           "format_names", "all_formats", "format_of_config", "format_options"]
+           "format_names", "all_formats", "format_of_config", "format_options", "format_for_path"]
 
 
 _FORMATS: dict[str, Format] = {}
@@ -36,13 +36,18 @@ def unregister_format(name: str) -> None:
     configs.remove(name)
 
 
+# The built-in formats by name -> the module whose FORMAT it is, imported on first use (a format's module may
+# live with the rest of its trip, as GGUF's does in m1/gguf/).
+BUILTIN_MODULES = {"release": "m1.formats.release", "hf": "m1.formats.hf", "gguf": "m1.gguf.format"}
+
+
 def _builtins() -> None:
     if not _BUILTIN:
         _BUILTIN.append(True)
-        from m1.formats import gguf, hf, release
+        import importlib
 
-        for fmt in (release.FORMAT, hf.FORMAT, gguf.FORMAT):
-            _FORMATS.setdefault(fmt.name, fmt)
+        for name, module in BUILTIN_MODULES.items():
+            _FORMATS.setdefault(name, vars(importlib.import_module(module))["FORMAT"])
 
 
 def get_format(name: str) -> Format:
@@ -65,6 +70,11 @@ def all_formats() -> list[Format]:
 
 def format_of_config(raw: dict[str, Any]) -> Format | None:
     return configs.format_of_config(raw)
+
+
+def format_for_path(source: str) -> Format | None:
+    """The format that reads `source` by itself (a file such as a .gguf, not a config.json folder), if any."""
+    return next((f for f in all_formats() if f.open_storage is not None and f.opens(source)), None)
 
 
 def format_options(name: str, dest: Path, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -111,3 +111,7 @@ class Format:
     # format_options: (destination, {name: value given}) -> options; usage errors for bad values.
     options: tuple[str, ...] = ()
     make_options: Callable[[Path, dict[str, Any]], dict[str, Any]] = field(default=lambda dest, given: {})
+    # A format whose checkpoints are files it reads itself (GGUF): which sources are its own, and the storage
+    # over one (None when the file is not there); None: read as a folder with a config.json.
+    opens: Callable[[str], bool] = field(default=lambda source: False)
+    open_storage: Callable[[str], Any] | None = None

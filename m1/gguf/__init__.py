@@ -5,7 +5,8 @@
 - `tokenizer`: the `tokenizer.ggml.*` keys from tokenizer.json / tokenizer_config.json;
 - `types`: GGML type names and the type policy (experts, attention, head, embedding);
 - `tensor_plan`: what to write (`plan_tensors`, `gguf_metadata`);
-- `job`: `export_gguf` runs the pipeline's gguf format (m1/formats/gguf.py) and sink (m1/sinks/gguf.py).
+- `format`, `sink`: the pipeline's gguf format (its ops, options, reader hook) and sink; `reader`: a GGUF read back;
+- `job`: `export_gguf` runs them through the pipeline.
 """
 
 from m1.gguf.job import ExportResult, export_gguf

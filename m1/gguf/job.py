@@ -1,4 +1,4 @@
-"""`export_gguf`: one checkpoint folder to one GGUF file, through the pipeline (m1/formats/gguf.py plans it with
+"""`export_gguf`: one checkpoint folder to one GGUF file, through the pipeline (m1/gguf/format.py plans it with
 m1.gguf.tensor_plan, the executor and the GGUF sink write it), for scripts and tests that want a call, not a command.
 It sits above m1.gguf.tensor_plan, which the gguf format imports: that module never reaches back to the executor.
 """

@@ -6,7 +6,7 @@ dtypes and the tokenizer files.
   2-D slice is quantizing the stack), each tensor at the type the policy gives its role;
 - `gguf_metadata(...)` -> [KV]: the model's keys, the layer pattern, the tokenizer, the chat template.
 
-The gguf format (m1.formats.gguf) turns them into the plan's ops and the GGUF sink writes them;
+The gguf format (m1.gguf.format) turns them into the plan's ops and the GGUF sink writes them;
 `m1.gguf.job.export_gguf(src_folder, dest_path, expert_type=...)` runs the whole trip.
 """
 

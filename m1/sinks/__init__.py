@@ -50,12 +50,15 @@ def register_sink(sink: Sink) -> Sink:
     return sink
 
 
-def get_sink(name: str) -> Sink:
-    if "safetensors" not in _SINKS:
-        from m1.sinks import gguf, safetensors
+# The built-in sinks by name -> the module whose SINK it is, imported on first use.
+BUILTIN_MODULES = {"safetensors": "m1.sinks.safetensors", "gguf": "m1.gguf.sink"}
 
-        _SINKS.setdefault(safetensors.SINK.name, safetensors.SINK)
-        _SINKS.setdefault(gguf.SINK.name, gguf.SINK)
+
+def get_sink(name: str) -> Sink:
+    if name not in _SINKS and name in BUILTIN_MODULES:
+        import importlib
+
+        _SINKS[name] = vars(importlib.import_module(BUILTIN_MODULES[name]))["SINK"]
     try:
         return _SINKS[name]
     except KeyError:

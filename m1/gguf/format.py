@@ -153,6 +153,14 @@ def make_options(dest: Path, given: dict[str, Any]) -> dict[str, Any]:
             "name": dest.stem if dest.suffix == ".gguf" else dest.name}
 
 
+def _open_storage(source: str) -> Any:
+    """A GGUF file, or the split set named after its first split; None when neither is there."""
+    from m1.gguf.reader import GGUFStorage, first_split
+
+    path = Path(source)
+    return GGUFStorage(source) if path.is_file() or first_split(path).is_file() else None
+
+
 def _no_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
     raise UsageError("a GGUF is read through m1.gguf.reader, not as a config.json", file=source)
 
@@ -174,6 +182,8 @@ FORMAT = Format(
     plan_ops=plan_ops,
     pack=pack,
     writes_config=False,
+    opens=lambda source: source.endswith(".gguf"),
+    open_storage=_open_storage,
     options=("attn_type", "head_type", "embed_type", "split_max_size", "tokenizer_pre", "chat_template"),
     make_options=make_options,
 )
