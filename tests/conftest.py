@@ -28,6 +28,15 @@ def tiny(make_tiny_ckpt: Callable[..., Path]) -> Path:
 
 
 @pytest.fixture
+def nf4(make_tiny_ckpt: Callable[..., Path], tmp_path: Path, run: Callable[..., tuple[int, str, str]]) -> Path:
+    """A tiny M1 (rows of whole 64-value blocks) with its experts quantized to nf4."""
+    src = make_tiny_ckpt("src", hidden=64, intermediate=128)
+    code, _, err = run("quantize", src, tmp_path / "nf4", "--scheme", "nf4", "-q")
+    assert code == 0, err
+    return tmp_path / "nf4"
+
+
+@pytest.fixture
 def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     """`run("convert", src, dst, "--to", "hf")` -> (exit code, stdout, stderr) of the m1 CLI, in-process."""
     from m1.cli import run_cli

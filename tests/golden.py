@@ -50,6 +50,16 @@ def tree_digests(root: Path) -> dict[str, str]:
             if p.is_file() and not is_float_output(str(p.relative_to(root)))}
 
 
+def tree_hash(root: Path) -> str:
+    """One hash of a folder's names and bytes: a command that must not touch its source leaves it unchanged."""
+    sha = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        sha.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            sha.update(p.read_bytes())
+    return sha.hexdigest()
+
+
 def close(a: float, b: float, ulp: float = 0.0) -> bool:
     return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=max(ABS_TOL, ulp))
 

@@ -10,12 +10,12 @@ complete-looking written, and nothing outside the destination touched (the sourc
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from golden import tree_hash
 from test_faults_config import CASES as CONFIG_CASES
 from test_faults_headers import CASES as HEADER_CASES
 from test_faults_headers import damage as damage_header
@@ -81,15 +81,6 @@ COMMANDS: dict[str, Callable[[Path, Path, Path], list[object]]] = {
 # Damage that leaves every tensor whole: the engine may measure such a checkpoint (exit 0); every other
 # command still refuses it.
 HARMLESS_TO_THE_NUMBERS = {"index-total_size-wrong"}
-
-
-def tree_hash(root: Path) -> str:
-    sha = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        sha.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            sha.update(p.read_bytes())
-    return sha.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ nothing complete-looking written, and not a byte of the source changed.
 
 from __future__ import annotations
 
-import hashlib
 import resource
 import signal
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from golden import tree_hash
 
 from m1.errors import CheckpointError, ConfigError
 from m1.gguf.reader import GGUFStorage
@@ -197,15 +197,6 @@ def damaged(sound: dict[str, Path], kind: str, case: str, folder: Path) -> Path:
     path = folder / src.name  # no manifest beside it: the damage must be found from the file alone
     path.write_bytes(bytes(data))
     return path
-
-
-def tree_hash(root: Path) -> str:
-    sha = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        sha.update(str(p.relative_to(root)).encode())
-        if p.is_file():
-            sha.update(p.read_bytes())
-    return sha.hexdigest()
 
 
 # ---- the suite ----------------------------------------------------------------------------------------------

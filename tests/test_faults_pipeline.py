@@ -78,14 +78,6 @@ def test_overwrite_refuses_a_folder_that_is_not_an_m1_output(tiny: Path, tmp_pat
 # ---- 2. damaged quantized input never becomes "sound" output -----------------------------------------------
 
 
-@pytest.fixture
-def nf4(make_tiny_ckpt, tmp_path: Path, run) -> Path:
-    src = make_tiny_ckpt("src", **QUANTIZABLE)
-    code, _, err = run("quantize", src, tmp_path / "nf4", "--scheme", "nf4", "-q")
-    assert code == 0, err
-    return tmp_path / "nf4"
-
-
 WEIGHT = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
 
 

@@ -146,14 +146,6 @@ def writer_holding(folder: Path, *remove: str) -> Iterator[None]:
         proc.wait()
 
 
-@pytest.fixture
-def nf4(make_tiny_ckpt, tmp_path: Path, run) -> Path:
-    src = make_tiny_ckpt("src", **QUANTIZABLE)
-    code, _, err = run("quantize", src, tmp_path / "nf4", "--scheme", "nf4", "-q")
-    assert code == 0, err
-    return tmp_path / "nf4"
-
-
 def test_a_source_whose_lock_is_held_is_refused_at_open(nf4: Path, tmp_path: Path, run) -> None:
     with writer_holding(nf4):
         code, _, err = run("convert", nf4, tmp_path / "deq", "--dtype", "bf16", "-q")
