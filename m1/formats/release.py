@@ -62,8 +62,8 @@ def write_config(cfg: ConfigView, out: dict[str, Any]) -> None:
 
 
 # MiniMax's config.json lists its keys sorted; block_size, which it leaves to its code's default, follows
-# rotary_dim. A config.json written from scratch (make-tiny, a GGUF read back) takes this order (new_config);
-# a converted one keeps its source's (M1Config.to_dict).
+# rotary_dim. A config.json written from scratch (make-tiny's, one a format without a config.json of its own
+# implies) takes this order (new_config); a converted one keeps its source's (M1Config.to_dict).
 KEY_ORDER = (
     "architectures", "attention_dropout", "attn_type_list", "auto_map", "bos_token_id", "eos_token_id", "head_dim",
     "hidden_act", "hidden_size", "initializer_range", "intermediate_size", "layernorm_full_attention_alpha",
