@@ -7,8 +7,8 @@ that our own reader is tested against files it did not write.
 
 The vocabulary is bytes: `tokenizer_config.json` marks the model byte-level (the verify tools encode
 text as UTF-8 bytes) and `tokenizer.json` is the same thing as a real byte-level BPE for the
-`tokenizers` library and for GGUF export (`byte_tokenizer_json`). A model with more embedding rows than
-256 gets the same tokenizer (the GGUF export pads the token list to the rows).
+`tokenizers` library and for the formats that embed the tokenizer (`byte_tokenizer_json`). A model with more
+embedding rows than 256 gets the same tokenizer (an export that embeds it pads the token list to the rows).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from m1.config import M1Config
+from m1.formats.release import NewModel, new_config
 from m1.manifest import prepare_destination
 from m1.spec import Role, inventory
 
@@ -64,10 +65,10 @@ def byte_tokenizer_json() -> str:
     regex, no prefix space) and ByteLevel decoder.
 
     Why one merge, and why it is unreachable: llama.cpp refuses a BPE vocabulary without merges ("cannot
-    find tokenizer merges in model file": gguf-py cannot write an empty array), and a merge's result must
-    be a token of its own, while the tiny models have exactly 256 embedding rows. So the merge joins 0xC0
-    and 0xC1, bytes no UTF-8 text holds, into a token at id 255, the slot of 0xFF, which no UTF-8 text holds
-    either: the model never saw any of the three in training, and no text ever reaches the merge.
+    find tokenizer merges in model file": its file writer cannot write an empty array), and a merge's
+    result must be a token of its own, while the tiny models have exactly 256 embedding rows. So the merge
+    joins 0xC0 and 0xC1, bytes no UTF-8 text holds, into a token at id 255, the slot of 0xFF, which no UTF-8
+    text holds either: the model never saw any of the three in training, and no text ever reaches the merge.
     """
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
@@ -101,16 +102,12 @@ class TinySpec:
 
 
 def tiny_config(spec: TinySpec) -> dict[str, Any]:
-    kinds = [1 if (i + 1) % spec.softmax_every == 0 else 0 for i in range(spec.layers)]
+    """The release config.json of a tiny model (m1.formats.release writes the keys it owns, and the order)."""
+    kinds = tuple("softmax" if (i + 1) % spec.softmax_every == 0 else "lightning" for i in range(spec.layers))
     alpha = (2 * spec.layers) ** 0.25
-    return {
-        "architectures": ["MiniMaxM1ForCausalLM"],
+    model = NewModel(kinds, spec.head_dim, spec.rotary_dim, alpha, alpha, alpha, block_size=spec.block_size)
+    return new_config(model, {
         "attention_dropout": 0.0,
-        "attn_type_list": kinds,
-        "auto_map": {
-            "AutoConfig": "configuration_minimax_m1.MiniMaxM1Config",
-            "AutoModelForCausalLM": "modeling_minimax_m1.MiniMaxM1ForCausalLM",
-        },
         "bos_token_id": None,
         "eos_token_id": None,
         "head_dim": spec.head_dim,
@@ -118,25 +115,17 @@ def tiny_config(spec: TinySpec) -> dict[str, Any]:
         "hidden_size": spec.hidden,
         "initializer_range": 0.02,
         "intermediate_size": spec.intermediate,
-        "layernorm_full_attention_alpha": alpha,
-        "layernorm_full_attention_beta": 1.0,
-        "layernorm_linear_attention_alpha": alpha,
-        "layernorm_linear_attention_beta": 1.0,
-        "layernorm_mlp_alpha": alpha,
-        "layernorm_mlp_beta": 1.0,
         "max_position_embeddings": 4096,
-        "model_type": "minimax_m1",
         "num_attention_heads": spec.heads,
         "num_experts_per_tok": spec.top_k,
         "num_hidden_layers": spec.layers,
         "num_key_value_heads": spec.kv_heads,
         "num_local_experts": spec.experts,
         "output_router_logits": False,
-        "postnorm": True,
         "rms_norm_eps": 1e-05,
         "rope_theta": 10000000,
         "rotary_dim": spec.rotary_dim,
-        "block_size": spec.block_size,
+        "block_size": spec.block_size,  # recorded even at the release default, which write_config leaves out
         "router_aux_loss_coef": 0.001,
         "router_jitter_noise": 0.0,
         "shared_intermediate_size": 0,
@@ -146,7 +135,7 @@ def tiny_config(spec: TinySpec) -> dict[str, Any]:
         "transformers_version": "4.45.2",
         "use_cache": True,
         "vocab_size": spec.vocab,
-    }
+    })
 
 
 def random_weights(cfg: M1Config, seed: int = 0) -> dict[str, torch.Tensor]:

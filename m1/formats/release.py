@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from m1.errors import ConfigError
@@ -58,6 +59,52 @@ def write_config(cfg: ConfigView, out: dict[str, Any]) -> None:
     out["postnorm"] = cfg.postnorm
     if cfg.block_size != DEFAULT_BLOCK_SIZE:  # keep any other value (make-tiny uses 16)
         out["block_size"] = cfg.block_size
+
+
+# MiniMax's config.json lists its keys sorted; block_size, which it leaves to its code's default, follows
+# rotary_dim. A config.json written from scratch (make-tiny's, one a format without a config.json of its own
+# implies) takes this order (new_config); a converted one keeps its source's (M1Config.to_dict).
+KEY_ORDER = (
+    "architectures", "attention_dropout", "attn_type_list", "auto_map", "bos_token_id", "eos_token_id", "head_dim",
+    "hidden_act", "hidden_size", "initializer_range", "intermediate_size", "layernorm_full_attention_alpha",
+    "layernorm_full_attention_beta", "layernorm_linear_attention_alpha", "layernorm_linear_attention_beta",
+    "layernorm_mlp_alpha", "layernorm_mlp_beta", "max_position_embeddings", "model_type", "num_attention_heads",
+    "num_experts_per_tok", "num_hidden_layers", "num_key_value_heads", "num_local_experts", "output_router_logits",
+    "postnorm", "rms_norm_eps", "rope_theta", "rotary_dim", "block_size", "router_aux_loss_coef",
+    "router_jitter_noise", "shared_intermediate_size", "shared_moe_mode", "sliding_window", "tie_word_embeddings",
+    "transformers_version", "use_cache", "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class NewModel:
+    """A ConfigView of a model that has no config.json yet: what write_config reads, for new_config."""
+
+    layer_kinds: tuple[str, ...]
+    head_dim: int
+    rotary_dim: int
+    full_attn_alpha: float
+    linear_attn_alpha: float
+    mlp_alpha: float
+    full_attn_beta: float = 1.0
+    linear_attn_beta: float = 1.0
+    mlp_beta: float = 1.0
+    postnorm: bool = True
+    block_size: int = DEFAULT_BLOCK_SIZE
+    model_type: str = "minimax_m1"
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layer_kinds)
+
+
+def new_config(model: NewModel, common: dict[str, Any]) -> dict[str, Any]:
+    """A release config.json written from scratch: `common` (the keys no format owns) and this format's own
+    (write_config), in KEY_ORDER; a key it does not list follows, in the order given."""
+    out = dict(common)
+    write_config(model, out)
+    rank = {key: i for i, key in enumerate(KEY_ORDER)}
+    return dict(sorted(out.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 FORMAT = Format(

@@ -5,7 +5,10 @@
 - `tokenizer`: the `tokenizer.ggml.*` keys from tokenizer.json / tokenizer_config.json;
 - `types`: GGML type names and the type policy (experts, attention, head, embedding);
 - `tensor_plan`: what to write (`plan_tensors`, `gguf_metadata`);
-- `format`, `sink`: the pipeline's gguf format (its ops, options, reader hook) and sink; `reader`: a GGUF read back;
+- `format`, `sink`: the pipeline's gguf format (its ops, options, reader hook) and sink;
+- `reader`: a GGUF read back as a checkpoint (`GGUFStorage`), over `layout` (the file's layout checked as it
+  is parsed), `split_set`, `implied_config` (metadata -> config.json), `tensor_map`, `rebuilt_tokenizer`
+  and `checks` (what verify integrity adds);
 - `job`: `export_gguf` runs them through the pipeline.
 """
 
