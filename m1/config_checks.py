@@ -68,8 +68,8 @@ def check_config_values(raw: dict[str, Any], source: str = "config.json", names:
                         hint: str = "fix this value in config.json") -> None:
     """Raise a ConfigError naming `source` and the key for the first value m1 cannot use.
 
-    `names`: how the source spells each key where it is not a config.json (a GGUF's `minimax-01.expert_count`
-    for num_local_experts), so that the error names what the user can find in the file."""
+    `names`: how the source spells each key where it is not a config.json (a metadata key such as
+    `minimax-01.expert_count` for num_local_experts), so that the error names what the user can find in the file."""
     name = (lambda key: key) if names is None else (lambda key: names.get(key, key))
     for key in (*REQUIRED_SIZES, *OPTIONAL_SIZES):
         if key not in raw or (key == "head_dim" and raw[key] is None):

@@ -22,11 +22,16 @@ if TYPE_CHECKING:
     pass
 
 PUSH_IGNORE = (".*", "**/.*", "__pycache__/*", "*.tmp", "*.partial")
-# Remote files that a push replaces as a whole: weights left over from an older push would not match the index.
-PUSH_DELETE = ("*.safetensors", "*.bin", "*.gguf", "*.index.json", "m1-manifest.json")
 CARD_MARKER = "<!-- m1:model-card: m1 push rewrites this file while this line is here; delete it to keep your edits -->"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+def push_delete() -> tuple[str, ...]:
+    """Remote files that a push replaces as a whole: weights left over from an older push would not match the
+    index."""
+    from m1.index import weight_file_suffixes
+
+    return (*(f"*{s}" for s in weight_file_suffixes()), "*.index.json", "m1-manifest.json")
 
 
 # ---- layers ---------------------------------------------------------------------------------------
@@ -90,7 +95,7 @@ def pull(repo_id: str, dest: Path, layers: list[int] | None = None, with_globals
     from huggingface_hub import hf_hub_download, snapshot_download
 
     from m1.hub_read import model_info, remote_config
-    from m1.index import INDEX_NAMES, parse_index
+    from m1.index import INDEX_NAMES, parse_index, weight_file_suffixes
     from m1.storage import is_extra_file
 
     if dest.exists() and not dest.is_dir():
@@ -110,7 +115,7 @@ def pull(repo_id: str, dest: Path, layers: list[int] | None = None, with_globals
                                index_name)
             weight_map = parse_index(Path(index_path).read_bytes(), f"{repo_id}/{index_name}").weight_map
         if layers is None:
-            shards = sorted(set(weight_map.values())) or [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
+            shards = sorted(set(weight_map.values())) or [f for f in files if f.endswith(weight_file_suffixes())]
         else:
             n_layers = config.num_hidden_layers
             beyond = [i for i in layers if i >= n_layers]
@@ -181,6 +186,8 @@ def _metric_rows(report: Any) -> list[str]:
 
 def _recipe_lines(folder: Path) -> list[str]:
     """The measured mix (m1 quantize --budget), when its m1-recipe.json is in the folder: map, sizes, loading."""
+    from m1.formats import all_formats
+
     paths = [folder / "m1-recipe.json", *sorted(folder.glob("*.m1-recipe.json"))]
     path = next((p for p in paths if p.is_file()), None)
     if path is None:
@@ -201,7 +208,8 @@ def _recipe_lines(folder: Path) -> list[str]:
              f"{doc.get('budget', {}).get('text', '?')} ({how}); {human_bytes(doc.get('bytes', 0))}. "
              f"Recipe: `{path.name}` (replay with `m1 quantize SRC DST --recipe {path.name}`).", "",
              "```", *layer_map, "```"]
-    if doc.get("format") != "gguf" and len([c for c in counts if c != "keep"]) > 1:
+    fmt = next((f for f in all_formats() if f.name == doc.get("format")), None)
+    if (fmt is None or fmt.mix_reader is None) and len([c for c in counts if c != "keep"]) > 1:
         lines += ["", "**Loading:** a bitsandbytes mix of several schemes runs only through `m1.load_pretrained`; "
                   "stock transformers 4.x takes one bitsandbytes scheme per model (plus unquantized modules)."]
     return lines
@@ -211,6 +219,7 @@ def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
     """README.md for the repo, with huggingface_hub's ModelCard / ModelCardData."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from m1.formats import all_formats
     from m1.inspect import inspect_checkpoint
     from m1.manifest import read_manifest
 
@@ -241,7 +250,6 @@ def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
             "the routers (fp32), the norms, the embedding and the head are kept in their source precision."
             if quantized else "No tensor is quantized: every tensor is stored in its source precision.")
     release = info.get("flavour") == "release"
-    gguf = sorted(p.name for p in folder.glob("*.gguf"))
     load = [
         "## How to load",
         "",
@@ -259,9 +267,9 @@ def render_card(folder: Path, repo_id: str, report: Any = None) -> str:
            "first"]),
         *(["- **m1** (transformers 5.x, the experts stay quantized): "
            "`import m1; model = m1.load_pretrained(local_dir)`"] if quantized else []),
-        f"- **llama.cpp**: `llama-cli -m {gguf[0]}`" if gguf else
-        "- **llama.cpp** reads GGUF files, not these safetensors; a stock Q4_K_M GGUF would also quantize the "
-        "attention, which this checkpoint keeps.",
+        # a format with its own runtime: how to run its files in the folder, or why these are not its files
+        *(f.card_line(sorted(p.name for p in folder.glob(f"*{f.file_suffix}")) if f.file_suffix else [])
+          for f in all_formats() if f.card_line is not None),
     ]
     lines = [
         CARD_MARKER,
@@ -347,7 +355,7 @@ def push(folder: Path, repo_id: str, private: bool = False, revision: str | None
         commit = api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), revision=revision, create_pr=create_pr,
             commit_message=message or f"Upload {folder.resolve().name} with m1",
-            ignore_patterns=list(PUSH_IGNORE), delete_patterns=list(PUSH_DELETE),
+            ignore_patterns=list(PUSH_IGNORE), delete_patterns=list(push_delete()),
         )
     changed = bool(commit.pr_url) or commit.oid != before
     return {"repo_id": repo_id, "url": str(url), "revision": revision or "main", "commit": commit.oid,

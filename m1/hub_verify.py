@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from m1.errors import M1Error, UsageError
-from m1.hub import WEIGHT_SUFFIXES
 from m1.hub_read import HEADER_WORKERS, HubError, _call, check_repo_id, quiet_hub_logs
+from m1.index import weight_file_suffixes
 
 if TYPE_CHECKING:
     from m1.checkpoint import Checkpoint
@@ -124,7 +124,7 @@ def _expected_hashes(repo_id: str, revision: str | None, against: Path | None, r
             # Local shards are hashed (the real check); a shard not on disk is taken from the local manifest.
             local = {}
             for path in sorted(against.iterdir()):
-                if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
+                if path.is_file() and path.name.endswith(weight_file_suffixes()):
                     local[path.name] = (file_sha256(path).hexdigest(), path.stat().st_size)
             try:
                 recorded = _manifest_hashes(read_manifest(against) or {})

@@ -11,7 +11,25 @@ from m1.errors import CheckpointError
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf")  # .gguf: the index m1.gguf.reader synthesizes
+SHARD_SUFFIXES = (".safetensors", ".bin")  # a folder checkpoint's weight files
+
+
+def file_set_suffixes() -> tuple[str, ...]:
+    """The suffixes of the file-set formats' files (m1.formats' `file_suffix`), in registry order."""
+    from m1.formats import all_formats
+
+    return tuple(dict.fromkeys(f.file_suffix for f in all_formats() if f.file_suffix is not None))
+
+
+def weight_file_suffixes() -> tuple[str, ...]:
+    """Every suffix a weight file may have: a folder's shards, and a file-set format's files (whose index its
+    reader synthesizes)."""
+    return tuple(dict.fromkeys((*SHARD_SUFFIXES, *file_set_suffixes())))
+
+
+def _spelled(suffixes: tuple[str, ...]) -> str:
+    """('.a', '.b', '.c') -> '.a, .b or .c'."""
+    return suffixes[0] if len(suffixes) == 1 else f"{', '.join(suffixes[:-1])} or {suffixes[-1]}"
 
 
 @dataclass(frozen=True)
@@ -21,14 +39,16 @@ class Index:
     file: str | None = None  # the index's own name; None for a single-file checkpoint
 
 
-def safe_relative(name: str, index_file: str, tensor: str | None = None) -> str:
+def safe_relative(name: str, index_file: str, tensor: str | None = None,
+                  suffixes: tuple[str, ...] | None = None) -> str:
     """A weight_map file name must name a weight file inside the checkpoint: no '..', no absolute path."""
     p = PurePosixPath(name)
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name.startswith("~"):
         raise CheckpointError(f"weight_map names the file {name!r}, which is outside the checkpoint", file=index_file,
                               tensor=tensor, hint="refusing it; fix the index so it names files inside the folder")
-    if not p.parts or not name.endswith(WEIGHT_FILE_SUFFIXES):
-        raise CheckpointError(f"weight_map names {name!r}, which is not a .safetensors, .bin or .gguf file",
+    suffixes = suffixes or weight_file_suffixes()
+    if not p.parts or not name.endswith(suffixes):
+        raise CheckpointError(f"weight_map names {name!r}, which is not a {_spelled(suffixes)} file",
                               file=index_file, tensor=tensor,
                               hint="fix the index so it names the shard that holds the tensor")
     return name
@@ -46,10 +66,11 @@ def parse_index(text: str | bytes, display: str, name: str | None = None) -> Ind
     if not weight_map:
         raise CheckpointError("the index's weight_map is empty: it maps no tensor to a file", file=display,
                               hint="re-download the index, or re-run the job that wrote it")
+    suffixes = weight_file_suffixes()
     for tensor, file in weight_map.items():
         if not isinstance(file, str):
             raise CheckpointError("weight_map value is not a file name", file=display, tensor=tensor)
-        safe_relative(file, display, tensor)
+        safe_relative(file, display, tensor, suffixes)
     metadata = obj.get("metadata")
     if metadata is None:
         metadata = {}

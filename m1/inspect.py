@@ -32,7 +32,7 @@ def layer_ranges(indices: list[int]) -> str:
 def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, Any]:
     ckpt = Checkpoint.open(source, revision=revision)
     cfg = ckpt.config
-    # A storage that decodes its own block types (GGUF: to F32) reports its types and bytes as stored.
+    # A storage that decodes its own block types (to F32) reports its types and bytes as stored.
     storage = ckpt.storage
     decoded = 0
     by_role: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
@@ -107,7 +107,7 @@ def inspect_checkpoint(source: str, revision: str | None = None) -> dict[str, An
         "tensors": len(ckpt.weight_map),
         "params": sum(r["params"] for r in by_role.values()),
         "bytes": sum(r["bytes"] for r in by_role.values()),  # as stored
-        "decoded_bytes": decoded,  # as read back (a GGUF's block types as F32)
+        "decoded_bytes": decoded,  # as read back (block types as F32)
         "by_role": dict(by_role),
         "by_dtype": dict(by_dtype),
         "missing": missing,

@@ -71,7 +71,7 @@ def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, 
         ckpt = Checkpoint.open(source, revision=revision)
     except UsageError:
         raise
-    except M1Error as exc:  # a GGUF whose tensor infos do not tile its data section, too (m1.gguf.reader)
+    except M1Error as exc:  # a file whose tensor infos do not tile its data section, too
         report.add("unreadable", exc.message + (f" ({exc.hint})" if exc.hint else ""), exc.file, exc.tensor)
         return report
     headers = check_checkpoint(ckpt, report, layers)
@@ -261,7 +261,7 @@ def _check_plain(spec: TensorSpec, info: Any, file: str | None, report: Integrit
 
 
 def _check_own_format(ckpt: Checkpoint, report: IntegrityReport, check_hashes: bool) -> None:
-    """A storage that reads its format by itself (a GGUF: tensor types by role, its <stem>.m1-manifest.json)."""
+    """A storage that reads its format by itself (tensor types by role, its <stem>.m1-manifest.json)."""
     for code, message, file, tensor in ckpt.storage.findings(check_hashes):
         report.add(code, message, file, tensor)
     report.stats["format"] = ckpt.storage.own_format

@@ -41,7 +41,8 @@ def manifest_document(plan: Any, tool: str, created: str, fingerprint: str, shar
 
 
 def manifest_name(stem: str | None = None) -> str:
-    """m1-manifest.json for a folder; <stem>.m1-manifest.json beside a file set (a GGUF) in a shared folder."""
+    """m1-manifest.json for a folder; <stem>.m1-manifest.json beside a file set (a file-set format's files) in a
+    shared folder."""
     return MANIFEST if stem is None else f"{stem}.{MANIFEST}"
 
 
@@ -144,7 +145,7 @@ def rewritten_error(folder: Path) -> CheckpointError:
 
 def note_source(folder: Path, refuse_if_held: bool) -> None:
     """A folder this process reads from; `refuse_if_held`: fail now if a writer holds it (a checkpoint folder,
-    not a shared folder that holds a GGUF among other things)."""
+    not a shared folder that holds a file set among other things)."""
     if refuse_if_held and lock_held(folder):
         raise rewritten_error(folder)
     _READING.append(folder)
@@ -226,7 +227,7 @@ def prepare_destination(dest: Path, resume: bool, overwrite: bool) -> Destinatio
 
 
 def prepare_files(folder: Path, names: list[str], stem: str, resume: bool, overwrite: bool) -> DestinationLock:
-    """A file set (a GGUF and its splits) in a folder that may hold other things: lock the folder, and
+    """A file set (one file or its splits) in a folder that may hold other things: lock the folder, and
     refuse to replace files that are there unless --overwrite and an earlier m1 run of this stem made them."""
     prepare = prepare_destination if not folder.exists() else None
     if prepare is not None:
@@ -263,6 +264,8 @@ def _prepare_file_set(lock: DestinationLock, folder: Path, names: list[str], ste
 
 def finished_files(dest: Path, fingerprint: str, stem: str | None = None) -> dict[str, dict[str, Any]]:
     """For --resume: the files a run with this fingerprint recorded as finished (not yet re-checked)."""
+    from m1.index import file_set_suffixes
+
     progress = read_progress(dest, stem)
     if progress is None:
         manifest = read_manifest(dest, stem)
@@ -271,7 +274,8 @@ def finished_files(dest: Path, fingerprint: str, stem: str | None = None) -> dic
                 return manifest.get("shards", {})
             raise DestinationError("--resume with a different plan than the run that wrote this destination",
                                    file=str(dest), hint="use the same options as before, or --overwrite to start again")
-        if stem is None and any(p.name.endswith((".safetensors", ".gguf")) for p in dest.iterdir()):
+        written = (".safetensors", *file_set_suffixes())  # the weight files m1's sinks write
+        if stem is None and any(p.name.endswith(written) for p in dest.iterdir()):
             raise DestinationError("nothing to resume: no progress record from an m1 run", file=str(dest),
                                    hint="use --overwrite to replace its contents")
         return {}

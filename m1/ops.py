@@ -133,7 +133,7 @@ class OpRunner:
             return self.scheme
         if op.scheme in self.schemes:  # a mix: the plan made each scheme with its options
             return self.schemes[op.scheme]
-        if op.scheme not in self._schemes:  # e.g. an attention type beside the experts' in a GGUF
+        if op.scheme not in self._schemes:  # e.g. an attention type beside the experts'
             from m1.schemes import make_scheme
 
             self._schemes[op.scheme] = make_scheme(op.scheme)

@@ -135,7 +135,7 @@ class Plan:
             r["bytes_before"] += op.source_bytes
             r["bytes_after"] += op.nbytes
             if op.kind in ("quantize", "stack") and op.scheme is not None and op.role == "expert":
-                # any scheme of a mix; attention a GGUF stores at q8_0 (--attn-type) counts as kept
+                # any scheme of a mix; attention a format stores at q8_0 (--attn-type) counts as kept
                 r["quantized"] += 1
                 r["quantized_params"] += op.params
                 r["quantized_before"] += op.source_bytes
@@ -180,7 +180,7 @@ class Plan:
             out.update(scheme=self.scheme.name, **self.scheme.options(), expert_schemes=self.expert_schemes(),
                        params=self.params,
                        by_role=self.by_role(), **self.totals())
-        if not self.writes_config:  # a format that carries its own metadata (GGUF): its sizes by tensor type
+        if not self.writes_config:  # a format that carries its own metadata: its sizes by tensor type
             out["by_type"] = self.by_type()
             if self.sink_data.get("missing"):
                 out["missing"] = self.sink_data["missing"]
@@ -207,7 +207,7 @@ class Plan:
                 yield f"not ready to write: {missing['message']} ({missing.get('hint')})"
 
     def by_type(self) -> dict[str, int]:
-        """Bytes by output dtype (GGML type for a GGUF), largest first."""
+        """Bytes by output dtype (a block type where the format stores one), largest first."""
         out: dict[str, int] = {}
         for f in self.files:
             for t in f.tensors:

@@ -53,7 +53,7 @@ class Policy:
                aliases: dict[str, str] | None = None) -> set[str]:
         """The names to quantize among (name, role) pairs; usage errors for patterns that match nothing.
 
-        aliases: another name a pattern may match instead (a GGUF's `blk.N.ffn_*_exps`, for one expert)."""
+        aliases: another name a pattern may match instead (a stacked tensor's name, for one expert)."""
         tensors = list(tensors)
         aliases = aliases or {}
 

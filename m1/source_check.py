@@ -9,7 +9,7 @@ reads a file in order that is only its header); a range behind it was hashed alr
 completed (its tail hashed, the sum compared) by one output file, its owner: the one that reads most of its
 bytes, fixed by the plan, so every process and every --resume agrees. An owner is never committed when the sum
 differs, so a finished owner means its source files were checked. Bytes are hashed from the buffers the reads
-filled, or (ranges the kernel copies, tensors GGUF decodes) through mmap right behind the read, from the page
+filled, or (ranges the kernel copies, tensors a format decodes itself) through mmap right behind the read, from the page
 cache: only the gaps are read from disk a second time.
 """
 

@@ -39,7 +39,7 @@ class Storage:
     # True: tensors come from `read_tensor` (a format that decodes its own, e.g. stacked block types), never as
     # byte ranges of a safetensors shard.
     decodes_tensors: bool = False
-    # The format a storage reads by itself, checks (`findings`) and sizes (GGUF), or None: the config.json says.
+    # The format a storage reads by itself, checks (`findings`) and sizes, or None: the config.json says.
     own_format: str | None = None
     mixed_float_dtypes: bool = False  # its type policy mixes float dtypes by design (not damage)
 
@@ -87,12 +87,12 @@ class Storage:
 
     def stored_as(self, name: str) -> tuple[str, int] | None:
         """The dtype (or block type) and bytes tensor `name` is stored in, where they differ from its header's
-        decoded view (a GGUF's block types); None: as the header says."""
+        decoded view (block types); None: as the header says."""
         return None
 
     def tokenizer_folder(self) -> Path | None:
-        """A local folder holding its tokenizer.json and tokenizer_config.json (a GGUF rebuilds them from its
-        metadata); None where there is none."""
+        """A local folder holding its tokenizer.json and tokenizer_config.json (a file-set format may rebuild them
+        from its metadata); None where there is none."""
         return None
 
     def shard_sizes(self) -> dict[str, int] | None:

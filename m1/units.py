@@ -27,7 +27,7 @@ def human_count(n: float) -> str:
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,  # llama.cpp's gguf-split spelling (50G)
+              "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,  # llama.cpp's split tool's spelling (50G)
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 

@@ -7,37 +7,49 @@
    can be read (a sparse replica: headers only), a stated prior (`sensitivity.prior`: parameter share x the
    scheme's weight noise on Gaussian data, the same for every layer).
 3. Allocation: m1.allocate's exact DP.
-4. The plan: the pipeline's planner with `JobRequest.recipe` (weight or GGUF tensor -> scheme); the recipe
-   document (`m1-recipe.json`, for a GGUF `<stem>.m1-recipe.json`) is written beside the output and replays
-   the same mix with `--recipe`, without measuring.
+4. The plan: the pipeline's planner with `JobRequest.recipe` (weight, or a stacked tensor in a format that
+   stacks experts -> scheme); the recipe document (m1.quantize.recipe) is written beside the output and
+   replays the same mix with `--recipe`, without measuring.
 
 A bitsandbytes mix of several schemes loads through `m1.load_pretrained` only: stock transformers 4.x takes
-one bitsandbytes scheme (plus unquantized modules) per model. A GGUF stores a type per tensor: llama.cpp
-reads any mix.
+one bitsandbytes scheme (plus unquantized modules) per model. A format that stores a type per tensor
+(m1.formats' `mix_reader`) has a runtime that reads any mix.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from m1.errors import UsageError
+from m1.quantize.recipe import (
+    BNB_MIX_NOTE,
+    RECIPE_NAME,
+    RECIPE_VERSION,
+    MixPlan,
+    attach_recipe,
+    loader_line,
+    loads_anywhere,
+    plan_recipe,
+    recipe_summary,
+    recipe_text,
+    stacks_experts,
+    summary_lines,
+)
 
-RECIPE_VERSION = 1
-RECIPE_NAME = "m1-recipe.json"
-BNB_MIX_NOTE = ("a bitsandbytes mix of several schemes runs only through m1.load_pretrained: stock transformers "
-                "4.x takes one bitsandbytes scheme per model (plus unquantized modules)")
-DEFAULT_CANDIDATES = {"gguf": "q4_k,q5_k,q6_k,q8_0", "bnb": "nf4,int8"}
+# The recipe's side of a mix lives in m1.quantize.recipe; the job and the CLI take these from here too.
+__all__ = ["MixPlan", "attach_recipe", "group_sizes", "make_candidates", "mix_plan", "output_bytes", "plan_budget",
+           "recipe_summary", "summary_lines"]
 
 
-def recipe_path(dest: Path, plan: Any) -> Path:
-    """Where the recipe goes: `<stem>.m1-recipe.json` beside a GGUF, `m1-recipe.json` in an output folder."""
-    if plan.stem is not None and dest.suffix == ".gguf":
-        return dest.parent / f"{plan.stem}.{RECIPE_NAME}"
-    return dest / RECIPE_NAME
+def default_candidates(fmt: str) -> str:
+    """--candidates when not given: the output format's (m1.formats' `mix_candidates`)."""
+    from m1.formats import get_format
+
+    return get_format(fmt).mix_candidates
 
 
 def make_candidates(names: str, fmt: str, main: Any, imatrix: str | None = None) -> dict[str, Any]:
@@ -61,8 +73,7 @@ def make_candidates(names: str, fmt: str, main: Any, imatrix: str | None = None)
             scheme = make_scheme(name)
         if fmt not in scheme.formats:
             raise UsageError(f"--candidates: {scheme.describe()} cannot be stored in the {fmt} format",
-                             hint="GGUF takes ggml types (q4_k, q5_k, q6_k, q8_0, ...), safetensors bitsandbytes "
-                                  "(nf4, fp4, int8)")
+                             hint=f"the {fmt} format stores schemes such as {default_candidates(fmt)}")
         out[name] = scheme
     if len([c for c in out if c != KEEP]) < 1 or len(out) < 2:
         raise UsageError("--candidates needs at least two candidates, one of them a scheme",
@@ -77,12 +88,13 @@ def group_sizes(ckpt: Any, groups: list[Any], candidates: dict[str, Any], fmt: s
     from m1.dtypes import DTYPE_BYTES
 
     cfg = ckpt.config
+    stacked = stacks_experts(fmt)
     out: dict[str, dict[str, int]] = {}
     for g in groups:
         infos = [ckpt.info(n) for n in g.weight_names(cfg)]
         row: dict[str, int] = {}
         for c, scheme in candidates.items():
-            if fmt == "gguf":  # the stacked tensors [experts, rows, cols], one per weight kind of the group
+            if stacked:  # the stacked tensors [experts, rows, cols], one per weight kind of the group
                 size = 0
                 for kind in range(len(infos) // cfg.num_local_experts):
                     first = infos[kind]
@@ -95,13 +107,6 @@ def group_sizes(ckpt: Any, groups: list[Any], candidates: dict[str, Any], fmt: s
             row[c] = size
         out[g.key] = row
     return out
-
-
-@dataclass
-class MixPlan:
-    plan: Any
-    recipe: dict[str, Any]  # the document written as m1-recipe.json
-    lines: list[str] = field(default_factory=list)  # what --dry-run prints before the plan
 
 
 def output_bytes(plan: Any, ckpt: Any, recipe: dict[str, Any] | None = None) -> int:
@@ -131,15 +136,7 @@ def output_bytes(plan: Any, ckpt: Any, recipe: dict[str, Any] | None = None) -> 
     return sum(files.values()) + sum(small.values()) + len(json_text(manifest).encode())
 
 
-def recipe_text(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
-
-
 MAX_FITS = 12  # allocations tried: each takes off what the last one's whole output went past the budget
-
-
-def _fmt_family(fmt: str) -> str:
-    return "gguf" if fmt == "gguf" else "bnb"
 
 
 def _fixed_bytes(plan: Any) -> int:
@@ -160,7 +157,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
     if any(opts.policy.describe().values()):
         raise UsageError("--keep/--only do not combine with --budget: the mix decides every expert group",
                          hint="add keep to --candidates to let the allocation leave groups unquantized")
-    cands = make_candidates(candidates or DEFAULT_CANDIDATES[_fmt_family(fmt)], fmt, opts.scheme, imatrix)
+    cands = make_candidates(candidates or default_candidates(fmt), fmt, opts.scheme, imatrix)
     cfg = ckpt.config
     groups = sens_mod.groups_of(cfg)
     smallest_scheme = next(s for s in cands.values() if s is not None)
@@ -201,7 +198,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
         raise UsageError(f"--budget {budget} ({human_bytes(total_budget)}) is below the smallest mix of these "
                          f"candidates, {human_bytes(smallest)} on disk ({human_bytes(outside)} of it outside the "
                          "expert groups: other tensors, headers, index, manifest, recipe)",
-                         hint="raise --budget, or add a smaller candidate (e.g. q3_k for a GGUF)")
+                         hint="raise --budget, or add a smaller candidate")
     def attempt(alloc: Any) -> tuple[Any, dict[str, Any], int]:
         """The plan and recipe of an allocation, and its whole output's bytes on disk."""
         recipe_weights = {name: alloc.assignment[g.key] for g in groups for name in g.recipe_names(cfg, fmt)}
@@ -241,10 +238,10 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
                          f"fits on disk with its headers, index, manifest and recipe", hint="raise --budget")
     doc["disk_bytes"] = on_disk
     schemes_used = sorted(set(alloc.assignment.values()), key=lambda c: list(cands).index(c))
-    if fmt != "gguf" and len([c for c in schemes_used if c != sens_mod.KEEP]) > 1:
+    if not loads_anywhere(fmt) and len([c for c in schemes_used if c != sens_mod.KEEP]) > 1:
         plan.warnings.append(BNB_MIX_NOTE)
     lines = summary_lines(doc, sizes, cfg.num_hidden_layers, cands)
-    if fmt != "gguf" and 2 <= len(cfg.layer_kinds):
+    if not loads_anywhere(fmt) and 2 <= len(cfg.layer_kinds):  # beside a mix m1 loads: llama.cpp's heuristic
         low, high = list(cands)[0], list(cands)[-1]
         rot = rule_of_thumb(list(alloc.assignment), cfg.num_hidden_layers, low, high)
         rot_bytes = sum(sizes[g][c] for g, c in rot.items()) + fixed
@@ -279,8 +276,7 @@ def _recipe_doc(plan: Any, alloc: Any, cands: dict[str, Any], sizes: dict[str, d
         "predicted": {"mix": alloc.predicted, "uniform": uniforms},
         "allocation": describe(alloc),
         "layer_map": layer_map(alloc.assignment, parts, cfg.num_hidden_layers, list(cands)),
-        "loader": BNB_MIX_NOTE if fmt != "gguf" and n_used > 1 else
-        ("GGUF stores a type per tensor: llama.cpp reads the mix" if fmt == "gguf" else "one scheme"),
+        "loader": loader_line(fmt, n_used),
         "weights": recipe_weights,
         "sensitivity": sensitivity.to_json(),
     }
@@ -291,155 +287,6 @@ def _source(ckpt: Any) -> Any:
     from m1.verify.sources import CheckpointWeights
 
     return CheckpointWeights(ckpt)
-
-
-def summary_lines(doc: dict[str, Any], sizes: dict[str, dict[str, int]], layers: int,
-                  cands: dict[str, Any]) -> list[str]:
-    from m1.units import human_bytes
-
-    n_groups = len(doc["groups"])
-    per = n_groups // layers if layers else 0
-    lines = [f"budget: {doc['budget']['text']} = {doc['budget']['read_as']}",
-             f"groups: {n_groups} ({layers} layers x {per}: experts' w1+w3, w2); not in a group (kept or typed by "
-             f"the format's policy): {human_bytes(doc['fixed_bytes'])}"]
-    first = next(iter(sizes.values()))
-    lines.append("candidate sizes per group (layer 0): " + ", ".join(
-        f"{c} {human_bytes(sizes[g][c])} ({g.split('.')[1]})" for g in list(sizes)[:per] for c in first))
-    if doc["metric"] == "prior":
-        lines.append("errors: a stated prior, nothing measured (each group's parameter share x the scheme's relative "
-                     "weight MSE on Gaussian data, the same for every layer): it sizes the mix, it cannot say which "
-                     "layers matter; measure with --calibration, or replay a measured mix with --recipe")
-    else:
-        lines.append(f"errors: measured ({doc['metric']}, isolated per group) on {doc['calibration']} "
-                     f"({doc['calibration_tokens']} tokens)")
-    alloc = doc["allocation"]
-    how = "exact" if alloc["exact"] else f"exact for sizes in units of {alloc['unit']:,} bytes"
-    lines.append(f"allocation: DP over {n_groups} groups ({how}){'; ' + alloc['notes'][0] if alloc['notes'] else ''}")
-    lines.append(f"{'scheme':8s} {'w13':>5s} {'w2':>5s} {'bytes':>12s} {'predicted':>12s}")
-    sens = doc["sensitivity"]
-    for c in cands:
-        gs = [g for g, x in doc["groups"].items() if x == c]
-        if not gs:
-            continue
-        b = sum(doc["group_bytes"][g] for g in gs)
-        err = sum(_err(sens, g, c, doc["metric"]) for g in gs)
-        lines.append(f"{c:8s} {sum(g.endswith('w13') for g in gs):5d} {sum(g.endswith('w2') for g in gs):5d} "
-                     f"{human_bytes(b):>12s} {err:12.6g}")
-    lines += ["layer map:", *("  " + x for x in doc["layer_map"])]
-    lines.append(f"mix: {human_bytes(doc['disk_bytes'])} on disk (tensors {human_bytes(doc['bytes'])}, "
-                 f"{doc['bpw']:.3f} bits per weight; headers, index, manifest and recipe included) of budget "
-                 f"{human_bytes(doc['budget']['bytes'])}, predicted error {doc['predicted']['mix']:.6g}")
-    for c, u in doc["predicted"]["uniform"].items():
-        lines.append(f"  uniform {c:8s} {human_bytes(u['bytes']):>12s} on disk, predicted {u['predicted']:.6g}"
-                     f"{'' if u['fits'] else '  (over the budget)'}")
-    if doc["loader"].startswith("a bitsandbytes mix"):
-        lines.append("note: " + doc["loader"])
-    return lines
-
-
-def _err(sens: dict[str, Any], group: str, cand: str, metric: str) -> float:
-    if cand == "keep":
-        return 0.0
-    e = sens["errors"][group][cand]
-    if metric == "rel_l2":
-        return e["rel_l2"] ** 2
-    return e["kl"]
-
-
-# ---- recipes -----------------------------------------------------------------------------------------------
-
-
-def read_recipe(path: Path, fmt: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the recipe ({type(exc).__name__})", file=str(path),
-                         hint="give an m1-recipe.json written by m1 quantize --budget") from None
-    if not isinstance(doc, dict) or doc.get("m1_recipe") != RECIPE_VERSION or not isinstance(doc.get("weights"), dict):
-        raise UsageError("not an m1 recipe (m1_recipe 1 with weights)", file=str(path),
-                         hint="give an m1-recipe.json written by m1 quantize --budget")
-    if (doc.get("format") == "gguf") != (fmt == "gguf"):
-        want = "--format gguf" if doc.get("format") == "gguf" else "a safetensors format (not --format gguf)"
-        raise UsageError(f"the recipe is for {doc.get('format')} output, the job writes {fmt}", file=str(path),
-                         hint=f"use {want}")
-    return doc
-
-
-def check_coverage(doc: dict[str, Any], cfg: Any, fmt: str, path: Path) -> None:
-    """A recipe covers exactly this model's groups, and its weights exactly theirs, each weight at its group's
-    candidate: anything missing would be replayed at the main scheme without a word, anything extra was made for
-    another model."""
-    from m1.verify.sensitivity import groups_of
-
-    hint = "a recipe replays on the model it was made for, as m1 quantize --budget wrote it"
-    groups = doc.get("groups")
-    if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
-        raise UsageError("the recipe has no groups (group -> candidate)", file=str(path), hint=hint)
-    weights = doc["weights"]
-    want = {g.key: g.recipe_names(cfg, fmt) for g in groups_of(cfg)}
-    missing = [g for g in want if g not in groups]
-    extra = [g for g in groups if g not in want]
-    if missing or extra:
-        what = f"lacks group {missing[0]}" if missing else f"has group {extra[0]}, which this model does not have"
-        raise UsageError(f"the recipe {what} ({len(missing)} missing, {len(extra)} extra of {len(want)} groups)",
-                         file=str(path), hint=hint)
-    named = {n for names in want.values() for n in names}
-    missing_w = [n for names in want.values() for n in names if n not in weights]
-    extra_w = [n for n in weights if n not in named]
-    if missing_w or extra_w:
-        what = f"lacks weight {missing_w[0]}" if missing_w else f"names {extra_w[0]}, which no group of this model has"
-        raise UsageError(f"the recipe {what} ({len(missing_w)} missing, {len(extra_w)} extra)", file=str(path),
-                         hint=hint)
-    for g, names in want.items():
-        off = [n for n in names if weights[n] != groups[g]]
-        if off:
-            raise UsageError(f"the recipe gives group {g} {groups[g]} but its weight {off[0]} {weights[off[0]]}",
-                             file=str(path), hint=hint)
-
-
-def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None = None) -> MixPlan:
-    """The plan of a stored recipe: the same weights get the same schemes; nothing is measured."""
-    from m1.quantize.job import plan_from_checkpoint
-    from m1.schemes import make_scheme
-    from m1.schemes.ggml import GGML_LIB_TYPES
-    from m1.spec import spec_by_name
-
-    doc = read_recipe(path, fmt)
-    if any(opts.policy.describe().values()):
-        raise UsageError("--keep/--only do not combine with --recipe: the recipe decides every expert group")
-    weights = {str(k): str(v) for k, v in doc["weights"].items()}
-    known = set(spec_by_name(ckpt.config)) if fmt != "gguf" else None
-    if known is not None:
-        stray = [k for k in weights if k not in known]
-        if stray:
-            raise UsageError(f"the recipe names {stray[0]}, which this checkpoint does not have", file=str(path),
-                             hint="a recipe replays on the model it was made for")
-    check_coverage(doc, ckpt.config, fmt, path)
-    main = doc.get("scheme") or opts.scheme.name
-    scheme = opts.scheme if main == opts.scheme.name else (
-        make_scheme(main, imatrix=imatrix) if imatrix and main in GGML_LIB_TYPES else make_scheme(main))
-    plan = plan_from_checkpoint(ckpt, replace(opts, scheme=scheme, recipe=weights))
-    if fmt != "gguf" and len({v for v in weights.values() if v != "keep"}) > 1:
-        plan.warnings.append(BNB_MIX_NOTE)
-    out = {**doc, "bytes": plan.total_bytes, "replayed_from": str(path)}
-    lines = [f"recipe: {path} ({doc.get('metric', '?')}, {len(doc.get('groups', {}))} groups), not measured again",
-             *("  " + x for x in doc.get("layer_map", []))]
-    if BNB_MIX_NOTE in plan.warnings:
-        lines.append("note: " + BNB_MIX_NOTE)
-    return MixPlan(plan, out, lines)
-
-
-def attach_recipe(dest: Path, plan: Any, doc: dict[str, Any]) -> Path:
-    """Put the recipe into the plan's own small files: the executor writes it before the index and the
-    manifest (which lists it), so an interrupted run never leaves a complete-looking mix without its recipe."""
-    path = recipe_path(dest, plan)
-    plan.written[path.name] = json.dumps(doc, indent=1, sort_keys=False) + "\n"
-    return path
-
-
-def recipe_summary(doc: dict[str, Any]) -> dict[str, Any]:
-    """The recipe without its per-weight table and raw sensitivities (for --json)."""
-    return {k: v for k, v in doc.items() if k not in ("weights", "sensitivity")}
 
 
 def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vocab_size: int) -> tuple[Any, str]:
@@ -485,7 +332,7 @@ def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None,
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot read sensitivities ({type(exc).__name__})", file=str(sensitivity),
                              hint="give an m1-recipe.json written by m1 quantize --budget --calibration") from None
-        want = [c for c in (candidates or DEFAULT_CANDIDATES[_fmt_family(fmt)]).split(",") if c and c != "keep"]
+        want = [c for c in (candidates or default_candidates(fmt)).split(",") if c and c != "keep"]
         missing = [c for c in want if c not in sens.candidates]
         if missing:
             raise UsageError(f"the sensitivities in {sensitivity} do not cover candidate {missing[0]}",

@@ -1,10 +1,10 @@
 """Sensitivity of each expert tensor group to each candidate scheme, measured layer-streamed.
 
-A *group* is one layer's experts' gate and up projections (w1 + w3, the GGUF `ffn_gate_exps` and
-`ffn_up_exps`) or their down projections (w2, `ffn_down_exps`). For a candidate scheme, a group's weights
-are quantized in memory through the scheme's own `quantize` / `dequantize` (bitsandbytes, gguf.quants or
-llama.cpp's ggml: never m1's arithmetic), exactly as the pipeline would write and the verify sources would
-read them back, and the group's *isolated* error is measured on calibration text:
+A *group* is one layer's experts' gate and up projections (w1 + w3; one stacked tensor each in a format that
+stacks experts) or their down projections (w2). For a candidate scheme, a group's weights are quantized in
+memory through the scheme's own `quantize` / `dequantize` (its library's: never m1's arithmetic), exactly as
+the pipeline would write and the verify sources would read them back, and the group's *isolated* error is
+measured on calibration text:
 
 - `rel_l2`: the relative L2 error of that layer's output when only that group is quantized and the layer's
   input is the reference's (what `m1 verify compare` reports per layer as "isolated");
@@ -40,7 +40,6 @@ from m1.verify.engine import WeightSource
 
 PARTS = ("w13", "w2")  # expert tensor groups of a layer
 PART_WEIGHTS = {"w13": ("w1", "w3"), "w2": ("w2",)}
-GGUF_TENSORS = {"w13": ("ffn_gate_exps", "ffn_up_exps"), "w2": ("ffn_down_exps",)}
 KEEP = "keep"  # a candidate that leaves the group in its source precision (error 0)
 EXPERT = "block_sparse_moe.experts.{e}.{w}.weight"
 
@@ -62,12 +61,16 @@ class Group:
         """Spec names (the bitsandbytes recipe's keys)."""
         return [f"model.layers.{self.layer}.{n}" for n in self.local_names(cfg)]
 
-    def gguf_names(self) -> list[str]:
-        """The stacked GGUF tensors (the GGUF recipe's keys)."""
-        return [f"blk.{self.layer}.{t}.weight" for t in GGUF_TENSORS[self.part]]
-
     def recipe_names(self, cfg: M1Config, fmt: str) -> list[str]:
-        return self.gguf_names() if fmt == "gguf" else self.weight_names(cfg)
+        """A recipe's keys for the group in output format `fmt`: the spec names, or in a format that stacks
+        experts its stacked tensors (one per weight kind)."""
+        from m1.formats import get_format
+
+        stacks = get_format(fmt).expert_stacks
+        if stacks is None:
+            return self.weight_names(cfg)
+        first = f"model.layers.{self.layer}." + EXPERT  # expert 0 names its stack
+        return [stacks.from_spec(first.format(e=0, w=w)) for w in PART_WEIGHTS[self.part]]
 
 
 def groups_of(cfg: M1Config, parts: Sequence[str] = PARTS) -> list[Group]:
@@ -87,7 +90,7 @@ def group_params(cfg: M1Config, part: str) -> int:
 
 def roundtrip(scheme: Any, weight: torch.Tensor, name: str = "") -> torch.Tensor:
     """The weight as the pipeline stores it under `scheme` and the verify sources read it back: the scheme's
-    own quantize then dequantize (bitsandbytes / gguf.quants / ggml), on the CPU."""
+    own quantize then dequantize (through its library), on the CPU."""
     if scheme is None:
         return weight
     pieces = dict(scheme.quantize(weight, "cpu", name))

@@ -115,3 +115,17 @@ class Format:
     # over one (None when the file is not there); None: read as a folder with a config.json.
     opens: Callable[[str], bool] = field(default=lambda source: False)
     open_storage: Callable[[str], Any] | None = None
+    # A file-set format (its output is files named after the destination, beside other things): its files'
+    # suffix (a weight file suffix the index, the Hub and the manifest know too); None: a folder of shards.
+    file_suffix: str | None = None
+    sink_module: str | None = None  # the module whose SINK is `sink`, for a format that brings its own
+    # A format that stacks each layer's experts into one tensor per weight kind: spec expert pattern -> the
+    # stacked tensor's name (a measured mix's recipe keys); None: one tensor per expert.
+    expert_stacks: NameTable | None = None
+    mix_candidates: str = "nf4,int8"  # the default --candidates of a measured mix (--budget)
+    # A format that stores a type per tensor, so that its own runtime reads any mix: the recipe's `loader`
+    # line; None: a mix of several schemes loads through m1.load_pretrained only.
+    mix_reader: str | None = None
+    # The model card's line on loading the folder's files of this format (`file_suffix`; none there: a line
+    # for the folder's other weights); None: no line.
+    card_line: Callable[[list[str]], str] | None = None

@@ -28,6 +28,20 @@ def _names() -> NameTable:
     return NameTable(tuple((r.spec, r.gguf) for r in GGUF_NAMES if not r.stacked))
 
 
+def _stacks() -> NameTable:
+    from m1.gguf.names import GGUF_NAMES
+
+    return NameTable(tuple((r.spec, r.gguf) for r in GGUF_NAMES if r.stacked))
+
+
+def _card_line(files: list[str]) -> str:
+    """The model card's llama.cpp line: how to run the folder's GGUF, or why these safetensors are not one."""
+    if files:
+        return f"- **llama.cpp**: `llama-cli -m {files[0]}`"
+    return ("- **llama.cpp** reads GGUF files, not these safetensors; a stock Q4_K_M GGUF would also quantize the "
+            "attention, which this checkpoint keeps.")
+
+
 def plan_ops(cfg: Any, tensors: list[Any], request: Any, chosen: set[str], source: str,
              read_rows: Callable[[str, int], Any] | None, tokenizer_dir: Any) -> tuple[list[TensorOp], dict[str, Any]]:
     """The GGUF's tensors (m1.gguf.tensor_plan.plan_tensors: names, types, stacks) as ops, and the sink's metadata."""
@@ -186,4 +200,10 @@ FORMAT = Format(
     open_storage=_open_storage,
     options=("attn_type", "head_type", "embed_type", "split_max_size", "tokenizer_pre", "chat_template"),
     make_options=make_options,
+    file_suffix=".gguf",
+    sink_module="m1.gguf.sink",
+    expert_stacks=_stacks(),
+    mix_candidates="q4_k,q5_k,q6_k,q8_0",
+    mix_reader="GGUF stores a type per tensor: llama.cpp reads the mix",
+    card_line=_card_line,
 )

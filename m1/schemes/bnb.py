@@ -58,7 +58,8 @@ class BnbScheme(Scheme):
         """From command-line options; unknown names and options that do not apply are usage errors."""
         if imatrix is not None:
             raise UsageError("--imatrix does not apply to bitsandbytes schemes",
-                             hint="it serves the GGUF K-quants: --format gguf --scheme q4_k --imatrix FILE")
+                             hint="it serves the ggml K-quants, in the format that stores ggml types: --scheme q4_k "
+                                  "--imatrix FILE")
         if name not in SCHEMES:
             raise UsageError(f"unknown scheme {name!r}", hint=f"use one of {', '.join(SCHEMES)}")
         if name == "int8":

@@ -50,15 +50,25 @@ def register_sink(sink: Sink) -> Sink:
     return sink
 
 
-# The built-in sinks by name -> the module whose SINK it is, imported on first use.
-BUILTIN_MODULES = {"safetensors": "m1.sinks.safetensors", "gguf": "m1.gguf.sink"}
+# The built-in sinks by name -> the module whose SINK it is, imported on first use. A format that brings its own
+# sink names its module (`Format.sink_module`, with the rest of the format's trip).
+BUILTIN_MODULES = {"safetensors": "m1.sinks.safetensors"}
+
+
+def _module_of(name: str) -> str | None:
+    from m1.formats import all_formats
+
+    if name in BUILTIN_MODULES:
+        return BUILTIN_MODULES[name]
+    return next((f.sink_module for f in all_formats() if f.sink == name and f.sink_module is not None), None)
 
 
 def get_sink(name: str) -> Sink:
-    if name not in _SINKS and name in BUILTIN_MODULES:
+    module = _module_of(name) if name not in _SINKS else None
+    if module is not None:
         import importlib
 
-        _SINKS[name] = vars(importlib.import_module(BUILTIN_MODULES[name]))["SINK"]
+        _SINKS[name] = vars(importlib.import_module(module))["SINK"]
     try:
         return _SINKS[name]
     except KeyError:
