@@ -184,6 +184,7 @@ FORMAT = Format(
     writes_config=False,
     opens=lambda source: source.endswith(".gguf"),
     open_storage=_open_storage,
+    file_set_suffix=".gguf",
     options=("attn_type", "head_type", "embed_type", "split_max_size", "tokenizer_pre", "chat_template"),
     make_options=make_options,
 )
