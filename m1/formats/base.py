@@ -115,6 +115,6 @@ class Format:
     # over one (None when the file is not there); None: read as a folder with a config.json.
     opens: Callable[[str], bool] = field(default=lambda source: False)
     open_storage: Callable[[str], Any] | None = None
-    # A destination ending so names the output files' set itself (GGUF: `tiny.gguf`), written beside whatever
+    # A destination ending so names the output files' set itself (`tiny.<suffix>`), written beside whatever
     # else its folder holds, with its own manifest and progress record; None: the destination is a folder.
     file_set_suffix: str | None = None

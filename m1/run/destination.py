@@ -1,7 +1,7 @@
 """Where a run writes, and the names of its own files there.
 
 A destination is a folder of the job's own, or, for a format whose destination names the file set itself
-(`Format.file_set_suffix`: a GGUF and its splits), the set's files in a folder that may hold other things;
+(`Format.file_set_suffix`: one file and its splits, say), the set's files in a folder that may hold other things;
 the set's manifest, progress record and scratch are then named after its stem, so two sets can share a folder.
 """
 
