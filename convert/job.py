@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from m1.checkpoint import Checkpoint
-from m1.execute import RunOptions, execute
 from m1.plan import Plan
 from m1.planner import JobRequest, JobResult, by_layer, plan_checkpoint
+from m1.run import RunOptions, execute
 
 
 class RotaryWarning(UserWarning):

@@ -27,7 +27,8 @@ import re
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,8 @@ def in_source_order(plan: Any, ckpt: Any, shard_size: int) -> Any:
 
     if plan.sink != "safetensors" or not all(SHARDED.fullmatch(f.name) for f in plan.files):
         raise UsageError("--layout source applies to sharded safetensors output",
-                         hint="for GGUF use --split-max-size; for one file drop --layout source")
+                         hint="a format that names its own files splits them by its own options (see --help); for "
+                              "one file drop --layout source")
     rank = {name: i for i, name in enumerate(sorted(ckpt.files()))}
 
     def where(name: str, file: str) -> tuple[int, int]:
@@ -334,6 +336,31 @@ class Scratch:
             self.thread.join(JOIN_S)
             self.thread = None
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def report(self) -> dict[str, Any]:
+        """What streaming held and downloaded (a run's result states it)."""
+        return {"bound": self.bound, "needed_bytes": self.plan.peak, "held_peak_bytes": self.peak_held,
+                "downloaded": list(self.downloaded),
+                "download_bytes": sum(self.plan.sizes[s] for s in self.downloaded)}
+
+
+@contextmanager
+def streaming(storage: Any, plan: ScratchPlan, folder: Path, root: Path) -> Iterator[Scratch]:
+    """`storage` reads the shards of `plan` from `folder` while the block runs, each downloaded ahead and
+    deleted after its last read; then the folder goes, and `root` (which holds it) once empty: under
+    torchrun every rank streams through its own folder there, and the last to finish removes it."""
+    scratch = Scratch(plan, folder, storage.download_to)
+    storage.scratch = scratch
+    try:
+        scratch.start()
+        yield scratch
+    finally:
+        storage.scratch = None
+        scratch.close()
+        try:
+            root.rmdir()
+        except OSError:
+            pass
 
 
 def _remove_download(folder: Path, shard: str, path: Path) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 
 from m1.checkpoint import Checkpoint
 from m1.config import M1Config
-from m1.execute import RunOptions, execute
 from m1.plan import Plan
 from m1.planner import JobRequest, JobResult, by_layer, plan_checkpoint, plan_job
 from m1.policy import Policy
+from m1.run import RunOptions, execute
 from m1.safetensors_io import TensorInfo
 from m1.schemes import Scheme
 

@@ -288,9 +288,9 @@ def test_a_gguf_mix_writes_its_recipe_beside_the_file(tmp_path: Path, run) -> No
 def test_a_run_that_dies_writing_the_recipe_leaves_no_manifest_and_resumes(tmp_path: Path, run,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The recipe is written before the index and the manifest: a mix never looks complete without it."""
-    import m1.execute
+    import m1.run.journal
 
-    real = m1.execute.write_bytes_atomic
+    real = m1.run.journal.write_bytes_atomic
 
     def full_disk(path: Path, data: bytes) -> None:
         if path.name == "m1-recipe.json":
@@ -298,12 +298,12 @@ def test_a_run_that_dies_writing_the_recipe_leaves_no_manifest_and_resumes(tmp_p
         real(path, data)
 
     args = ["quantize", DATA / "tiny-trained", tmp_path / "mix", "--budget", "1.5MB", "--candidates", "nf4,int8", "-q"]
-    monkeypatch.setattr(m1.execute, "write_bytes_atomic", full_disk)
+    monkeypatch.setattr(m1.run.journal, "write_bytes_atomic", full_disk)
     code, _, err = run(*args)
     assert code == 1 and "disk full" in err, err
     assert not (tmp_path / "mix" / "m1-manifest.json").exists() and not (tmp_path / "mix" / "m1-recipe.json").exists()
     assert not (tmp_path / "mix" / "model.safetensors.index.json").exists()
-    monkeypatch.setattr(m1.execute, "write_bytes_atomic", real)
+    monkeypatch.setattr(m1.run.journal, "write_bytes_atomic", real)
     code, _, err = run(*args, "--resume")
     assert code == 0, err
     assert "m1-recipe.json" in json.loads((tmp_path / "mix" / "m1-manifest.json").read_text())["files"]

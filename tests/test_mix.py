@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from m1.checkpoint import Checkpoint
-from m1.execute import RunOptions, execute
 from m1.planner import JobRequest, plan_checkpoint
+from m1.run import RunOptions, execute
 from m1.schemes import make_scheme
 
 INT8 = ["model.layers.0.block_sparse_moe.experts.1.w2.weight", "model.layers.2.block_sparse_moe.experts.0.w1.weight"]

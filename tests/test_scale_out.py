@@ -135,7 +135,7 @@ def test_two_workers_on_device_cuda_take_two_devices_and_report_each(two_gpus, m
     import m1.progress
     from m1.checkpoint import Checkpoint
     from m1.convert.job import ConvertOptions, plan_convert
-    from m1.execute import RunOptions, execute
+    from m1.run import RunOptions, execute
 
     src = make_tiny_ckpt("src")
     ckpt = Checkpoint.open(src)
@@ -168,7 +168,7 @@ def test_two_workers_on_device_cuda_take_two_devices_and_report_each(two_gpus, m
 def test_a_device_set_larger_than_the_workers_warns(two_gpus, make_tiny_ckpt, tmp_path: Path) -> None:
     from m1.checkpoint import Checkpoint
     from m1.convert.job import ConvertOptions, plan_convert
-    from m1.execute import RunOptions, execute
+    from m1.run import RunOptions, execute
 
     ckpt = Checkpoint.open(make_tiny_ckpt("src"))
     plan = plan_convert(ckpt, ConvertOptions())

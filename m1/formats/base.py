@@ -115,8 +115,9 @@ class Format:
     # over one (None when the file is not there); None: read as a folder with a config.json.
     opens: Callable[[str], bool] = field(default=lambda source: False)
     open_storage: Callable[[str], Any] | None = None
-    # A file-set format (its output is files named after the destination, beside other things): its files'
-    # suffix (a weight file suffix the index, the Hub and the manifest know too); None: a folder of shards.
+    # A file-set format: a destination ending in this suffix names the output files' set itself
+    # (`tiny.<suffix>`), written beside whatever else its folder holds, with its own manifest and progress
+    # record (the index, the Hub and the manifest know it as a weight file suffix); None: a folder of shards.
     file_suffix: str | None = None
     sink_module: str | None = None  # the module whose SINK is `sink`, for a format that brings its own
     # A format that stacks each layer's experts into one tensor per weight kind: spec expert pattern -> the

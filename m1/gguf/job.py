@@ -43,9 +43,9 @@ def export_gguf(
     replaces the model's template.
     """
     from m1.checkpoint import Checkpoint
-    from m1.execute import RunOptions, execute
     from m1.gguf.types import EXPERT_TYPES, FLOAT_TYPES
     from m1.planner import JobRequest, plan_checkpoint
+    from m1.run import RunOptions, execute
     from m1.schemes import make_scheme
 
     if expert_type not in EXPERT_TYPES:
