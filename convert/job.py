@@ -1,5 +1,6 @@
-"""`m1 convert`: between formats (release, hf, gguf), shard layouts and dtypes; a quantized source is copied as
-stored, or dequantized with `--dtype`. It is the pipeline's one planner and executor without a scheme.
+"""`m1 convert`: between formats (any registered, `m1.formats.format_names()`), shard layouts and dtypes; a
+quantized source is copied as stored, or dequantized with `--dtype`. It is the pipeline's one planner and
+executor without a scheme.
 
 `convert(...)` is the job as a Python function (what the CLI calls); `plan_convert` / `run_convert` are its
 two halves for callers that hold a `Checkpoint` already.
@@ -42,15 +43,15 @@ def convert(source: str | Path, dest: str | Path, *, to: str | None = None, layo
             revision: str | None = None, format_options: Mapping[str, Any] | None = None,
             scratch: int | str | None = None, workers: int = 1, resume: bool = False, overwrite: bool = False,
             progress: bool = True, dry_run: bool = False) -> JobResult:
-    """Convert checkpoint `source` (a folder, a .gguf, or a Hub repo id) into `dest`.
+    """Convert checkpoint `source` (a folder, a file a format reads itself, or a Hub repo id) into `dest`.
 
     to: the output format (`m1.formats.format_names()`; None keeps the source's). layout: `size` (shards up to
     `shard_size`), `by-layer`, or `source` (the source's order). dtype / router_dtype: keep, bf16, fp16, fp32.
-    format_options: the output format's own options by keyword (GGUF: attn_type, head_type, embed_type,
-    split_max_size, tokenizer_pre, chat_template). scratch: stream a Hub source through at most this many
+    format_options: the output format's own options by keyword (its `Format.options`; None: not given; another
+    format's option is refused). scratch: stream a Hub source through at most this many
     bytes of disk. dry_run: plan only (the result's `plan`; nothing is written).
 
-    Example: `m1.convert("tiny-m1", "tiny.gguf", to="gguf")`.
+    Example: `m1.convert("tiny-m1", "tiny-hf", to="hf")`.
     """
     from m1.formats import format_options as make_format_options
     from m1.scratch import arrange

@@ -1,8 +1,8 @@
 """The jobs as Python functions: `m1.convert(...)`, `m1.quantize(...)`, `m1.verify.compare(...)`.
 
-The command folders are packages named for their command (`m1.convert` holds the convert job and its CLI), so
-the package itself is made callable: `m1.convert(src, dst, to="gguf")` runs `m1.convert.job.convert`. The job is
-imported on the first call, so importing the CLI stays light.
+The job folders are packages named for their command (`m1.convert` holds the convert job; its command is in
+m1/cli/), so the package itself is made callable: `m1.convert(src, dst, to="hf")` runs `m1.convert.job.convert`.
+The job is imported on the first call, so importing the package stays light.
 """
 
 from __future__ import annotations

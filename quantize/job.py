@@ -52,8 +52,9 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
              dry_run: bool = False) -> JobResult:
     """Quantize the experts of checkpoint `source` into `dest` (everything else kept), or a measured mix.
 
-    scheme: a registered scheme (`m1.schemes.scheme_names()`: bitsandbytes nf4/fp4/int8, ggml types with
-    to="gguf"), with its options (blocksize, double_quant for bitsandbytes; imatrix for the ggml K-quants).
+    scheme: a registered scheme (`m1.schemes.scheme_names()`: bitsandbytes nf4/fp4/int8, ggml types, each with
+    `to` one of the formats that store it, `make_scheme(name).formats`), with its options (blocksize,
+    double_quant for bitsandbytes; imatrix, a format's importance-matrix file, for the ggml K-quants).
     keep / only: names or `re:REGEX` left unquantized / the only ones quantized. budget: a size (240GB) or bits
     per weight (4.6bpw) that a mix of `candidates` (comma-separated) must fit, measured on `calibration` (a
     bundled corpus, a text file or token ids) or sized by a stated prior; sensitivity: reuse a recipe's

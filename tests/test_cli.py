@@ -286,3 +286,61 @@ def test_help_lists_every_registered_scheme_and_format(run) -> None:
     code, out, _ = run("convert", "--help")
     flat = " ".join(out.replace("│", " ").split())
     assert all(f"'{f}'" in flat for f in format_names())
+
+
+def flat_help(out: str) -> str:
+    return " ".join(out.replace("│", " ").split())
+
+
+def test_every_formats_own_options_are_flags_of_convert_and_quantize(run) -> None:
+    from m1.cli.registries import format_cli_options, label
+
+    options = format_cli_options()
+    assert {"attn_type", "head_type", "embed_type", "split_max_size", "tokenizer_pre", "chat_template"} <= {
+        o.name for o, _ in options}
+    for command in ("convert", "quantize"):
+        code, out, _ = run(command, "--help")
+        assert code == 0
+        for option, formats in options:
+            assert f"{option.flag} " in flat_help(out), (command, option.flag)
+            assert flat_help(f"{label(formats[0])}: {option.help}") in flat_help(out), (command, option.flag)
+
+
+def test_a_registered_formats_option_is_a_flag_that_reaches_its_job(tiny: Path, tmp_path: Path, run) -> None:
+    """A format registered after the CLI was built declares an option: convert and quantize show it, and the value
+    given reaches the format's make_options through the job; another format refuses it."""
+    import dataclasses
+
+    from m1 import formats
+    from m1.errors import UsageError
+    from m1.formats import release
+    from m1.formats.base import FormatOption
+
+    given: list[dict] = []
+
+    def make_options(dest: Path, values: dict) -> dict:
+        if values["card_note"] == "bad":
+            raise UsageError("--card-note 'bad' is not a note")
+        given.append(values)
+        return {}
+
+    noted = dataclasses.replace(release.FORMAT, name="noted", model_types=(), claims=lambda raw: False,
+                                options=(FormatOption("card_note", help="a note for the card."),),
+                                make_options=make_options)
+    formats.register_format(noted)
+    try:
+        for command in ("convert", "quantize"):
+            code, out, _ = run(command, "--help")
+            assert code == 0 and "--card-note" in out and "NOTED: a note for the card." in flat_help(out)
+        code, _, err = run("convert", tiny, tmp_path / "a", "--to", "noted", "--card-note", "bad", "-q")
+        assert code == 2 and "--card-note 'bad' is not a note" in one_error(err)
+        assert not (tmp_path / "a").exists()
+        code, _, err = run("convert", tiny, tmp_path / "b", "--to", "noted", "--card-note", "hello", "--dry-run")
+        assert code == 0, err
+        assert given == [{"card_note": "hello"}]
+        code, _, err = run("quantize", tiny, tmp_path / "c", "--format", "release", "--card-note", "x", "--dry-run")
+        assert code == 2 and "--card-note applies to noted output only" in one_error(err)
+    finally:
+        formats.unregister_format("noted")
+    code, out, _ = run("convert", "--help")
+    assert "--card-note" not in out

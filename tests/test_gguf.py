@@ -28,6 +28,7 @@ from m1.checkpoint import Checkpoint
 from m1.config import M1Config
 from m1.errors import UsageError
 from m1.gguf import export_gguf, from_gguf, plan_tensors, to_gguf
+from m1.gguf.llama_run import llama_logits as run_in_llama
 from m1.gguf.metadata import model_metadata
 from m1.gguf.tensor_plan import gguf_metadata
 from m1.gguf.tokenizer import CHAT_TEMPLATE_WARNING, TokenizerFiles, read_tokenizer_files, tokenizer_metadata
@@ -35,7 +36,6 @@ from m1.gguf.types import GGML_TYPES, K_TYPES, TypePolicy
 from m1.spec import inventory
 from m1.tiny import TinySpec, byte_tokenizer_json, random_weights, save_release, tiny_config
 from m1.verify.engine import next_token_nll, run
-from m1.verify.llama_run import llama_logits as run_in_llama
 from m1.verify.text import ByteTokenizer, corpus_text, make_windows
 
 DATA = Path(__file__).parent / "data"

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from m1.checkpoint import Checkpoint
-from m1.gguf.imatrix import IMatrix, importance, read_imatrix, write_imatrix
+from m1.gguf.imatrix import IMatrix, from_stats, importance, read_imatrix, write_imatrix
+from m1.gguf.names import to_gguf
 from m1.verify.engine import DictSource, forward_layer, run
 from m1.verify.imatrix import compute_imatrix, layer_inputs, routed_counts
 from m1.verify.sources import CheckpointWeights
@@ -51,8 +52,9 @@ def expected_names(cfg) -> dict[str, int]:  # noqa: ANN001
     """GGUF weight name -> n_mat, for every linear of every layer."""
     out = {}
     for layer in range(cfg.num_hidden_layers):
-        for _, (name, expert) in layer_inputs(cfg, layer).items():
-            out[name] = cfg.num_local_experts if expert is not None else 1
+        for name in layer_inputs(cfg, layer):
+            target = to_gguf(f"model.layers.{layer}.{name}")
+            out[target.name] = cfg.num_local_experts if target.expert is not None else 1
     return out
 
 
@@ -168,7 +170,8 @@ def test_experts_that_saw_no_token_are_reported_and_weigh_one(make_tiny_ckpt, ru
 def test_write_and_read_back_keep_every_value(tmp_path: Path) -> None:
     cfg = Checkpoint.open(TRAINED).config
     source = CheckpointWeights.open(TRAINED)
-    im = compute_imatrix(cfg, source, calibration_windows(512, 128), datasets=["a", "b"], process_output=True)
+    im = from_stats(compute_imatrix(cfg, source, calibration_windows(512, 128), datasets=["a", "b"],
+                                    process_output=True))
     assert "output.weight" in im.entries and im.entries["output.weight"].counts.tolist() == [512]
     write_imatrix(tmp_path / "x.gguf", im)
     back = read_imatrix(tmp_path / "x.gguf")
@@ -185,7 +188,8 @@ def test_a_dict_source_works_too() -> None:
     tensors = {n: ckpt.get(n) for n in ckpt.names()}
     a = compute_imatrix(ckpt.config, DictSource(tensors), calibration_windows(512))
     b = compute_imatrix(ckpt.config, CheckpointWeights.open(TRAINED), calibration_windows(512))
-    assert all(np.array_equal(a.entries[n].sums, b.entries[n].sums) for n in a.entries)
+    assert list(a.weights) == list(b.weights)
+    assert all(np.array_equal(a.weights[n].sums, b.weights[n].sums) for n in a.weights)
 
 
 def test_dry_run_plans_the_full_model_from_its_config_and_index_without_data(run) -> None:
@@ -350,3 +354,23 @@ def test_llama_quantize_takes_our_imatrix_and_gives_the_bytes_of_m1s_ggml_quanti
         checked += 1
     n_exps = 3 * cfg.num_hidden_layers
     assert checked >= n_exps + 5, checked  # the stacked experts and the attention projections
+
+
+def test_the_engine_collects_by_m1_weight_names_and_the_gguf_file_stacks_the_experts() -> None:
+    from m1.spec import inventory
+
+    cfg = Checkpoint.open(TRAINED).config
+    stats = compute_imatrix(cfg, CheckpointWeights.open(TRAINED), calibration_windows(512, 128), process_output=True)
+    spec = {s.name for s in inventory(cfg)}
+    assert set(stats.weights) <= spec and "lm_head.weight" in stats.weights
+    assert not any(n.startswith("blk.") for n in stats.weights)
+    im = from_stats(stats)
+    assert sorted(im.entries) == sorted({to_gguf(n).name for n in stats.weights})
+    for layer in range(cfg.num_hidden_layers):
+        routed = stats.routed_tokens(layer)
+        assert routed.sum() == 512 * cfg.num_experts_per_tok and routed.tolist() == im.routed_tokens(layer).tolist()
+        for e in range(cfg.num_local_experts):
+            mine = stats.weights[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w2.weight"]
+            entry = im.entries[f"blk.{layer}.ffn_down_exps.weight"]
+            assert np.array_equal(entry.sums[e], mine.sums) and entry.counts[e] == mine.rows
+    assert stats.unseen_experts() == im.unseen_experts()

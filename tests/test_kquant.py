@@ -87,12 +87,12 @@ def test_a_k_quant_refuses_rows_that_do_not_fit(make_tiny_ckpt, tmp_path: Path, 
 def test_in_llama_cpp_q4_k_with_the_imatrix_beats_q4_0_and_q4_k_without(built: dict[str, Path], model: Path) -> None:
     import warnings
 
-    from m1.verify.llama_run import compare_in_llama
+    from m1.verify.runtime import compare_in_runtime
     from m1.verify.text import corpus_text, load_tokenizer, make_windows
 
     tok = load_tokenizer(str(model))
     windows = make_windows(tok.encode(corpus_text("mr-niah")), 256, 2048, False).tokens  # held out
-    results = {label: compare_in_llama(str(model), path, windows) for label, path in built.items()}
+    results = {label: compare_in_runtime(str(model), path, windows) for label, path in built.items()}
     sizes = {label: path.stat().st_size for label, path in built.items()}
     table = "; ".join(f"{k}: {sizes[k]} B, KL {v['kl_mean']:.4g}, top-1 {v['top1']:.2%}, PPL ratio "
                       f"{v['ppl_ratio']:.4f}" for k, v in results.items())

@@ -13,8 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND_FOLDERS = ("convert", "quantize", "verify")
-# The one place that assembles the commands, and the package's face (m1.load_pretrained).
-ASSEMBLY = {"m1/cli.py", "m1/__init__.py"}
+# The one place that holds the commands (each calls its job), and the package's face (m1.load_pretrained).
+CLI = "m1/cli/"
+ASSEMBLY = {"m1/__init__.py"}
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +70,19 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
+def test_every_cli_module_is_in_m1_cli() -> None:
+    """Nothing outside m1/cli/ defines a command: no module imports typer there."""
+    modules = [p for folder in ("m1", *COMMAND_FOLDERS) for p in sorted((ROOT / folder).rglob("*.py"))]
+    outside = [str(p.relative_to(ROOT)) for p in modules
+               if not str(p.relative_to(ROOT)).startswith(CLI) and {"typer", "click"} & _imports(p)]
+    assert not outside, outside
+
+
 def test_the_core_does_not_import_the_command_folders() -> None:
     offenders = []
     for path in sorted((ROOT / "m1").rglob("*.py")):
         rel = str(path.relative_to(ROOT))
-        if rel in ASSEMBLY:
+        if rel in ASSEMBLY or rel.startswith(CLI):
             continue
         for name in _imports(path):
             parts = name.split(".")

@@ -1,20 +1,14 @@
-"""An importance matrix (llama.cpp's imatrix) from the layer-streamed engine, in llama.cpp's GGUF imatrix format.
+"""An importance matrix (llama.cpp's imatrix) from the layer-streamed engine, collected by m1's own weight names.
 
 For every linear layer's input the per-column sum of squared activations and the number of rows (tokens) it
 saw: the attention projections (lightning qkv, gate, out; softmax q, k, v, o), the router, and each expert's
-w1/w3 input and w2 input separately, counted per expert with the tokens routed to it. Like `llama-imatrix`,
-which collects at every matrix multiplication of a `blk.*` weight (and of `output.weight` with
---process-output), but one layer at a time from the release safetensors: memory is one layer's weights plus
-the activations of the calibration tokens, never the model.
+w1/w3 input and w2 input separately, counted per expert with the tokens routed to it (and, with process_output,
+the head's). Like `llama-imatrix`, which collects at every matrix multiplication, but one layer at a time from
+the checkpoint: memory is one layer's weights plus the activations of the calibration tokens, never the model.
 
-The file (m1/gguf/imatrix.py) is what llama.cpp's `llama-imatrix` writes (tools/imatrix/imatrix.cpp, `save_imatrix`), so
-`llama-quantize --imatrix` reads it: `general.type = imatrix`, `imatrix.datasets` (string array),
-`imatrix.chunk_count` and `imatrix.chunk_size` (u32), and per weight, tensor names sorted,
-`<gguf name>.in_sum2` F32 [n_cols, n_mat] and `<gguf name>.counts` F32 [1, n_mat] (GGUF ne order), n_mat =
-n_expert for the stacked `*_exps` weights and 1 otherwise. Names are m1.gguf.names' (llama.cpp minimax-01).
-
-What a quantizer uses (`importance`): in_sum2 / counts per matrix, 1 for a matrix that saw no token, as
-llama-quantize does. Counts are stored as F32 by the format: exact up to 2^24 tokens per expert.
+The statistics are keyed by spec weight name (`ImportanceStats`); a format with an importance-matrix file
+(`Format.imatrix`, m1.formats.base.ImatrixFile) names its entries and writes it. What a quantizer uses is the
+format's: in_sum2 / counts per matrix, 1 for a matrix that saw no token, as llama-quantize does.
 """
 
 from __future__ import annotations
@@ -23,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,28 +26,71 @@ import torch
 from m1.config import M1Config
 from m1.dtypes import DTYPE_BYTES
 from m1.errors import UsageError
-from m1.gguf.imatrix import Entry, IMatrix
-from m1.gguf.names import to_gguf
 from m1.verify.engine import embed, forward_layer, rms_norm, rope_tables
 from m1.verify.text import Windows
+
+EXPERT_INPUT = "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight"  # its rows: the tokens routed
+
+
+@dataclass
+class WeightStats:
+    """One weight's statistics: the sum over its input rows of each column squared (float64 [n_cols]), and rows."""
+
+    sums: np.ndarray
+    rows: int
+
+
+@dataclass
+class ImportanceStats:
+    weights: dict[str, WeightStats]  # spec weight name -> its input's statistics
+    datasets: list[str]
+    chunk_count: int
+    chunk_size: int
+    seconds: float = 0.0
+
+    def routed_tokens(self, layer: int) -> np.ndarray:
+        """Tokens routed to each expert of `layer` (int64 [n_expert])."""
+        rows = []
+        while (name := EXPERT_INPUT.format(layer=layer, expert=len(rows))) in self.weights:
+            rows.append(self.weights[name].rows)
+        return np.array(rows, dtype=np.int64)
+
+    def layers(self) -> list[int]:
+        return sorted({int(n.split(".")[2]) for n in self.weights if n.startswith("model.layers.")})
+
+    def unseen_experts(self) -> dict[int, list[int]]:
+        """layer -> the experts no calibration token was routed to."""
+        out = {}
+        for layer in self.layers():
+            zero = [int(i) for i in np.flatnonzero(self.routed_tokens(layer) == 0)]
+            if zero:
+                out[layer] = zero
+        return out
+
+
+def imatrix_file(out: Path) -> Any:
+    """The importance-matrix file (m1.formats.base.ImatrixFile) of the format whose example has OUT's suffix, or
+    of the first format that has one."""
+    from m1.formats import all_formats
+
+    files = [f.imatrix for f in all_formats() if f.imatrix is not None]
+    if not files:
+        raise UsageError("no registered format has an importance-matrix file")
+    return next((f for f in files if Path(f.example).suffix == out.suffix), files[0])
+
 
 # ---- what is observed, per layer -----------------------------------------------------------------------------
 
 
-def layer_inputs(cfg: M1Config, layer: int) -> dict[str, tuple[str, int | None]]:
-    """Engine weight name (relative to the layer) -> (GGUF tensor name, expert slot) of every linear in `layer`."""
+def layer_inputs(cfg: M1Config, layer: int) -> list[str]:
+    """The engine's names (relative to the layer) of every linear weight in `layer` whose input is observed."""
     if cfg.layer_kind(layer) == "lightning":
         attn = ["self_attn.qkv_proj.weight", "self_attn.output_gate.weight", "self_attn.out_proj.weight"]
     else:
         attn = [f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    names = [*attn, "block_sparse_moe.gate.weight"]
-    names += [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(cfg.num_local_experts)
-              for w in ("w1", "w3", "w2")]
-    out = {}
-    for name in names:
-        target = to_gguf(f"model.layers.{layer}.{name}")
-        out[name] = (target.name, target.expert)
-    return out
+    experts = [f"block_sparse_moe.experts.{e}.{w}.weight" for e in range(cfg.num_local_experts)
+               for w in ("w1", "w3", "w2")]
+    return [*attn, "block_sparse_moe.gate.weight", *experts]
 
 
 def _in_features(cfg: M1Config, name: str) -> int:
@@ -63,42 +101,36 @@ def _in_features(cfg: M1Config, name: str) -> int:
     return cfg.hidden_size
 
 
-def head_input_name(cfg: M1Config) -> str:
-    return "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+def head_weight(cfg: M1Config) -> str:
+    """The weight the head's input multiplies: the embedding when the two are tied."""
+    return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
 
 class LayerCollector:
     """The engine's `observe` for one layer: accumulates sums of squares (float64) and row counts per weight."""
 
     def __init__(self, cfg: M1Config, layer: int, device: torch.device | str = "cpu") -> None:
-        self.targets = layer_inputs(cfg, layer)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, np.ndarray] = {}
-        for name, (gguf_name, expert) in self.targets.items():
-            if gguf_name not in self.sums:
-                n_mat = cfg.num_local_experts if expert is not None else 1
-                self.sums[gguf_name] = torch.zeros(n_mat, _in_features(cfg, name), dtype=torch.float64, device=device)
-                self.counts[gguf_name] = np.zeros(n_mat, dtype=np.int64)
+        self.prefix = f"model.layers.{layer}."
+        self.sums = {name: torch.zeros(_in_features(cfg, name), dtype=torch.float64, device=device)
+                     for name in layer_inputs(cfg, layer)}
+        self.rows = dict.fromkeys(self.sums, 0)
         self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def __call__(self, weight: str, x: torch.Tensor) -> None:
-        try:
-            gguf_name, expert = self.targets[weight]
-        except KeyError:
-            raise RuntimeError(f"the engine observed {weight!r}, which the imatrix does not know") from None
+        if weight not in self.sums:
+            raise RuntimeError(f"the engine observed {weight!r}, which the imatrix does not know")
         if self._last[0] is x:  # q/k/v and w1/w3 share their input: square it once
             sq = self._last[1]
         else:
             flat = x.detach().reshape(-1, x.shape[-1])
             sq = torch.sum(flat.float().square(), dim=0, dtype=torch.float64)
             self._last = (x, sq)
-        slot = expert if expert is not None else 0
-        self.sums[gguf_name][slot] += sq
-        self.counts[gguf_name][slot] += math.prod(x.shape[:-1])
+        self.sums[weight] += sq
+        self.rows[weight] += math.prod(x.shape[:-1])
 
-    def entries(self) -> dict[str, Entry]:
+    def stats(self) -> dict[str, WeightStats]:
         self._last = (None, None)
-        return {n: Entry(n, s.cpu().numpy(), self.counts[n].copy()) for n, s in self.sums.items()}
+        return {self.prefix + n: WeightStats(s.cpu().numpy(), self.rows[n]) for n, s in self.sums.items()}
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -121,12 +153,12 @@ def compute_imatrix(
     datasets: Sequence[str] = (),
     process_output: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> IMatrix:
+) -> ImportanceStats:
     """Stream the model one layer at a time over `windows` (token ids [n_windows, ctx], each window from an empty
     state, as llama-imatrix's chunks) and collect every linear input's statistics.
 
     source: an engine `WeightSource` (CheckpointWeights, DictSource). process_output: also the head's input
-    (`output.weight`, llama-imatrix --process-output). progress(1) after each layer.
+    (`head_weight`, llama-imatrix --process-output). progress(1) after each layer.
     """
     start = time.monotonic()
     device = torch.device(device)
@@ -138,32 +170,30 @@ def compute_imatrix(
     states = [embed(emb, b, dtype) for b in batches]
     del emb
     ropes = {b.shape[-1]: rope_tables(cfg, b.shape[-1], device) for b in batches}
-    entries: dict[str, Entry] = {}
+    weights_seen: dict[str, WeightStats] = {}
     for layer in range(cfg.num_hidden_layers):
         weights = {k: v.to(device) for k, v in source.layer_weights(layer).items()}
         collect = LayerCollector(cfg, layer, device)
         states = [forward_layer(cfg, layer, weights, s, dtype=dtype, rope=ropes[s.shape[-2]], observe=collect)
                   for s in states]
         del weights
-        entries.update(collect.entries())
+        weights_seen.update(collect.stats())
         if progress is not None:
             progress(1)
     if process_output:
         norm = source.global_weight("model.norm.weight")
-        name = head_input_name(cfg)
-        sums = torch.zeros(1, cfg.hidden_size, dtype=torch.float64, device=device)
+        sums = torch.zeros(cfg.hidden_size, dtype=torch.float64, device=device)
         rows = 0
         for s in states:
             h = rms_norm(s, norm.to(device), cfg.rms_norm_eps).float()
-            sums[0] += torch.sum(h.reshape(-1, h.shape[-1]).square(), dim=0, dtype=torch.float64)
+            sums += torch.sum(h.reshape(-1, h.shape[-1]).square(), dim=0, dtype=torch.float64)
             rows += math.prod(h.shape[:-1])
-        entries[name] = Entry(name, sums.cpu().numpy(), np.array([rows], dtype=np.int64))
+        weights_seen[head_weight(cfg)] = WeightStats(sums.cpu().numpy(), rows)
     n_windows, ctx = (int(d) for d in tokens.shape)
-    return IMatrix(dict(sorted(entries.items())), list(datasets), n_windows, ctx, time.monotonic() - start)
+    return ImportanceStats(weights_seen, list(datasets), n_windows, ctx, time.monotonic() - start)
 
 
 # ---- the plan (--dry-run) ---------------------------------------------------------------------------------
-
 
 
 @dataclass
@@ -210,10 +240,15 @@ def _stored_sizes(ckpt: Any, cfg: M1Config) -> tuple[dict[str, tuple[int, int]],
 
 
 def plan_imatrix(ckpt: Any, tokens: int, ctx: int, batch_size: int, dtype: torch.dtype = torch.float32,
-                 process_output: bool = False) -> Plan:
+                 process_output: bool = False, entry: Callable[[str], str] = str) -> Plan:
     """Layer order, bytes read per layer and peak memory of `compute_imatrix`, from the config, index and headers
-    only (no tensor data read)."""
+    only (no tensor data read). entry: the file's entry for a spec weight name (ImatrixFile.entry; by default one
+    per weight), which sizes the file's entries."""
     cfg = ckpt.config
+
+    def entries(layer: int) -> int:
+        return len({entry(f"model.layers.{layer}.{name}") for name in layer_inputs(cfg, layer)})
+
     sizes, sizes_from = _stored_sizes(ckpt, cfg)
     dbytes = torch.empty(0, dtype=dtype).element_size()
     n_tokens = (tokens // ctx) * ctx
@@ -221,9 +256,8 @@ def plan_imatrix(ckpt: Any, tokens: int, ctx: int, batch_size: int, dtype: torch
     for layer in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{layer}."
         mine = [v for k, v in sizes.items() if k.startswith(prefix)]
-        n_entries = len({g for g, _ in layer_inputs(cfg, layer).values()})
         layers.append(LayerPlan(layer, cfg.layer_kind(layer), sum(b for b, _ in mine), max(n for _, n in mine),
-                                n_entries))
+                                entries(layer)))
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     attn_width = cfg.num_attention_heads * cfg.head_dim
     rows = min(batch_size, max(1, n_tokens // ctx)) * ctx
@@ -236,13 +270,9 @@ def plan_imatrix(ckpt: Any, tokens: int, ctx: int, batch_size: int, dtype: torch
     largest = max(layers, key=lambda lp: lp.weight_bytes)
     cast = max(lp.largest_tensor for lp in layers) * dbytes
     emb_bytes = sizes.get("model.embed_tokens.weight", (0, 0))[0]
-    n_out = sum(len({g for g, _ in layer_inputs(cfg, i).values()}) for i in range(cfg.num_hidden_layers))
-    n_floats = 0
-    for i in range(cfg.num_hidden_layers):
-        for name, (_, expert) in layer_inputs(cfg, i).items():
-            if expert in (None, 0):
-                n_mat = cfg.num_local_experts if expert is not None else 1
-                n_floats += n_mat * (_in_features(cfg, name) + 1)
+    n_out = sum(lp.entries for lp in layers)
+    # every weight's column sums and its row count, however the file groups them
+    n_floats = sum(_in_features(cfg, name) + 1 for i in range(cfg.num_hidden_layers) for name in layer_inputs(cfg, i))
     if process_output:
         n_out += 1
         n_floats += hidden + 1

@@ -189,7 +189,7 @@ def read_windows(tokenizer_source: str, text: Path | None, corpus: str, token_id
     else:
         from m1.formats import format_for_path
 
-        fmt = format_for_path(tokenizer_source)  # a file format that carries its tokenizer (GGUF: rebuilt)
+        fmt = format_for_path(tokenizer_source)  # a file format that carries its tokenizer (rebuilt from it)
         storage = fmt.open_storage(tokenizer_source) if fmt is not None and fmt.open_storage is not None else None
         if storage is not None:
             tokenizer_source = str(storage.tokenizer_folder())

@@ -87,6 +87,52 @@ def identity_table() -> NameTable:
     return NameTable(tuple((r.pattern, r.pattern) for r in M1_TENSORS))
 
 
+class FormatOption(str):
+    """One of a format's own job options: its keyword name (the string itself, so that `name in fmt.options` reads
+    the same whether a format lists plain names or these), with the flag, help and value type the CLI declares."""
+
+    flag: str
+    help: str
+    type: type
+
+    def __new__(cls, name: str, flag: str = "", help: str = "", type: type = str) -> FormatOption:
+        option = super().__new__(cls, name)
+        option.flag = flag or "--" + name.replace("_", "-")
+        option.help = help
+        option.type = type
+        return option
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class ImatrixFile:
+    """A format's importance-matrix file: `m1 verify imatrix` writes one from statistics it collects by spec weight
+    name (m1.verify.imatrix.ImportanceStats); the format's quantizers read it."""
+
+    entry: Callable[[str], str]  # spec weight name -> the file's entry for it (one entry may hold several weights)
+    write: Callable[[Path, Any], int]  # (path, ImportanceStats) -> bytes written
+    example: str  # a file name for examples and hints (its suffix picks the format when several have one)
+    what: str  # the file's format in a phrase, for --help (after its suffix)
+    used_by: str  # the quantizers that weigh by it, for --help
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A program that runs a format's files, in which `m1 verify <command>` checks one against m1's engine."""
+
+    command: str  # the verify command's name
+    name: str  # the runtime as output lines name it
+    package: str  # what provides it in Python, for --help
+    example: str  # a file name for the command's example
+    require: Callable[[], None]  # raises one UsageError line saying what to install, when it is missing
+    # (file, token windows, the engine's logits (called once), threads) -> (engine logits, runtime logits), the
+    # file and the runtime's logits checked (usage errors naming the file)
+    run: Callable[[Path, Any, Callable[[], Any], int], tuple[Any, Any]]
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
@@ -109,8 +155,12 @@ class Format:
     warnings: Callable[[ConfigView], list[str]] = field(default=lambda cfg: [])
     # Its own job options (keyword names, e.g. GGUF's attn_type), and what makes them the request's
     # format_options: (destination, {name: value given}) -> options; usage errors for bad values.
+    # A name may be a FormatOption, whose flag, help and type the CLI adds to convert and quantize.
     options: tuple[str, ...] = ()
     make_options: Callable[[Path, dict[str, Any]], dict[str, Any]] = field(default=lambda dest, given: {})
+    imatrix: ImatrixFile | None = None  # its importance-matrix file, if it has one
+    runtime: Runtime | None = None  # the program that runs its files, if m1 can check them there
+    examples: tuple[tuple[str, str], ...] = ()  # (command, an example command line) for that command's --help
     # A format whose checkpoints are files it reads itself (GGUF): which sources are its own, and the storage
     # over one (None when the file is not there); None: read as a folder with a config.json.
     opens: Callable[[str], bool] = field(default=lambda source: False)

@@ -16,7 +16,7 @@ from typing import Any
 
 from m1.dtypes import DTYPE_OPTIONS
 from m1.errors import UsageError
-from m1.formats.base import ConfigView, Format, NameTable
+from m1.formats.base import ConfigView, Format, FormatOption, ImatrixFile, NameTable, Runtime
 from m1.plan import OutputFile, OutputTensor, SourceTensor, TensorOp
 
 SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"
@@ -183,6 +183,62 @@ def _write_nothing(cfg: ConfigView, out: dict[str, Any]) -> None:
     pass  # the metadata is the GGUF's own (see plan_ops); no config.json is written
 
 
+# GGUF's own options: what `m1 convert` / `m1 quantize` show as flags (m1.cli adds them from here).
+OPTIONS = (
+    FormatOption("attn_type", help="attention projections' type (bf16, f16, f32, q8_0; default: their source "
+                 "precision)."),
+    FormatOption("head_type", help="the LM head's type (default bf16 or the source's; never below q8_0)."),
+    FormatOption("embed_type", help="the embedding's type."),
+    FormatOption("split_max_size", help="split into llama.cpp's -0000i-of-0000n files of at most this size, e.g. 50G."),
+    FormatOption("tokenizer_pre", help="llama.cpp's pre-tokenizer name, when the tokenizer's split regex is not one "
+                 "it knows."),
+    FormatOption("chat_template", help="a Jinja file that replaces the model's chat template.", type=Path),
+)
+
+
+def _imatrix_entry(spec_name: str) -> str:
+    from m1.gguf.names import to_gguf
+
+    return to_gguf(spec_name).name
+
+
+def _write_imatrix(path: Path, stats: Any) -> int:
+    from m1.gguf.imatrix import write_stats
+
+    return write_stats(path, stats)
+
+
+IMATRIX = ImatrixFile(
+    entry=_imatrix_entry,
+    write=_write_imatrix,
+    example="imatrix.gguf",
+    what="llama.cpp's GGUF imatrix format, which llama-imatrix writes too and llama-quantize --imatrix reads",
+    used_by="llama.cpp's K-quants and IQ types",
+)
+
+
+def _require_llama() -> None:
+    from m1.gguf.llama_run import llama_cpp
+
+    llama_cpp()
+
+
+def _run_in_llama(path: Path, windows: Any, reference: Callable[[], Any], threads: int) -> tuple[Any, Any]:
+    from m1.gguf.llama_run import run_checked
+
+    return run_checked(path, windows, reference, threads)
+
+
+RUNTIME = Runtime(command="llama", name="llama.cpp", package="llama-cpp-python", example="tiny-q8.gguf",
+                  require=_require_llama, run=_run_in_llama)
+
+EXAMPLES = (
+    ("convert", "m1 convert m1-40k/ m1-bf16.gguf --to gguf"),
+    ("convert", "m1 convert m1-q4.gguf back/ --to release"),
+    ("quantize", "m1 quantize m1-40k/ m1-q4.gguf --format gguf --scheme q4_0"),
+    ("quantize", "m1 quantize m1-40k/ m1-q4k.gguf --format gguf --scheme q4_k --imatrix imatrix.gguf"),
+)
+
 FORMAT = Format(
     name="gguf",
     description="llama.cpp's GGUF (minimax-01), experts stacked, one file or splits",
@@ -198,7 +254,7 @@ FORMAT = Format(
     writes_config=False,
     opens=lambda source: source.endswith(".gguf"),
     open_storage=_open_storage,
-    options=("attn_type", "head_type", "embed_type", "split_max_size", "tokenizer_pre", "chat_template"),
+    options=OPTIONS,
     make_options=make_options,
     file_suffix=".gguf",
     sink_module="m1.gguf.sink",
@@ -206,4 +262,7 @@ FORMAT = Format(
     mix_candidates="q4_k,q5_k,q6_k,q8_0",
     mix_reader="GGUF stores a type per tensor: llama.cpp reads the mix",
     card_line=_card_line,
+    imatrix=IMATRIX,
+    runtime=RUNTIME,
+    examples=EXAMPLES,
 )

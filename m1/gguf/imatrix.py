@@ -2,8 +2,10 @@
 
 `general.type = imatrix`, `imatrix.datasets` (string array), `imatrix.chunk_count` and `imatrix.chunk_size`
 (u32), and per weight, tensor names sorted, `<gguf name>.in_sum2` F32 [n_cols, n_mat] and `<gguf name>.counts`
-F32 [1, n_mat] (GGUF ne order), n_mat = n_expert for the stacked `*_exps` weights and 1 otherwise. `m1 verify
-imatrix` writes it; the ggml schemes read it (`importance`) to quantize K-quants with it.
+F32 [1, n_mat] (GGUF ne order), n_mat = n_expert for the stacked `*_exps` weights and 1 otherwise, names
+m1.gguf.names' (llama.cpp minimax-01). `m1 verify imatrix` collects by spec weight name (m1.verify.imatrix) and
+writes it through the gguf format (`write_stats`); the ggml schemes read it (`importance`) to quantize K-quants
+with it.
 """
 
 from __future__ import annotations
@@ -69,7 +71,29 @@ class IMatrix:
         return self.entries[f"blk.{layer}.ffn_up_exps.weight"].counts.copy()
 
 
+def from_stats(stats: Any) -> IMatrix:
+    """The GGUF imatrix of statistics collected by spec weight name (m1.verify.imatrix.ImportanceStats): each
+    weight under its GGUF tensor name, the experts of a layer stacked in expert order."""
+    from m1.gguf.names import to_gguf
+
+    slots: dict[str, dict[int, Any]] = {}
+    for name, weight in stats.weights.items():
+        target = to_gguf(name)
+        slots.setdefault(target.name, {})[target.expert or 0] = weight
+    entries = {}
+    for name, by_slot in slots.items():
+        mats = [by_slot[i] for i in range(len(by_slot))]
+        entries[name] = Entry(name, np.stack([m.sums for m in mats]), np.array([m.rows for m in mats], dtype=np.int64))
+    return IMatrix(dict(sorted(entries.items())), list(stats.datasets), stats.chunk_count, stats.chunk_size,
+                   stats.seconds)
+
+
 # ---- the file ---------------------------------------------------------------------------------------------
+
+
+def write_stats(path: str | Path, stats: Any) -> int:
+    """`write_imatrix` of `from_stats(stats)`: what `m1 verify imatrix` writes."""
+    return write_imatrix(path, from_stats(stats))
 
 
 def write_imatrix(path: str | Path, imatrix: IMatrix) -> int:

@@ -1,4 +1,5 @@
-"""`m1 verify perplexity`, `m1 verify compare`, `m1 verify logits` (registered on the verify group)."""
+"""`m1 verify perplexity`, `m1 verify compare`, `m1 verify logits` (registered on the verify group): each parses,
+calls its job in m1.verify.jobs, prints."""
 
 from __future__ import annotations
 
@@ -7,19 +8,22 @@ from typing import Annotated
 
 import typer
 
-from m1.cli_options import JsonOpt, QuietOpt, print_json
+from m1.cli.options import (
+    BatchOpt,
+    CorpusOpt,
+    CtxOpt,
+    DeviceOpt,
+    DtypeOpt,
+    IdsOpt,
+    JsonOpt,
+    QuietOpt,
+    TextOpt,
+    TokensOpt,
+    print_json,
+)
 
-TextOpt = Annotated[Path | None, typer.Option("--text", help="A UTF-8 text file to evaluate on.")]
-CorpusOpt = Annotated[str, typer.Option("--corpus", help="Bundled text: mr-niah or mr-niah-10240 (held-out 10%), "
-                                                        "or mr-niah-10k (all 30 10k-token haystacks, long context).")]
-IdsOpt = Annotated[Path | None, typer.Option("--token-ids", help="Pre-tokenized ids: JSON list or .npy.")]
-CtxOpt = Annotated[int, typer.Option("--ctx", help="Tokens per window (non-overlapping).")]
-TokensOpt = Annotated[int, typer.Option("--tokens", help="Evaluate at most this many tokens.")]
 HalfOpt = Annotated[bool, typer.Option("--second-half", help="Score only the second half of each window "
                                                              "(llama.cpp's perplexity convention).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32 (default) or bf16.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")]
 
 
 def _refuse_ignored_options(context: typer.Context, path: Path, windows, ref, meta: dict[str, str],  # noqa: ANN001
@@ -173,28 +177,11 @@ def logits_cmd(
 
     Example: m1 verify logits m1-40k/ --save ref-logits.safetensors ; m1 verify compare --ref-logits ... m1-nf4/
     """
-    from m1.devices import resolve_device
-    from m1.errors import UsageError
-    from m1.progress import count_progress
-    from m1.verify.compare import model_signature, reference_run, save_reference
-    from m1.verify.jobs import guard_outputs, load_model
-    from m1.verify.text import at_least_one, compute_dtype, read_windows
+    from m1.verify.jobs import logits
 
-    at_least_one("--batch-size", batch_size)
-    at_least_one("--top-k", top_k)
-    if save.is_dir():
-        raise UsageError("--save names a folder; it must be a file", file=str(save),
-                         hint=f"e.g. --save {save / 'ref-logits.safetensors'}")
-    if not save.parent.is_dir():
-        raise UsageError("the folder for --save does not exist", file=str(save), hint="create it first")
-    model = load_model(source)
-    guard_outputs(save, [model])
-    windows, what = read_windows(source, text, corpus, token_ids, ctx, tokens, second_half, model.config.vocab_size)
-    with count_progress(model.config.num_hidden_layers, "layers", "layers", not quiet and not json_out) as advance:
-        ref = reference_run(model, windows, resolve_device(device), compute_dtype(dtype), batch_size, top_k, advance)
-    save_reference(save, ref, windows, {"source": source, "text": what, "top_k": str(ref.top_ids.shape[1]),
-                                        **model_signature(model.config)})
-    result = {"saved": str(save), "positions": int(ref.target_logprob.numel()), "top_k": int(ref.top_ids.shape[1])}
+    result = logits(source, save, text=text, corpus=corpus, token_ids=token_ids, ctx=ctx, tokens=tokens,
+                    second_half=second_half, top_k=top_k, device=device, dtype=dtype, batch_size=batch_size,
+                    progress=not quiet and not json_out)
     if json_out:
         print_json(result)
     else:

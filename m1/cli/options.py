@@ -22,17 +22,6 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an interrupted
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty destination.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="With --dry-run: every tensor operation.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Processes writing files in parallel.")]
-AttnTypeOpt = Annotated[str | None, typer.Option("--attn-type", help="GGUF: attention projections' type (bf16, "
-                                                 "f16, f32, q8_0; default: their source precision).")]
-HeadTypeOpt = Annotated[str | None, typer.Option("--head-type", help="GGUF: the LM head's type (default bf16 or the "
-                                                 "source's; never below q8_0).")]
-EmbedTypeOpt = Annotated[str | None, typer.Option("--embed-type", help="GGUF: the embedding's type.")]
-SplitOpt = Annotated[str | None, typer.Option("--split-max-size", help="GGUF: split into llama.cpp's -0000i-of-0000n "
-                                              "files of at most this size, e.g. 50G.")]
-TokenizerPreOpt = Annotated[str | None, typer.Option("--tokenizer-pre", help="GGUF: llama.cpp's pre-tokenizer name, "
-                                                     "when the tokenizer's split regex is not one it knows.")]
-ChatTemplateOpt = Annotated[Path | None, typer.Option("--chat-template", help="GGUF: a Jinja file that replaces the "
-                                                      "model's chat template.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ShardSizeOpt = Annotated[str, typer.Option("--shard-size", help="Largest shard, e.g. 5GB, 500MB.")]
 StreamLayoutOpt = Annotated[
@@ -40,14 +29,22 @@ StreamLayoutOpt = Annotated[
                              "shard per layer) or 'source' (shards up to --shard-size in the source's order: what "
                              "streaming from the Hub with --scratch picks when 'size' does not fit).")
 ]
+ScratchOpt = Annotated[str | None, typer.Option("--scratch", help="Hub source: stream it through at most this "
+                                                "much disk, e.g. 40GB (each shard downloaded once, deleted after "
+                                                "its last use; per node under torchrun).")]
 
-
-def format_help(default: str) -> str:
-    """--to / --format's help, from the format registry."""
-    from m1.formats import all_formats
-
-    return f"Output format ({default} by default): " + "; ".join(f"'{f.name}': {f.description}"
-                                                                for f in all_formats()) + "."
+# The calibration and evaluation text, the same options wherever the engine reads one (verify perplexity, compare,
+# logits, imatrix, the runtime check; imatrix words --ctx and --tokens for its chunks).
+TextOpt = Annotated[Path | None, typer.Option("--text", help="A UTF-8 text file to evaluate on.")]
+CorpusOpt = Annotated[str, typer.Option("--corpus", help="Bundled text: mr-niah or mr-niah-10240 (held-out 10%), "
+                                                        "or mr-niah-10k (all 30 10k-token haystacks, long context).")]
+IdsOpt = Annotated[Path | None, typer.Option("--token-ids", help="Pre-tokenized ids: JSON list or .npy.")]
+CtxOpt = Annotated[int, typer.Option("--ctx", help="Tokens per window (non-overlapping).")]
+TokensOpt = Annotated[int, typer.Option("--tokens", help="Evaluate at most this many tokens.")]
+# How the engine runs.
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype: fp32 (default) or bf16.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward batch.")]
 
 
 def print_json(obj: Any) -> None:
@@ -69,11 +66,6 @@ def print_report(report: IntegrityReport, source: str, deep: bool, json_out: boo
         raise typer.Exit(1)
 
 
-ScratchOpt = Annotated[str | None, typer.Option("--scratch", help="Hub source: stream it through at most this "
-                                                "much disk, e.g. 40GB (each shard downloaded once, deleted after "
-                                                "its last use; per node under torchrun).")]
-
-
 def print_plan(plan: Plan, dest: Path, json_out: bool, verbose: bool, scratch: Any = None) -> None:
     """--dry-run: the plan's summary (every op with --verbose), or JSON; nothing is written. `scratch`: an
     m1.scratch.ScratchPlan, whose peak disk and downloads are stated too."""
@@ -90,10 +82,3 @@ def print_plan(plan: Plan, dest: Path, json_out: bool, verbose: bool, scratch: A
         for line in plan.op_lines():
             typer.echo("  " + line)
 
-
-def format_option_values(attn_type: str | None = None, head_type: str | None = None, embed_type: str | None = None,
-                 split_max_size: str | None = None, tokenizer_pre: str | None = None,
-                 chat_template: Path | None = None) -> dict[str, Any]:
-    """The format options the command line declares, by keyword (the output format refuses those not its own)."""
-    return {"attn_type": attn_type, "head_type": head_type, "embed_type": embed_type,
-            "split_max_size": split_max_size, "tokenizer_pre": tokenizer_pre, "chat_template": chat_template}

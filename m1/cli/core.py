@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from m1.cli_options import JsonOpt, OverwriteOpt, RevisionOpt, print_json
+from m1.cli.options import JsonOpt, OverwriteOpt, RevisionOpt, print_json
 
 
 def make_tiny_cmd(

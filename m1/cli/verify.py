@@ -1,4 +1,4 @@
-"""`m1 verify ...`: the command group; each check lives in its own module."""
+"""`m1 verify ...`: the command group and `m1 verify integrity`; the other checks live in the verify_* modules."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from m1.cli_options import JsonOpt, QuietOpt, RevisionOpt
+from m1.cli.options import JsonOpt, QuietOpt, RevisionOpt
 
 verify_app = typer.Typer(
     help="Check checkpoints: integrity, agreement, perplexity.\n\nExample: m1 verify integrity out-hf/ --deep",
@@ -31,7 +31,7 @@ def integrity_cmd(
     Exit 0 when sound, 1 with a list of findings, 2 on usage errors.
     Example: m1 verify integrity out-hf/ --deep --json
     """
-    from m1.cli_options import print_report
+    from m1.cli.options import print_report
     from m1.hub import parse_layers
     from m1.integrity import check_integrity
 
@@ -43,12 +43,12 @@ def integrity_cmd(
 
 def register(app: typer.Typer) -> typer.Typer:
     """Adds `m1 verify` to `app`; returns the group, so that other modules add their checks to it."""
-    from m1.verify.imatrix_cli import register as register_imatrix
-    from m1.verify.llama_cli import register as register_llama
-    from m1.verify.metrics_cli import register as register_metrics
+    from m1.cli.verify_imatrix import register as register_imatrix
+    from m1.cli.verify_metrics import register as register_metrics
+    from m1.cli.verify_runtime import register as register_runtime
 
     register_metrics(verify_app)
     register_imatrix(verify_app)
-    register_llama(verify_app)
+    register_runtime(verify_app)
     app.add_typer(verify_app, name="verify")
     return verify_app

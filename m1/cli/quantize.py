@@ -1,18 +1,14 @@
-"""`m1 quantize`."""
+"""`m1 quantize`: parses, calls m1.quantize.job.quantize, prints."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from m1.cli_options import (
-    AttnTypeOpt,
-    ChatTemplateOpt,
+from m1.cli.options import (
     DryRunOpt,
-    EmbedTypeOpt,
-    HeadTypeOpt,
     JsonOpt,
     OverwriteOpt,
     QuietOpt,
@@ -20,30 +16,17 @@ from m1.cli_options import (
     RevisionOpt,
     ScratchOpt,
     ShardSizeOpt,
-    SplitOpt,
     StreamLayoutOpt,
-    TokenizerPreOpt,
     VerboseOpt,
     WorkersOpt,
-    format_help,
-    format_option_values,
     print_json,
     print_plan,
 )
+from m1.cli.registries import format_help, imatrix_help, scheme_help, with_examples, with_format_options
 from m1.errors import UsageError
 
 
-def scheme_help() -> str:
-    """--scheme's help, from the scheme registry: every family's schemes and the formats that store them."""
-    from m1.schemes import families, make_scheme
-
-    parts = []
-    for family in families():
-        stores = make_scheme(family.schemes[0]).formats
-        parts.append(f"{family.name} {', '.join(family.schemes)} (--format {'/'.join(stores)})")
-    return "The scheme for the experts: " + "; ".join(parts) + "."
-
-
+@with_format_options
 def quantize_cmd(
     source: Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (bf16/fp16/fp32 experts).")],
     dest: Annotated[Path, typer.Argument(help="Output folder (must be empty unless --resume/--overwrite).")],
@@ -66,15 +49,9 @@ def quantize_cmd(
     layout: StreamLayoutOpt = None,
     shard_size: ShardSizeOpt = "5GB",
     revision: RevisionOpt = None,
-    imatrix: Annotated[Path | None, typer.Option("--imatrix", help="GGUF K-quants: an importance matrix from m1 "
-                                                 "verify imatrix (or llama.cpp's llama-imatrix).")] = None,
+    imatrix: Annotated[Path | None, typer.Option("--imatrix", help=imatrix_help())] = None,
     out_format: Annotated[str | None, typer.Option("--format", help=format_help("the source's"))] = None,
-    attn_type: AttnTypeOpt = None,
-    head_type: HeadTypeOpt = None,
-    embed_type: EmbedTypeOpt = None,
-    split_max_size: SplitOpt = None,
-    tokenizer_pre: TokenizerPreOpt = None,
-    chat_template: ChatTemplateOpt = None,
+    format_options: dict[str, Any] | None = None,  # every format's own options (m1.cli.registries)
     scratch: ScratchOpt = None,
     budget: Annotated[str | None, typer.Option("--budget", help="A measured mix under a size: 240GB, or 4.6bpw "
                                                "(bits per weight over all parameters).")] = None,
@@ -104,8 +81,7 @@ def quantize_cmd(
 
     Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
     m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run ;
-    m1 quantize m1-40k/ m1-q4.gguf --format gguf --scheme q4_0 ;
-    m1 quantize m1-40k/ m1-q4k.gguf --format gguf --scheme q4_k --imatrix imatrix.gguf ;
+    {format examples}
     m1 quantize m1-40k/ m1-mix/ --budget 240GB --candidates nf4,int8 --calibration mr-niah --dry-run ;
     m1 quantize m1-40k/ again/ --recipe m1-mix/m1-recipe.json
     """
@@ -115,10 +91,9 @@ def quantize_cmd(
 
     if out_format is not None and out_format not in format_names():
         raise UsageError(f"--format must be one of {', '.join(format_names())}, got {out_format!r}")
-    given = format_option_values(attn_type, head_type, embed_type, split_max_size, tokenizer_pre, chat_template)
     result = quantize(source, dest, scheme=scheme, blocksize=blocksize, double_quant=double_quant, keep=keep or [],
                       only=only or [], to=out_format, layout=layout, shard_size=shard_size, revision=revision,
-                      imatrix=imatrix, format_options=given, budget=budget, candidates=candidates,
+                      imatrix=imatrix, format_options=format_options, budget=budget, candidates=candidates,
                       calibration=calibration, calibration_tokens=calibration_tokens, calibration_ctx=calibration_ctx,
                       metric=metric, sensitivity=sensitivity, recipe=recipe, device=device, workers=workers,
                       threads=threads, scratch=scratch, resume=resume, overwrite=overwrite, progress=not quiet,
@@ -154,3 +129,8 @@ def quantize_cmd(
             for line in mix.recipe.get("layer_map", []):
                 typer.echo("  " + line)
             typer.echo(f"recipe: {stats['recipe']}")
+
+
+def register(app: typer.Typer) -> None:
+    quantize_cmd.__doc__ = with_examples(quantize_cmd.command.__doc__, "quantize")
+    app.command("quantize")(quantize_cmd)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from m1.cli_options import JsonOpt, RevisionOpt, print_json, print_report
+from m1.cli.options import JsonOpt, RevisionOpt, print_json, print_report
 
 RepoIdArg = Annotated[str, typer.Argument(help="Hub repo id, owner/name.")]
 

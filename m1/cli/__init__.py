@@ -1,4 +1,7 @@
-"""The `m1` command: wires the command groups together and turns errors into one line + exit code.
+"""The `m1` command: every CLI module lives in this package (`convert`, `quantize`, `verify*`, `hub`, `core`, their
+shared `options`, and `registries`, what is generated from the format and scheme registries); here the app is
+assembled and errors become one line + exit code. A command parses, calls its job (m1.convert, m1.quantize,
+m1.verify.jobs, ...) and prints.
 
 Exit codes everywhere: 0 sound / done, 1 findings or a problem with the input, 2 usage errors, 3 a bug in
 m1 itself (please report it).
@@ -29,11 +32,11 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from m1.convert.cli import register as register_convert
-    from m1.core_cli import register as register_core
-    from m1.hub_cli import register as register_hub
-    from m1.quantize.cli import register as register_quantize
-    from m1.verify.cli import register as register_verify
+    from m1.cli.convert import register as register_convert
+    from m1.cli.core import register as register_core
+    from m1.cli.hub import register as register_hub
+    from m1.cli.quantize import register as register_quantize
+    from m1.cli.verify import register as register_verify
 
     register_core(app)
     register_convert(app)
@@ -154,6 +157,3 @@ def main() -> None:
         code = InternalError.exit_code
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    main()
