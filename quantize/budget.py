@@ -175,7 +175,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
     lacking = [g.key for g in groups if g.key not in sensitivity.errors]
     if lacking:
         raise UsageError(f"the sensitivities have no group {lacking[0]} (they were measured on another model?)",
-                         hint="measure again with --calibration")
+                         hint="measure again with --corpus or --text")
     measured = windows is not None or not sensitivity.calibration.startswith("prior")
     errors = {g.key: {c: sensitivity.error(g.key, c, metric) for c in cands} for g in groups}
     # Every byte on disk counts: besides the groups' tensors, the other tensors, every file's header, the index,
@@ -290,9 +290,10 @@ def _source(ckpt: Any) -> Any:
 
 
 def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vocab_size: int) -> tuple[Any, str]:
-    """--calibration as `m1 verify perplexity` reads its input: a bundled corpus name (its first 90%, never the
-    held-out part that `verify compare --corpus` judges on), token ids (.json/.npy) or a text file. The windows
-    are spread evenly over the whole text when it holds more than --calibration-tokens."""
+    """The calibration text (--corpus, --text, --token-ids) as `m1 verify perplexity` reads its input: a bundled
+    corpus name (its first 90%, never the held-out part that `verify compare --corpus` judges on), token ids
+    (.json/.npy) or a text file. The windows are spread evenly over the whole text when it holds more than
+    --tokens."""
     from m1.verify.text import CORPORA, read_windows
 
     path = Path(calibration)
@@ -302,7 +303,7 @@ def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vo
     elif path.suffix in (".json", ".npy"):
         windows, what = read_windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size, spread=True)
     elif not path.is_file():
-        raise UsageError(f"--calibration {calibration!r} is neither a bundled corpus nor a file",
+        raise UsageError(f"calibration text {calibration!r} is neither a bundled corpus nor a file",
                          hint=f"use {', '.join(CORPORA)}, a UTF-8 text file, or token ids (.json/.npy)")
     else:
         windows, what = read_windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size, spread=True)
@@ -318,20 +319,21 @@ def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None,
     if recipe is not None:
         if budget is not None or candidates is not None or calibration is not None or sensitivity is not None:
             raise UsageError("--recipe replays a stored mix: it does not combine with --budget, --candidates, "
-                             "--calibration or --sensitivity")
+                             "--corpus, --text, --token-ids or --sensitivity")
         return plan_recipe(ckpt, opts, recipe, fmt, imatrix)
     assert budget is not None
     sens = None
     windows = None
     if sensitivity is not None:
         if calibration is not None:
-            raise UsageError("--sensitivity reuses measured errors: drop --calibration, or drop --sensitivity")
+            raise UsageError("--sensitivity reuses measured errors: drop --corpus (--text, --token-ids), "
+                             "or drop --sensitivity")
         try:
             obj = json.loads(sensitivity.read_text())
             sens = Sensitivity.from_json(obj.get("sensitivity", obj))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"cannot read sensitivities ({type(exc).__name__})", file=str(sensitivity),
-                             hint="give an m1-recipe.json written by m1 quantize --budget --calibration") from None
+                             hint="give an m1-recipe.json written by m1 quantize --budget --corpus") from None
         want = [c for c in (candidates or default_candidates(fmt)).split(",") if c and c != "keep"]
         missing = [c for c in want if c not in sens.candidates]
         if missing:

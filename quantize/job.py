@@ -89,7 +89,8 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
                        recipe=Path(recipe) if recipe is not None else None, device=device, imatrix=imatrix_path)
         plan = mix.plan
     elif candidates is not None or calibration is not None or sensitivity is not None:
-        raise UsageError("--candidates, --calibration and --sensitivity apply with --budget only",
+        raise UsageError("--candidates, a calibration text (--corpus, --text, --token-ids) and --sensitivity "
+                         "apply with --budget only",
                          hint="add --budget 240GB (or 4.6bpw)")
     else:
         plan = plan_from_checkpoint(ckpt, opts)

@@ -42,7 +42,7 @@ CTX = 256
 @dataclass(frozen=True)
 class Setting:
     """How one trained tiny M1 is studied: calibration tokens, in windows spread evenly over the corpus's
-    training part (what `m1 quantize --calibration mr-niah` reads), and held-out tokens to judge the mixes on.
+    training part (what `m1 quantize --corpus mr-niah` reads), and held-out tokens to judge the mixes on.
     On the 8-layer model nf4 is nearly lossless (KL ~0.0013): one stretch of 2048 calibration tokens with 4096
     held-out tokens left the mixes' KL inside the noise (upgrading one group could raise the held-out KL), while
     8192 spread calibration tokens and 40960 held-out ones (84% of the held-out part) rank the mixes alike."""
@@ -56,7 +56,7 @@ SETTINGS = {"tiny-trained": Setting(2048, 4096), "tiny8-trained": Setting(8192, 
 
 def calibration_windows(setting: Setting) -> Windows:
     """From the training 90% of the corpus, never the held-out text the mixes are judged on; the product's own
-    window choice (`make_windows(spread=True)`, as `--calibration` takes it)."""
+    window choice (`make_windows(spread=True)`, as `--corpus` takes it)."""
     ids = ByteTokenizer().encode(corpus_text("mr-niah", holdout=False))
     return make_windows(ids, CTX, setting.calibration_tokens, spread=True)
 
@@ -222,7 +222,7 @@ def test_calibration_windows_spread_over_the_text() -> None:
 
 def test_the_cli_measures_on_the_calibration_part_and_allocates_the_studied_mix(study: dict, tmp_path: Path,
                                                                                run) -> None:
-    """`--calibration mr-niah` reads the corpus's first 90% (never the held-out part the mixes are judged on) in
+    """`--corpus mr-niah` reads the corpus's first 90% (never the held-out part the mixes are judged on) in
     spread windows, and measures what the study did in memory: at one budget it allocates what the study's own
     sensitivities allocate."""
     setting = study["setting"]
@@ -230,8 +230,8 @@ def test_the_cli_measures_on_the_calibration_part_and_allocates_the_studied_mix(
     study["sens"].save(sens_file)
     budget = f"{_midway_budget(study, sens_file, tmp_path, run)}B"
     code, out, err = run("quantize", MODEL, tmp_path / "never", "--budget", budget, "--candidates",
-                         "nf4,int8", "--calibration", "mr-niah", "--calibration-tokens", setting.calibration_tokens,
-                         "--calibration-ctx", CTX, "--dry-run", "--json")
+                         "nf4,int8", "--corpus", "mr-niah", "--tokens", setting.calibration_tokens,
+                         "--ctx", CTX, "--dry-run", "--json")
     assert code == 0, err
     doc = json.loads(out)["mix"]
     code, out, err = run("quantize", MODEL, tmp_path / "never", "--budget", budget, "--candidates", "nf4,int8",
@@ -371,3 +371,19 @@ def test_budget_usage_errors(tmp_path: Path, run) -> None:
     (tmp_path / "bad.json").write_text("{}")
     code, _, err = run("quantize", src, tmp_path / "x", "--recipe", tmp_path / "bad.json", "--dry-run")
     assert code != 0 and "not an m1 recipe" in err
+
+
+def test_the_budget_reads_its_text_with_the_options_every_command_uses(tmp_path: Path, run) -> None:
+    """--corpus/--text/--token-ids name one calibration text, as in verify perplexity and compare; the old
+    --calibration spelling still works and counts as one of them; without --budget they are refused."""
+    text = tmp_path / "calib.txt"
+    text.write_text("hello " * 100)
+    code, _, err = run("quantize", MODEL, tmp_path / "a", "--budget", "2MB", "--corpus", "mr-niah", "--text", text,
+                       "--dry-run")
+    assert code == 2 and "name one text" in err, err
+    code, _, err = run("quantize", MODEL, tmp_path / "b", "--budget", "2MB", "--calibration", "mr-niah", "--text",
+                       text, "--dry-run")
+    assert code == 2 and "name one text" in err, err
+    code, _, err = run("quantize", MODEL, tmp_path / "c", "--scheme", "nf4", "--corpus", "mr-niah", "--dry-run")
+    assert code == 2 and "apply with --budget only" in err, err
+    assert not any(tmp_path.glob("[abc]"))

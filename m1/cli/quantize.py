@@ -58,12 +58,20 @@ def quantize_cmd(
     candidates: Annotated[str | None, typer.Option("--candidates", help="--budget: the schemes a group may get, "
                                                    "e.g. nf4,int8 or q4_k,q5_k,q6_k,q8_0 (keep: unquantized).")
                           ] = None,
-    calibration: Annotated[str | None, typer.Option("--calibration", help="--budget: measure on a bundled corpus "
-                                                    "(mr-niah: its first 90%), a text file or token ids (.json/.npy), "
-                                                    "in windows spread over it; without it a stated prior sizes "
-                                                    "the mix.")] = None,
-    calibration_tokens: Annotated[int, typer.Option("--calibration-tokens", help="Calibration tokens.")] = 4096,
-    calibration_ctx: Annotated[int, typer.Option("--calibration-ctx", help="Calibration window.")] = 256,
+    corpus: Annotated[str | None, typer.Option("--corpus", help="--budget: measure on a bundled corpus (mr-niah: "
+                                               "its first 90%, never the held-out 10% verify compare judges on), "
+                                               "in windows spread over it; without a text a stated prior sizes "
+                                               "the mix.")] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="--budget: measure on a UTF-8 text file.")] = None,
+    token_ids: Annotated[Path | None, typer.Option("--token-ids", help="--budget: measure on pre-tokenized ids "
+                                                   "(JSON list or .npy).")] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help="--budget: calibration tokens (default 4096).")
+                      ] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="--budget: tokens per window (default 256).")] = None,
+    # The names this option set had before it was the one every command reads a text with.
+    calibration: Annotated[str | None, typer.Option("--calibration", hidden=True)] = None,
+    calibration_tokens: Annotated[int | None, typer.Option("--calibration-tokens", hidden=True)] = None,
+    calibration_ctx: Annotated[int | None, typer.Option("--calibration-ctx", hidden=True)] = None,
     metric: Annotated[str, typer.Option("--metric", help="--budget: kl (at the head) or rel_l2 (layer output).")
                       ] = "kl",
     sensitivity: Annotated[Path | None, typer.Option("--sensitivity", help="--budget: reuse the sensitivities of "
@@ -82,7 +90,7 @@ def quantize_cmd(
     Example: m1 quantize tiny-m1/ tiny-nf4/ --scheme nf4 --workers 2 ;
     m1 quantize SRC DST --scheme fp4 --keep 're:layers\\.(0|79)\\.' --dry-run ;
     {format examples}
-    m1 quantize m1-40k/ m1-mix/ --budget 240GB --candidates nf4,int8 --calibration mr-niah --dry-run ;
+    m1 quantize m1-40k/ m1-mix/ --budget 240GB --candidates nf4,int8 --corpus mr-niah --dry-run ;
     m1 quantize m1-40k/ again/ --recipe m1-mix/m1-recipe.json
     """
     from m1.distributed import is_main_process
@@ -91,10 +99,16 @@ def quantize_cmd(
 
     if out_format is not None and out_format not in format_names():
         raise UsageError(f"--format must be one of {', '.join(format_names())}, got {out_format!r}")
+    text_given = [str(v) for v in (corpus, text, token_ids, calibration) if v is not None]
+    if len(text_given) > 1:
+        raise UsageError(f"--corpus, --text and --token-ids name one text; got {', '.join(text_given)}",
+                         hint="give one of them")
     result = quantize(source, dest, scheme=scheme, blocksize=blocksize, double_quant=double_quant, keep=keep or [],
                       only=only or [], to=out_format, layout=layout, shard_size=shard_size, revision=revision,
                       imatrix=imatrix, format_options=format_options, budget=budget, candidates=candidates,
-                      calibration=calibration, calibration_tokens=calibration_tokens, calibration_ctx=calibration_ctx,
+                      calibration=text_given[0] if text_given else None,
+                      calibration_tokens=_first(tokens, calibration_tokens, 4096),
+                      calibration_ctx=_first(ctx, calibration_ctx, 256),
                       metric=metric, sensitivity=sensitivity, recipe=recipe, device=device, workers=workers,
                       threads=threads, scratch=scratch, resume=resume, overwrite=overwrite, progress=not quiet,
                       dry_run=dry_run)
@@ -134,3 +148,7 @@ def quantize_cmd(
 def register(app: typer.Typer) -> None:
     quantize_cmd.__doc__ = with_examples(quantize_cmd.command.__doc__, "quantize")
     app.command("quantize")(quantize_cmd)
+
+
+def _first(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
