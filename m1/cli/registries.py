@@ -19,7 +19,7 @@ from m1.formats.base import Format, FormatOption
 
 
 def label(fmt: Format) -> str:
-    """A format as help text names it: GGUF, HF."""
+    """A format as help text names it: its name in capitals."""
     return fmt.name.upper()
 
 
