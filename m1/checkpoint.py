@@ -77,7 +77,7 @@ class Checkpoint:
 
         source = str(source)
         fmt = format_for_path(source)
-        if fmt is not None and fmt.open_storage is not None:  # a format that reads its own files (GGUF)
+        if fmt is not None and fmt.open_storage is not None:  # a format that reads its own files
             storage = fmt.open_storage(source)
             folder = Path(source).parent
             if storage is None and lock_held(folder):
@@ -129,6 +129,9 @@ class Checkpoint:
         return replace(header, tensors=infos)
 
     def _read_index(self) -> Index:
+        own = self.storage.index()
+        if own is not None:
+            return own
         for name in INDEX_NAMES:
             if self.storage.exists(name):
                 return parse_index(self.storage.read_bytes(name), self.storage.display(name), name)
@@ -209,7 +212,7 @@ class Checkpoint:
         import torch
 
         info = self.info(name)
-        if self.storage.decodes_tensors:  # a storage that decodes its own tensors (GGUF)
+        if self.storage.decodes_tensors:  # a storage that decodes its own tensors (block types)
             tensor = self.storage.read_tensor(name)
             if self.source_check is not None:
                 self.source_check.observe(*self.storage.stored_range(name))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from m1.errors import ConfigError
+from m1.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from m1.formats.base import Format
@@ -100,12 +100,12 @@ class M1Config:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> M1Config:
         if not isinstance(raw, dict):
             raise ConfigError("config is not a JSON object", file=source)
-        from m1.formats.configs import config_formats, format_of_config
+        from m1.formats import all_formats, format_of_config
 
         model_type = raw.get("model_type")
         fmt = format_of_config(raw)
         if fmt is None:
-            known = "; ".join(f"{f.name}: {', '.join(f.model_types)}" for f in config_formats() if f.model_types)
+            known = "; ".join(f"{f.name}: {', '.join(f.model_types)}" for f in all_formats() if f.model_types)
             raise ConfigError(
                 f"model_type {model_type!r} is neither of the MiniMax-M1 config formats m1 reads ({known})",
                 file=source,
@@ -166,13 +166,20 @@ class M1Config:
 
     # ---- writing ---------------------------------------------------------------------------------
     def to_dict(self, flavour: str | Format | None = None) -> dict[str, Any]:
-        """The config.json for format `flavour` (a config.json format's name, or a Format: the planner passes
-        its output format's; default: the one it was read as), unknown keys preserved."""
-        from m1.formats.configs import config_format, config_formats
+        """The config.json for format `flavour` (a config.json format's name, or a Format: a plan passes its
+        output format; default: the one it was read as), unknown keys preserved."""
+        from m1.formats import all_formats
 
-        fmt = config_format(flavour or self.flavour) if flavour is None or isinstance(flavour, str) else flavour
+        if flavour is None or isinstance(flavour, str):
+            configs = {f.name: f for f in all_formats() if f.model_types}  # those that read a config.json
+            fmt = configs.get(flavour or self.flavour)
+            if fmt is None:
+                raise UsageError(f"format {flavour or self.flavour!r} has no config.json",
+                                 hint=f"use one of {', '.join(configs)}")
+        else:
+            fmt = flavour
         out = copy.deepcopy(self.raw)
-        for other in config_formats():
+        for other in all_formats():
             for key in other.config_keys:
                 out.pop(key, None)
         fmt.write_config(self, out)

@@ -8,7 +8,6 @@ checkpoint is refused before anything is written.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +15,15 @@ from typing import Any
 
 from m1.checkpoint import Checkpoint
 from m1.config import M1Config
-from m1.dtypes import DTYPE_BYTES, DTYPE_OPTIONS, FLOAT_DTYPES, torch_name
+from m1.dtypes import DTYPE_OPTIONS
 from m1.errors import CheckpointError, M1Error, UsageError
-from m1.formats import get_format
-from m1.plan import OutputFile, OutputTensor, Plan, SourceTensor, TensorOp
+from m1.formats import PlanInput, get_format
+from m1.formats.tensor_plan import pack  # noqa: F401 (m1.scratch packs a regrouped plan with it)
+from m1.plan import OutputFile, Plan
 from m1.policy import Policy
 from m1.safetensors_io import TensorInfo
-from m1.schemes import Scheme, companion_suffixes, scheme_from_config
-from m1.spec import Role, classify, inventory, spec_by_name
+from m1.schemes import Scheme, companion_suffixes, make_scheme, scheme_from_config
+from m1.spec import classify, inventory, spec_by_name
 
 KEEP = "keep"
 
@@ -38,8 +38,8 @@ class JobRequest:
     shard_size: int = 5 * 10**9
     scheme: Scheme | None = None  # quantize the weights `policy` picks with it
     policy: Policy = field(default_factory=Policy)
-    format_options: dict[str, Any] = field(default_factory=dict)  # the output format's own (GGUF: types, splits)
-    # A measured mix: weight (spec name, or a GGUF tensor name) -> the scheme it gets instead of `scheme`;
+    format_options: dict[str, Any] = field(default_factory=dict)  # the output format's own (types, splits, ...)
+    # A measured mix: weight (spec name, or the output format's tensor name) -> the scheme it gets instead of `scheme`;
     # KEEP leaves it unquantized. The schemes are made like --scheme (same family options).
     recipe: dict[str, Any] = field(default_factory=dict)
 
@@ -151,101 +151,39 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
     fmt = get_format(request.to or cfg.flavour)
     scheme = request.scheme
     tensors = ordered(cfg, tensors)
+    classified = {t.name: classify(t.name, t.file) for t in tensors}
     if scheme is not None:
         _refuse_quantized_source(cfg, tensors, source)
         if fmt.name not in scheme.formats:
             raise UsageError(f"{scheme.describe()} cannot be stored in the {fmt.name} format",
                              hint=f"use --format {' or '.join(scheme.formats)}")
-    specs = spec_by_name(cfg)
     chosen: set[str] = set()
     if scheme is not None:  # --keep/--only may name a tensor as the output format does, too
-        aliases = _stack_aliases(tensors) if fmt.plan_ops is not None else \
-            {} if fmt.names.identity else {t.name: fmt.names.from_spec(t.name) for t in tensors}
-        chosen = request.policy.select(((t.name, classify(t.name).rule.role) for t in tensors), source, aliases)
+        roles = [(t.name, classified[t.name].rule.role) for t in tensors]
+        chosen = request.policy.select(roles, source, fmt.aliases(t.name for t in tensors))
     mix = _mix(request, chosen)
     chosen -= {name for name, sch in mix.items() if sch is None}
     if scheme is not None:
         for sch in {id(x): x for x in [scheme, *(v for v in mix.values() if v is not None)]}.values():
             _check_chosen(sch, [t for t in tensors if t.name in chosen and mix.get(t.name, scheme) is sch])
-    if fmt.plan_ops is not None:  # the format builds its own ops (GGUF: experts stacked, types per tensor)
-        return _plan_by_format(fmt, cfg, tensors, request, chosen, source, ckpt, inputs, base_model, revision)
-    dequantize = cfg.quantization_config is not None and request.dtype != "keep"
-    stored_scheme = scheme_from_config(cfg.quantization_config, f"{source}/config.json") if dequantize else None
-
-    suffixes = companion_suffixes()
-
-    def rename(name: str) -> str:  # spec name -> the output format's
-        return name if fmt.names.identity else fmt.names.from_spec(name, suffixes)
-
-    ops: list[TensorOp] = []
-    companions: dict[str, list[TensorInfo]] = {}
-    weights: list[TensorInfo] = []
-    for t in tensors:
-        c = classify(t.name, t.file)
-        if c.companion is None:
-            weights.append(t)
-        else:
-            companions.setdefault(c.weight_name, []).append(t)
-    for t in weights:
-        c = classify(t.name, t.file)
-        spec = specs.get(t.name)
-        if spec is None:
-            raise CheckpointError("not part of this config's M1", file=t.file, tensor=t.name)
-        role, comps = c.rule.role, companions.get(t.name, [])
-        out_name = rename(t.name)
-        src = tuple(_source(x) for x in (t, *comps))
-        common = {"role": role.value, "layer": c.layer, "params": spec.numel}
-        if comps and dequantize:
-            dtype = DTYPE_OPTIONS[request.dtype] or "BF16"
-            out = OutputTensor(out_name, dtype, spec.shape, spec.numel * DTYPE_BYTES[dtype])
-            ops.append(TensorOp("dequantize", src, (out,), scheme=stored_scheme.name, **common))
-        elif comps:  # a quantized weight copied as stored, never split from its companions
-            outs = tuple(OutputTensor(rename(x.name), x.dtype, tuple(x.shape), x.nbytes) for x in (t, *comps))
-            ops.append(TensorOp(_kind("copy", outs, src), src, outs, **common))
-        elif t.name in chosen:
-            module = t.name[: -len(".weight")]
-            sch = mix.get(t.name) or scheme
-            outs = tuple(OutputTensor(rename(f"{module}.{p.suffix}"), p.dtype, p.shape if p.exact else (p.nbytes,),
-                                      p.nbytes, p.exact, p.suffix) for p in sch.pieces(t.dtype, t.shape))
-            ops.append(TensorOp("quantize", src, outs, scheme=sch.name, **common))
-        else:
-            dtype = _target_dtype(t.dtype, role, request)
-            out = OutputTensor(out_name, dtype, t.shape, math.prod(t.shape) * DTYPE_BYTES[dtype])
-            ops.append(TensorOp(_kind("copy" if dtype == t.dtype else "cast", (out,), src), src, (out,), **common))
-
-    out_cfg = cfg
-    if scheme is not None:
-        kept = [t.name for t in weights if classify(t.name).rule.role == Role.EXPERT and t.name not in chosen]
-        qc = scheme.quantization_config(kept)
-        others = {name: sch for name, sch in mix.items() if sch is not None and sch.name != scheme.name}
-        if others:  # one config block names one scheme: the others, per weight (m1.load_pretrained reads them)
-            qc["m1_mix"] = {"schemes": {sch.name: sch.quantization_config([]) for sch in others.values()},
-                            "weights": {name: sch.name for name, sch in sorted(others.items())}}
-        out_cfg = cfg.with_raw(quantization_config=qc)
-    config = out_cfg.to_dict(fmt)
-    if dequantize:
-        config.pop("quantization_config", None)
-    if request.dtype != "keep":
-        config["torch_dtype"] = torch_name(DTYPE_OPTIONS[request.dtype])
-    files = pack(ops, request.shard_size, request.by_layer, fmt.single_file)
-    layout = "by-layer" if request.by_layer else f"shard-size {request.shard_size}"
-    if scheme is None:
-        job = {"command": request.command, "source": source, "revision": revision, "to": fmt.name, "layout": layout,
-               "dtype": request.dtype, "router_dtype": request.router_dtype, "base_model": base_model}
-    else:
-        job = {"command": request.command, "source": source, "revision": revision, "scheme": scheme.name,
-               **scheme.options(), **request.policy.describe(), "layout": layout, "base_model": base_model}
+    tokenizer_dir = None
+    if ckpt is not None and ckpt.storage.exists("tokenizer.json"):
+        tokenizer_dir = ckpt.storage.local_path("tokenizer.json").parent
+    read_rows = (lambda name, start: read_rows_from(ckpt, name, start)) if ckpt is not None else None
+    planned = fmt.plan_ops(PlanInput(fmt, cfg, tensors, classified, spec_by_name(cfg), request, chosen, mix, source,
+                                     read_rows, tokenizer_dir))
+    job = {"command": request.command, "source": source, "revision": revision, **planned.job, "base_model": base_model}
     if request.recipe:
         job["recipe"] = {k: v if isinstance(v, str) else v.name for k, v in sorted(request.recipe.items())}
-    return Plan(fmt.name, fmt.sink, files, config, [f for f in extra_files if fmt.extra_file(f)], job,
-                inputs=inputs or {}, scheme=scheme, warnings=fmt.warnings(cfg) if request.to else [],
-                schemes=_schemes_of(scheme, mix))
+    return Plan(fmt.name, fmt.sink, planned.files, planned.config,
+                [f for f in extra_files if fmt.writes_config and fmt.extra_file(f)], job, inputs=inputs or {},
+                scheme=scheme, warnings=planned.warnings, sink_data=planned.sink_data,
+                writes_config=fmt.writes_config, stem=request.format_options.get("stem"),
+                schemes=_schemes_of(scheme, mix, planned.files))
 
 
 def _mix(request: JobRequest, chosen: set[str]) -> dict[str, Any]:
     """The recipe's weights -> their Scheme (None: kept), for weights the policy lets be quantized."""
-    from m1.schemes import make_scheme
-
     out: dict[str, Any] = {}
     made: dict[str, Any] = {}
     for name, value in request.recipe.items():
@@ -266,44 +204,17 @@ def _mix(request: JobRequest, chosen: set[str]) -> dict[str, Any]:
     return out
 
 
-def _schemes_of(scheme: Scheme | None, mix: dict[str, Any]) -> dict[str, Any]:
+def _schemes_of(scheme: Scheme | None, mix: dict[str, Any], files: list[OutputFile]) -> dict[str, Any]:
+    """Every scheme the ops write with, by name: the main one, a mix's, and those the format picks per tensor
+    (a block type of a recipe, an attention type), made like the main one (its imatrix too)."""
     out = {scheme.name: scheme} if scheme is not None else {}
     for sch in mix.values():
         if sch is not None:
             out.setdefault(sch.name, sch)
+    for op in (op for f in files for op in f.ops):
+        if op.kind != "dequantize" and op.scheme is not None and op.scheme not in out:
+            out[op.scheme] = scheme.like(op.scheme) if scheme is not None else make_scheme(op.scheme)
     return out
-
-
-def _stack_aliases(tensors: list[TensorInfo]) -> dict[str, str]:
-    from m1.gguf.names import to_gguf
-
-    return {t.name: to_gguf(t.name).name for t in tensors if classify(t.name).companion is None}
-
-
-def _plan_by_format(fmt: Any, cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, chosen: set[str],
-                    source: str, ckpt: Checkpoint | None, inputs: dict[str, Any] | None, base_model: str | None,
-                    revision: str | None) -> Plan:
-    tokenizer_dir = None
-    if ckpt is not None and ckpt.storage.exists("tokenizer.json"):
-        tokenizer_dir = ckpt.storage.local_path("tokenizer.json").parent
-    read_rows = (lambda name, start: read_rows_from(ckpt, name, start)) if ckpt is not None else None
-    ops, sink_data = fmt.plan_ops(cfg, tensors, request, chosen, source, read_rows, tokenizer_dir)
-    files = fmt.pack(ops, request) if fmt.pack else pack(ops, request.shard_size, request.by_layer)
-    scheme = request.scheme
-    job = {"command": request.command, "source": source, "revision": revision, "to": fmt.name,
-           "scheme": scheme.name if scheme else None, **request.policy.describe(), "dtype": request.dtype,
-           **{k: v for k, v in request.format_options.items() if k != "stem"}, "base_model": base_model}
-    if request.recipe:
-        job["recipe"] = dict(sorted(request.recipe.items()))
-    schemes = {scheme.name: scheme} if scheme is not None else {}
-    for op in ops:  # every block type a mix uses, made like the main one (its imatrix too)
-        if op.scheme is not None and op.scheme not in schemes:
-            from m1.schemes import make_scheme
-
-            schemes[op.scheme] = scheme.like(op.scheme) if scheme is not None else make_scheme(op.scheme)
-    return Plan(fmt.name, fmt.sink, files, {}, [], job, inputs=inputs or {}, scheme=scheme,
-                warnings=list(sink_data.get("warnings", [])), sink_data=sink_data, writes_config=fmt.writes_config,
-                stem=request.format_options.get("stem"), schemes=schemes)
 
 
 def read_rows_from(ckpt: Checkpoint, name: str, start: int,
@@ -333,26 +244,6 @@ def read_rows_from(ckpt: Checkpoint, name: str, start: int,
                 raise CheckpointError("the file ends inside this tensor's data", file=str(ckpt.local_path(info.file)),
                                       tensor=name, hint="re-download the file")
             yield first, torch.frombuffer(buf, dtype=torch_dtype(info.dtype)).reshape(n, *info.shape[1:])
-
-
-def _kind(kind: str, outs: tuple[OutputTensor, ...], src: tuple[SourceTensor, ...]) -> str:
-    """A copy whose names change is a rename (same bytes, the output format's names)."""
-    if kind == "copy" and any(o.name != s.name for o, s in zip(outs, src, strict=True)):
-        return "rename"
-    return kind
-
-
-def _source(t: TensorInfo) -> SourceTensor:
-    return SourceTensor(t.name, t.file, t.dtype, tuple(t.shape), t.nbytes)
-
-
-def _target_dtype(source: str, role: Role, request: JobRequest) -> str:
-    if role == Role.ROUTER and request.router_dtype == "keep":
-        return source  # the router stays fp32 unless asked
-    wanted = DTYPE_OPTIONS[request.router_dtype if role == Role.ROUTER else request.dtype]
-    if wanted is None or source not in FLOAT_DTYPES:
-        return source
-    return wanted
 
 
 def _refuse_quantized_source(cfg: M1Config, tensors: list[TensorInfo], source: str) -> None:
@@ -390,42 +281,3 @@ def _check_chosen(scheme: Scheme, chosen: list[TensorInfo]) -> None:
 
 class RowBlockWarning(UserWarning):
     """4-bit blocks that span two rows: a bitsandbytes CPU-kernel limitation, not a format problem."""
-
-
-def shard_name(i: int, n: int) -> str:
-    width = max(5, len(str(n)))
-    return f"model-{i + 1:0{width}d}-of-{n:0{width}d}.safetensors"
-
-
-def pack(ops: list[TensorOp], shard_size: int | None = None, by_layer: bool = False,
-         single_file: str | None = None) -> list[OutputFile]:
-    """Group operations into files with standard 1-based names; an op is never split over two files.
-
-    by_layer: the embedding alone, then one file per layer, then final norm and head, so a layer is always
-    in exactly one file (what layer-streaming and pipeline loading want). Otherwise greedy packing in order
-    up to `shard_size` bytes (an op larger than the size gets a file of its own).
-    """
-    if single_file:  # a format that is one file (or a --layout that asks for one)
-        return [OutputFile(single_file, tuple(ops))]
-    groups: list[list[TensorOp]] = []
-    if by_layer:
-        first = [op for op in ops if op.layer is None and op.role == Role.EMBED.value]
-        last = [op for op in ops if op.layer is None and op.role != Role.EMBED.value]
-        layers: dict[int, list[TensorOp]] = {}
-        for op in ops:
-            if op.layer is not None:
-                layers.setdefault(op.layer, []).append(op)
-        groups = [g for g in [first, *[layers[k] for k in sorted(layers)], last] if g]
-    else:
-        limit = shard_size or 5 * 10**9
-        current: list[TensorOp] = []
-        size = 0
-        for op in ops:
-            if current and size + op.nbytes > limit:
-                groups.append(current)
-                current, size = [], 0
-            current.append(op)
-            size += op.nbytes
-        if current:
-            groups.append(current)
-    return [OutputFile(shard_name(i, len(groups)), tuple(g)) for i, g in enumerate(groups)]

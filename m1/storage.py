@@ -17,6 +17,8 @@ from m1.safetensors_io import Header, read_header
 if TYPE_CHECKING:
     import torch
 
+    from m1.index import Index
+
 EXTRA_FILE = re.compile(
     r"^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|generation_config\.json|vocab\.json|"
     r"merges\.txt|.*\.tiktoken|chat_template\.(jinja|json)|added_tokens\.json|(configuration|modeling)_.*\.py|"
@@ -93,6 +95,11 @@ class Storage:
     def tokenizer_folder(self) -> Path | None:
         """A local folder holding its tokenizer.json and tokenizer_config.json (a file-set format may rebuild them
         from its metadata); None where there is none."""
+        return None
+
+    def index(self) -> Index | None:
+        """Its tensors -> files, where its format lists them itself (a container with its own table); None: an
+        index file, or the one file's header, says."""
         return None
 
     def shard_sizes(self) -> dict[str, int] | None:

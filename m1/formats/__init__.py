@@ -2,8 +2,10 @@
 
 A format says, as data where it can: how its config.json maps to and from the format-neutral fields of
 `M1Config`, how its tensor names map to the spec's (a `NameTable`; an unmapped name is a hard error),
-which extra files it carries, what to warn about, and which sink writes it. `release` and `hf` are
-built in; adding a format is one module with a `FORMAT` object and one `register_format` call.
+how it plans its files, which extra files it carries, what to warn about, and which sink writes it.
+The built-in ones are imported on first use from the modules named in `BUILTIN_MODULES` (so m1.config,
+which reads a config.json through this one registry, imports none of them); adding a format is one module
+with a `FORMAT` object and one `register_format` call.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from m1.errors import UsageError
-from m1.formats import configs
-from m1.formats.base import Format, NameTable, identity_table
+from m1.formats.base import Format, FormatPlan, NameTable, PlanInput, identity_table
 
-__all__ = ["Format", "NameTable", "identity_table", "register_format", "unregister_format", "get_format",
-           "format_names", "all_formats", "format_of_config", "format_options", "format_for_path"]
+__all__ = ["Format", "FormatPlan", "NameTable", "PlanInput", "identity_table", "register_format",
+           "unregister_format", "get_format", "format_names", "all_formats", "format_of_config", "format_options",
+           "format_for_path"]
 
 
 _FORMATS: dict[str, Format] = {}
@@ -27,17 +29,15 @@ _BUILTIN: list[bool] = []
 def register_format(fmt: Format) -> Format:
     _builtins()
     _FORMATS[fmt.name] = fmt
-    configs.add(fmt)  # config.json reading sees it too (m1.formats.configs)
     return fmt
 
 
 def unregister_format(name: str) -> None:
     _FORMATS.pop(name, None)
-    configs.remove(name)
 
 
 # The built-in formats by name -> the module whose FORMAT it is, imported on first use (a format's module may
-# live with the rest of its trip, as GGUF's does in m1/gguf/).
+# live with the rest of its trip, in its own folder).
 BUILTIN_MODULES = {"release": "m1.formats.release", "hf": "m1.formats.hf", "gguf": "m1.gguf.format"}
 
 
@@ -69,11 +69,12 @@ def all_formats() -> list[Format]:
 
 
 def format_of_config(raw: dict[str, Any]) -> Format | None:
-    return configs.format_of_config(raw)
+    """The format a raw config.json is in (the first that claims it), if any."""
+    return next((f for f in all_formats() if f.claims(raw)), None)
 
 
 def format_for_path(source: str) -> Format | None:
-    """The format that reads `source` by itself (a file such as a .gguf, not a config.json folder), if any."""
+    """The format that reads `source` by itself (a file of its own, not a config.json folder), if any."""
     return next((f for f in all_formats() if f.open_storage is not None and f.opens(source)), None)
 
 

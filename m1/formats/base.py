@@ -1,20 +1,24 @@
 """What a format is: its config mapping, its name table and the rest, as one frozen record.
 
 Format modules (release, hf, ...) build a `Format`; they see a config through `ConfigView`, the fields
-`m1.config.M1Config` has, so that no format depends on the config module that dispatches to it.
+`m1.config.M1Config` has, so that no format depends on the config module that dispatches to it. A format
+plans its files from a `PlanInput` (what m1.planner read and chose) into a `FormatPlan`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from m1.errors import UnknownTensorError
 from m1.tensors import name_pattern
+
+if TYPE_CHECKING:
+    from m1.plan import OutputFile
 
 
 class ConfigView(Protocol):
@@ -134,6 +138,36 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class PlanInput:
+    """What a format plans its files from: the source, classified against the spec by m1.planner, the request,
+    and the weights the policy and a recipe chose to quantize."""
+
+    format: Format  # the output format (its name table, single file, config writer)
+    cfg: Any  # the source's m1.config.M1Config
+    tensors: list[Any]  # its m1.safetensors_io.TensorInfo, in spec order, a weight's companions right after it
+    classified: dict[str, Any]  # tensor name -> its m1.spec.Classified (rule, layer, the weight a companion serves)
+    specs: dict[str, Any]  # spec name -> its m1.spec.TensorSpec
+    request: Any  # the m1.planner.JobRequest
+    chosen: set[str]  # the weights to quantize
+    mix: dict[str, Any]  # of those, the ones a recipe gives another Scheme than request.scheme
+    source: str  # how errors name the source
+    read_rows: Callable[[str, int], Iterator[tuple[int, Any]]] | None = None  # rows [start:] of a 2-D tensor
+    tokenizer_dir: Path | None = None  # the local folder of the source's tokenizer.json, if it has one
+
+
+@dataclass(frozen=True)
+class FormatPlan:
+    """What a format plans: its files of ops, the config.json it writes ({} for none), its part of the job
+    record (between the source and the base model), warnings, and what its sink needs besides the tensors."""
+
+    files: list[OutputFile]
+    config: dict[str, Any] = field(default_factory=dict)
+    job: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    sink_data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Format:
     name: str
     description: str
@@ -144,16 +178,18 @@ class Format:
     write_config: Callable[[ConfigView, dict[str, Any]], None]
     config_keys: tuple[str, ...]  # the keys that belong to this format (dropped when converting to another)
     names: NameTable
+    # Its files, planned: m1.formats.tensor_plan.plan_by_tensor for the formats that hold the spec's tensors one
+    # to one (release, hf); a format that stacks tensors or types each one brings its own.
+    plan_ops: Callable[[PlanInput], FormatPlan]
     sink: str = "safetensors"
     single_file: str | None = None  # the one file every tensor goes in (e.g. "model.safetensors"); None: shards
-    # A format whose files are not 1:1 tensors (GGUF stacks experts) builds its own ops:
-    # (cfg, tensors in spec order, request, chosen weights, source) -> (ops, data for its sink)
-    plan_ops: Callable[..., tuple[list[Any], dict[str, Any]]] | None = None
-    pack: Callable[..., list[Any]] | None = None  # (ops, request) -> output files, when it names its own
-    writes_config: bool = True  # a config.json and the extra files beside the weights (GGUF embeds its own)
+    # The names --keep/--only may give a weight besides its spec name (spec -> the format's); None: `names`.
+    # A format that stacks experts gives an expert its stacked tensor's name.
+    selection_names: NameTable | None = None
+    writes_config: bool = True  # a config.json and the extra files beside the weights (else its files embed their own)
     extra_file: Callable[[str], bool] = lambda name: True  # which of the source's extra files to carry
     warnings: Callable[[ConfigView], list[str]] = field(default=lambda cfg: [])
-    # Its own job options (keyword names, e.g. GGUF's attn_type), and what makes them the request's
+    # Its own job options (keyword names, e.g. attn_type), and what makes them the request's
     # format_options: (destination, {name: value given}) -> options; usage errors for bad values.
     # A name may be a FormatOption, whose flag, help and type the CLI adds to convert and quantize.
     options: tuple[str, ...] = ()
@@ -161,7 +197,7 @@ class Format:
     imatrix: ImatrixFile | None = None  # its importance-matrix file, if it has one
     runtime: Runtime | None = None  # the program that runs its files, if m1 can check them there
     examples: tuple[tuple[str, str], ...] = ()  # (command, an example command line) for that command's --help
-    # A format whose checkpoints are files it reads itself (GGUF): which sources are its own, and the storage
+    # A format whose checkpoints are files it reads itself: which sources are its own, and the storage
     # over one (None when the file is not there); None: read as a folder with a config.json.
     opens: Callable[[str], bool] = field(default=lambda source: False)
     open_storage: Callable[[str], Any] | None = None
@@ -180,3 +216,8 @@ class Format:
     # The model card's line on loading the folder's files of this format (`file_suffix`; none there: a line
     # for the folder's other weights); None: no line.
     card_line: Callable[[list[str]], str] | None = None
+
+    def aliases(self, weights: Iterable[str]) -> dict[str, str]:
+        """Spec weight -> the name --keep/--only may match instead (none where the format's names are the spec's)."""
+        table = self.selection_names or self.names
+        return {} if table.identity else {w: table.from_spec(w) for w in weights}

@@ -7,6 +7,7 @@ from typing import Any
 
 from m1.errors import ConfigError
 from m1.formats.base import ConfigView, Format, identity_table
+from m1.formats.tensor_plan import plan_by_tensor
 
 MODEL_TYPE = "minimax"
 ARCHITECTURE = "MiniMaxForCausalLM"
@@ -66,6 +67,7 @@ FORMAT = Format(
     write_config=write_config,
     config_keys=CONFIG_KEYS,
     names=identity_table(),
+    plan_ops=plan_by_tensor,
     extra_file=lambda name: not name.endswith(".py"),  # the release's remote code does not belong here
     warnings=rotary_warnings,
 )

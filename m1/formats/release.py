@@ -8,6 +8,7 @@ from typing import Any
 
 from m1.errors import ConfigError
 from m1.formats.base import ConfigView, Format, identity_table
+from m1.formats.tensor_plan import plan_by_tensor
 
 MODEL_TYPES = {
     "minimax_m1": (
@@ -116,4 +117,5 @@ FORMAT = Format(
     write_config=write_config,
     config_keys=CONFIG_KEYS,
     names=identity_table(),
+    plan_ops=plan_by_tensor,
 )

@@ -16,7 +16,7 @@ from typing import Any
 
 from m1.dtypes import DTYPE_OPTIONS
 from m1.errors import UsageError
-from m1.formats.base import ConfigView, Format, FormatOption, ImatrixFile, NameTable, Runtime
+from m1.formats.base import ConfigView, Format, FormatOption, FormatPlan, ImatrixFile, NameTable, PlanInput, Runtime
 from m1.plan import OutputFile, OutputTensor, SourceTensor, TensorOp
 
 SPLIT_NAME = "{stem}-{i:05d}-of-{n:05d}.gguf"
@@ -42,15 +42,23 @@ def _card_line(files: list[str]) -> str:
             "attention, which this checkpoint keeps.")
 
 
-def plan_ops(cfg: Any, tensors: list[Any], request: Any, chosen: set[str], source: str,
-             read_rows: Callable[[str, int], Any] | None, tokenizer_dir: Any) -> tuple[list[TensorOp], dict[str, Any]]:
-    """The GGUF's tensors (m1.gguf.tensor_plan.plan_tensors: names, types, stacks) as ops, and the sink's metadata."""
+def _selection_names() -> NameTable:
+    """--keep/--only may name an expert by its layer's stacked tensor (blk.N.ffn_up_exps.weight)."""
+    from m1.gguf.names import GGUF_NAMES
+
+    return NameTable(tuple((r.spec, r.gguf) for r in GGUF_NAMES))
+
+
+def plan_ops(job: PlanInput) -> FormatPlan:
+    """The GGUF's tensors (m1.gguf.tensor_plan.plan_tensors: names, types, stacks) as ops in one file or splits, and
+    the sink's metadata."""
     from m1.gguf.metadata import check_runnable
     from m1.gguf.tensor_plan import plan_tensors
     from m1.gguf.types import FLOAT_TYPES, GGML_TYPES, SOURCE_TYPES, TypePolicy, type_name
     from m1.schemes.ggml import type_nbytes
     from m1.spec import Role
 
+    cfg, tensors, request, chosen, source = job.cfg, job.tensors, job.request, job.chosen, job.source
     check_runnable(cfg, f"{source}/config.json")
     options = request.format_options
     by_name = {t.name: t for t in tensors}
@@ -90,7 +98,10 @@ def plan_ops(cfg: Any, tensors: list[Any], request: Any, chosen: set[str], sourc
         layer = _layer(p.sources[0])
         params = sum(math.prod(s.shape) for s in srcs)
         ops.append(TensorOp(kind, srcs, (out,), p.role.value, layer, params, ggml if block else None))
-    return ops, _sink_data(cfg, policy, source, read_rows, tokenizer_dir, options)
+    sink_data = _sink_data(cfg, policy, source, job.read_rows, job.tokenizer_dir, options)
+    fields = {"to": job.format.name, "scheme": scheme.name if scheme else None, **request.policy.describe(),
+              "dtype": request.dtype, **{k: v for k, v in options.items() if k != "stem"}}
+    return FormatPlan(pack(ops, request), {}, fields, list(sink_data["warnings"]), sink_data)
 
 
 def _layer(name: str) -> int | None:
@@ -250,7 +261,7 @@ FORMAT = Format(
     names=_names(),
     sink="gguf",
     plan_ops=plan_ops,
-    pack=pack,
+    selection_names=_selection_names(),
     writes_config=False,
     opens=lambda source: source.endswith(".gguf"),
     open_storage=_open_storage,

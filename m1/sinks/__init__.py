@@ -50,6 +50,10 @@ def register_sink(sink: Sink) -> Sink:
     return sink
 
 
+def unregister_sink(name: str) -> None:
+    _SINKS.pop(name, None)
+
+
 # The built-in sinks by name -> the module whose SINK it is, imported on first use. A format that brings its own
 # sink names its module (`Format.sink_module`, with the rest of the format's trip).
 BUILTIN_MODULES = {"safetensors": "m1.sinks.safetensors"}
