@@ -31,11 +31,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from m1.errors import InternalError, M1Error, UsageError
 from m1.plan import OutputFile
 from m1.units import human_bytes
+
+if TYPE_CHECKING:
+    from m1.hub_read import HubStorage
 
 # Per shard, beside its bytes: huggingface_hub's lock and metadata files (a few hundred bytes) and the
 # filesystem's last partial block. The bound counts it, so what is on disk stays within it.
@@ -345,7 +348,7 @@ class Scratch:
 
 
 @contextmanager
-def streaming(storage: Any, plan: ScratchPlan, folder: Path, root: Path) -> Iterator[Scratch]:
+def streaming(storage: HubStorage, plan: ScratchPlan, folder: Path, root: Path) -> Iterator[Scratch]:
     """`storage` reads the shards of `plan` from `folder` while the block runs, each downloaded ahead and
     deleted after its last read; then the folder goes, and `root` (which holds it) once empty: under
     torchrun every rank streams through its own folder there, and the last to finish removes it."""
