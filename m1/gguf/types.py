@@ -28,7 +28,8 @@ EXPERT_TYPES = tuple(GGML_TYPES)
 DENSE_TYPES = ("bf16", "f16", "f32", "q8_0")  # attention, head, embedding: never below q8_0
 FLOAT_TYPES = ("f32", "f16", "bf16")
 
-# general.file_type: what the bulk of the file (the experts) is.
+# general.file_type: what the bulk of the file (the experts) is: the llama.cpp ftype whose default tensor type
+# (llama-quant.cpp llama_ftype_get_default_type) is the experts' type, so IQ2_S is llama-quantize's IQ2_M.
 FILE_TYPES: dict[str, LlamaFileType] = {
     "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
     "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
@@ -36,7 +37,7 @@ FILE_TYPES: dict[str, LlamaFileType] = {
     "q2_k": LlamaFileType.MOSTLY_Q2_K, "q3_k": LlamaFileType.MOSTLY_Q3_K_M, "q4_k": LlamaFileType.MOSTLY_Q4_K_M,
     "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K, "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
     "iq1_s": LlamaFileType.MOSTLY_IQ1_S, "iq1_m": LlamaFileType.MOSTLY_IQ1_M, "iq2_xxs": LlamaFileType.MOSTLY_IQ2_XXS,
-    "iq2_xs": LlamaFileType.MOSTLY_IQ2_XS, "iq2_s": LlamaFileType.MOSTLY_IQ2_S,
+    "iq2_xs": LlamaFileType.MOSTLY_IQ2_XS, "iq2_s": LlamaFileType.MOSTLY_IQ2_M,
     "iq3_xxs": LlamaFileType.MOSTLY_IQ3_XXS, "iq3_s": LlamaFileType.MOSTLY_IQ3_S,
     "iq4_nl": LlamaFileType.MOSTLY_IQ4_NL, "tq1_0": LlamaFileType.MOSTLY_TQ1_0, "tq2_0": LlamaFileType.MOSTLY_TQ2_0,
 }
