@@ -35,12 +35,13 @@ FALLBACK = {"iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs":
 
 # ggml's quantization speed, millions of params per second on one core, f32 rows of 6144 (M1's expert w1/w3 row;
 # the IQ types' lattice search depends on the values, not the shape), with an imatrix where the type takes one.
-# Measured by `python bench/bench_lowbit_speed.py` (one process, one thread per type, best of 3).
+# Measured by `python bench/bench_lowbit_speed.py` (64 rows, one thread, best of 3), with other jobs running (load
+# 2.7 on its 2 cores): a floor; a second run minutes apart differed by up to 1.9x per type (see README).
 THROUGHPUT_MEASURED = "2026-12-03 on the project's 2-core shared box (x86-64, llama-cpp-python 0.3.36 wheel)"
 THROUGHPUT: dict[str, float] = {
-    "q8_0": 9.04, "q4_0": 86.6, "q4_1": 87.1, "q5_0": 78.6, "q5_1": 73.7, "mxfp4": 3.15, "q2_k": 2.84, "q3_k": 4.6,
-    "q4_k": 3.4, "q5_k": 3.01, "q6_k": 8.39, "iq1_s": 1.79, "iq1_m": 2.12, "iq2_xxs": 0.452, "iq2_xs": 0.326,
-    "iq2_s": 1.2, "iq3_xxs": 0.925, "iq3_s": 0.989, "iq4_nl": 1.96, "iq4_xs": 2.78, "tq1_0": 273, "tq2_0": 281,
+    "q8_0": 232, "q4_0": 228, "q4_1": 159, "q5_0": 190, "q5_1": 112, "mxfp4": 16, "q2_k": 7.48, "q3_k": 23.3,
+    "q4_k": 8.6, "q5_k": 6.22, "q6_k": 17.8, "iq1_s": 4.86, "iq1_m": 6.51, "iq2_xxs": 2.16, "iq2_xs": 1.15,
+    "iq2_s": 2.34, "iq3_xxs": 1.18, "iq3_s": 1.28, "iq4_nl": 2.59, "iq4_xs": 2.33, "tq1_0": 244, "tq2_0": 192,
 }
 
 
