@@ -168,7 +168,7 @@ class Plan:
 
     def quantize_seconds(self) -> dict[str, Any] | None:
         """The quantization's CPU time from each scheme's measured params/s per core (`Scheme.params_per_second`):
-        {"core_seconds", "by_scheme": {name: core seconds}, "unmeasured": [names]}; None when nothing is quantized."""
+        {"core_seconds", "by_scheme": {name: core seconds}, "unmeasured": [names]}; None when no scheme is measured."""
         by_scheme: dict[str, float] = {}
         unmeasured: set[str] = set()
         for op in self.ops:
@@ -181,7 +181,7 @@ class Plan:
                 by_scheme[op.scheme] = by_scheme.get(op.scheme, 0.0) + op.params / rate
             else:
                 unmeasured.add(op.scheme)
-        if not by_scheme and not unmeasured:
+        if not by_scheme:  # no scheme of this plan has measured rates (bitsandbytes): nothing to say
             return None
         return {"core_seconds": sum(by_scheme.values()), "by_scheme": by_scheme, "unmeasured": sorted(unmeasured)}
 
@@ -262,7 +262,7 @@ class Plan:
         yield f"kept:      {k['tensors']} tensors at their source dtype, {human_bytes(k['bytes_after'])}"
         yield f"total:     {human_bytes(t['bytes_before'])} -> {human_bytes(t['bytes_after'])}"
         timing = self.quantize_seconds()
-        if timing is not None and timing["by_scheme"]:
+        if timing is not None:
             core_s = timing["core_seconds"]
             parts = ", ".join(f"{n} {human_duration(s)}" for n, s in sorted(timing["by_scheme"].items(),
                                                                           key=lambda kv: -kv[1]))
