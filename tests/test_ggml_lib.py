@@ -19,6 +19,11 @@ from m1.schemes import ggml_lib
 needs_ggml = pytest.mark.skipif(not ggml_lib.available(), reason=f"libggml not available ({ggml_lib.INSTALL_HINT})")
 
 N_PER_ROW = 512  # two K-quant super-blocks
+# ggml builds these types' lattice tables on first use: 5.4 s for iq1_s/iq1_m (one grid), 2.6 s iq2_s, 1.2 s iq2_xs
+# on this box, once per process. Their cases run in the slow suite (tests/test_imatrix.py quantizes them too).
+GRID_HEAVY = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_S, Q.IQ2_XS})
+TYPES = [pytest.param(t, id=ggml_lib.type_name(t), marks=[pytest.mark.slow] if t in GRID_HEAVY else [])
+         for t in ggml_lib.SUPPORTED]
 
 
 def weights(rows: int = 32, n_per_row: int = N_PER_ROW, seed: int = 0) -> np.ndarray:
@@ -41,7 +46,7 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", ggml_lib.SUPPORTED, ids=ggml_lib.type_name)
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 def test_gguf_py_dequantizes_our_bytes_exactly_as_ggml_does(qtype: Q, with_imatrix: bool) -> None:
     x = weights()
@@ -88,7 +93,7 @@ def test_small_block_types_take_rows_of_32() -> None:
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", ggml_lib.SUPPORTED, ids=ggml_lib.type_name)
+@pytest.mark.parametrize("qtype", TYPES)
 def test_an_imatrix_changes_the_result_exactly_for_the_types_that_take_one(qtype: Q) -> None:
     x, imat = weights(rows=64), importance()
     # a type refused without an imatrix is compared with a flat one (every column equally important)
