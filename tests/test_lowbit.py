@@ -257,3 +257,28 @@ def test_full_scale_dry_run_prints_the_time_estimate(tmp_path: Path, run) -> Non
         assert core_s == pytest.approx(params / (THROUGHPUT[qtype] * 1e6))
         print(f"\nfull scale {qtype}: {plan['bytes'] / 1e9:.2f} GB, quantize {core_s / 3600:.1f} core-hours "
               f"(planned in {seconds:.1f} s)")
+
+
+@pytest.mark.slow
+@needs_ggml
+def test_a_gguf_budget_over_the_i_quants_plans_with_its_time_by_scheme(trained_imatrix: tuple[Path, Path],
+                                                                      tmp_path: Path, run) -> None:  # noqa: ANN001
+    """The budget's stated prior quantizes a Gaussian sample of no model through each candidate: an imatrix-only
+    type takes a flat importance there (it was a KeyError), and the dry run times the mix scheme by scheme."""
+    from m1.schemes.ggml import THROUGHPUT
+
+    model, imatrix = trained_imatrix
+    code, out, err = run("quantize", model, tmp_path / "m.gguf", "--format", "gguf", "--scheme", "q4_k", "--budget",
+                         "3.6bpw", "--candidates", "iq2_xxs,iq3_xxs,q4_k", "--imatrix", imatrix, "--dry-run", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    timing = plan["quantize_time"]
+    params = {}
+    for op in json.loads(run("quantize", model, tmp_path / "m.gguf", "--format", "gguf", "--scheme", "q4_k",
+                             "--budget", "3.6bpw", "--candidates", "iq2_xxs,iq3_xxs,q4_k", "--imatrix", imatrix,
+                             "--dry-run", "--json", "--verbose")[1])["ops"]:
+        if op["role"] == "expert" and op["scheme"]:
+            params[op["scheme"]] = params.get(op["scheme"], 0) + op["params"]
+    assert set(timing["by_scheme"]) == set(params) and len(params) >= 2, timing
+    for name, n in params.items():
+        assert timing["by_scheme"][name] == pytest.approx(n / (THROUGHPUT[name] * 1e6))

@@ -110,6 +110,10 @@ class GgmlScheme(Scheme):
         """The imatrix row for one source weight (an expert's row of its stacked GGUF tensor), or None."""
         if self.imatrix is None:
             return None
+        if not source:  # a weight of no model (the budget prior's Gaussian sample): every column alike
+            import numpy as np
+
+            return np.ones(n_cols, dtype=np.float32)
         from m1.gguf.imatrix import importance_row, read_imatrix
         from m1.gguf.names import to_gguf
 
