@@ -237,6 +237,7 @@ def test_full_scale_dry_run_prints_the_time_estimate(tmp_path: Path, run) -> Non
     from bench_convert import write_replica
 
     from m1.config import M1Config
+    from m1.gguf.imatrix import Entry, IMatrix, write_imatrix
     from m1.schemes.ggml import THROUGHPUT
     from m1.spec import inventory
 
@@ -244,10 +245,20 @@ def test_full_scale_dry_run_prints_the_time_estimate(tmp_path: Path, run) -> Non
     index = json.loads((RELEASE / "model.safetensors.index.json").read_text())
     specs = {t.name: t for t in inventory(M1Config.from_dict(config))}
     write_replica(tmp_path / "m1", config, index["weight_map"], specs, fill=False)
-    for qtype in ("iq3_s", "tq1_0", "q2_k"):
+    # an imatrix-only type plans against an imatrix with every expert's rows: a flat one of M1's shapes (220 MB)
+    cfg = M1Config.from_dict(config)
+    entries = {}
+    for layer in range(cfg.num_hidden_layers):
+        for kind, cols in (("gate", cfg.hidden_size), ("up", cfg.hidden_size), ("down", cfg.intermediate_size)):
+            name = f"blk.{layer}.ffn_{kind}_exps.weight"
+            entries[name] = Entry(name, np.ones((cfg.num_local_experts, cols)),
+                                  np.ones(cfg.num_local_experts, dtype=np.int64))
+    write_imatrix(tmp_path / "flat.gguf", IMatrix(dict(sorted(entries.items())), ["flat"], 1, 1))
+    for qtype in ("iq3_s", "tq1_0", "q2_k", "iq2_xxs"):
         started = time.perf_counter()
+        imatrix = ["--imatrix", tmp_path / "flat.gguf"] if ggml_lib.needs_imatrix(qtype) else []
         code, out, err = run("quantize", tmp_path / "m1", tmp_path / "x.gguf", "--format", "gguf", "--scheme", qtype,
-                             "--dry-run", "--json")
+                             *imatrix, "--dry-run", "--json")
         seconds = time.perf_counter() - started
         assert code == 0, err
         plan = json.loads(out)
