@@ -1,7 +1,8 @@
 """GGML tensor types for the export, by name, and which tensors get which (the type policy), as data.
 
-Blocks are quantized by gguf-py (`gguf.quants.quantize`, bit-exact with ggml); nothing here re-implements a
-block format. Types are named as llama.cpp's `--type` names them, lower case.
+Blocks are quantized by gguf-py (`gguf.quants.quantize`, bit-exact with ggml) or llama.cpp's ggml
+(m1.schemes.ggml_lib); nothing here re-implements a block format.
+Types are named as llama.cpp's `--type` names them, lower case.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ GGML_TYPES: dict[str, GGMLQuantizationType] = {
     "iq1_s": Q.IQ1_S, "iq1_m": Q.IQ1_M, "iq2_xxs": Q.IQ2_XXS, "iq2_xs": Q.IQ2_XS, "iq2_s": Q.IQ2_S,
     "iq3_xxs": Q.IQ3_XXS, "iq3_s": Q.IQ3_S, "iq4_nl": Q.IQ4_NL, "tq1_0": Q.TQ1_0, "tq2_0": Q.TQ2_0,
 }
+# the types llama.cpp's ggml quantizes (m1.schemes.ggml.GGML_LIB_TYPES): K-quants, i-quants, ternary
 K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s",
            "iq3_xxs", "iq3_s", "iq4_nl", "tq1_0", "tq2_0")
 EXPERT_TYPES = tuple(GGML_TYPES)
