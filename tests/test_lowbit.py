@@ -293,3 +293,17 @@ def test_a_gguf_budget_over_the_i_quants_plans_with_its_time_by_scheme(trained_i
     assert set(timing["by_scheme"]) == set(params) and len(params) >= 2, timing
     for name, n in params.items():
         assert timing["by_scheme"][name] == pytest.approx(n / (THROUGHPUT[name] * 1e6))
+
+
+@needs_ggml
+def test_a_files_rows_spread_over_threads_give_the_same_tensors(make_tiny_ckpt, tmp_path: Path,
+                                                                run) -> None:  # noqa: ANN001
+    src = k_tiny(make_tiny_ckpt)
+    tensors = []
+    for threads in (1, 2):
+        dest = tmp_path / f"t{threads}" / "x.gguf"
+        code, _, err = run("quantize", src, dest, "--format", "gguf", "--scheme", "q4_k", "--threads", threads, "-q")
+        assert code == 0, err
+        tensors.append({t.name: np.asarray(t.data).copy() for t in gguf.GGUFReader(dest).tensors})
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(np.array_equal(tensors[0][k], tensors[1][k]) for k in tensors[0])

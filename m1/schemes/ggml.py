@@ -166,9 +166,11 @@ class GgmlScheme(Scheme):
         if self.name in GGML_LIB_TYPES:
             from m1.schemes import ggml_lib
 
+            # the rows split over torch's intra-op threads (--threads; a worker's own share of the cores): the
+            # bytes do not depend on it, and one GGUF file is one worker's, so this is what spreads a file's work
             data = ggml_lib.quantize_rows(self.name, rows.reshape(-1, rows.shape[-1]),
                                           self._importance(name, rows.shape[-1]), tensor=name or None,
-                                          imatrix_file=self.imatrix)
+                                          imatrix_file=self.imatrix, threads=torch.get_num_threads())
         else:
             from gguf.quants import quantize
 
