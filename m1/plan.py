@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from m1.units import human_bytes, human_count
+from m1.units import human_bytes, human_count, human_duration
 
 OpKind = Literal["copy", "cast", "quantize", "dequantize", "stack", "rename"]
 
@@ -166,6 +166,25 @@ class Plan:
             kept["bytes_after"] += r["bytes_after"] - r["quantized_after"]
         return {"quantized": quantized, "kept": kept, "total": {k: quantized[k] + kept[k] for k in quantized}}
 
+    def quantize_seconds(self) -> dict[str, Any] | None:
+        """The quantization's CPU time from each scheme's measured params/s per core (`Scheme.params_per_second`):
+        {"core_seconds", "by_scheme": {name: core seconds}, "unmeasured": [names]}; None when no scheme is measured."""
+        by_scheme: dict[str, float] = {}
+        unmeasured: set[str] = set()
+        for op in self.ops:
+            if op.kind not in ("quantize", "stack") or op.scheme is None:
+                continue
+            scheme = self.schemes.get(op.scheme) or (self.scheme if self.scheme is not None
+                                                     and self.scheme.name == op.scheme else None)
+            rate = scheme.params_per_second() if scheme is not None else None
+            if rate:
+                by_scheme[op.scheme] = by_scheme.get(op.scheme, 0.0) + op.params / rate
+            else:
+                unmeasured.add(op.scheme)
+        if not by_scheme:  # no scheme of this plan has measured rates (bitsandbytes): nothing to say
+            return None
+        return {"core_seconds": sum(by_scheme.values()), "by_scheme": by_scheme, "unmeasured": sorted(unmeasured)}
+
     # ---- printing ---------------------------------------------------------------------------------
     def summary(self, verbose: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -180,6 +199,9 @@ class Plan:
             out.update(scheme=self.scheme.name, **self.scheme.options(), expert_schemes=self.expert_schemes(),
                        params=self.params,
                        by_role=self.by_role(), **self.totals())
+            timing = self.quantize_seconds()
+            if timing is not None:
+                out["quantize_time"] = timing
         if not self.writes_config:  # a format that carries its own metadata: its sizes by tensor type
             out["by_type"] = self.by_type()
             if self.sink_data.get("missing"):
@@ -239,3 +261,12 @@ class Plan:
                f"{human_bytes(q['bytes_before'])} -> {human_bytes(q['bytes_after'])}")
         yield f"kept:      {k['tensors']} tensors at their source dtype, {human_bytes(k['bytes_after'])}"
         yield f"total:     {human_bytes(t['bytes_before'])} -> {human_bytes(t['bytes_after'])}"
+        timing = self.quantize_seconds()
+        if timing is not None:
+            core_s = timing["core_seconds"]
+            parts = ", ".join(f"{n} {human_duration(s)}" for n, s in sorted(timing["by_scheme"].items(),
+                                                                          key=lambda kv: -kv[1]))
+            yield (f"quantize time (measured per-core rates): {human_duration(core_s)} on 1 core, "
+                   f"{human_duration(core_s / 16)} on 16, {human_duration(core_s / 64)} on 64 ({parts})")
+        if timing is not None and timing["unmeasured"]:
+            yield f"quantize time: no measured rate for {', '.join(timing['unmeasured'])}"

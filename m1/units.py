@@ -48,3 +48,11 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise UsageError(f"size must be positive, got {text!r}")
     return value
+
+
+def human_duration(seconds: float) -> str:
+    """12.3 s, 4.5 min, 2.1 h, 3.2 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"

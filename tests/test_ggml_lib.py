@@ -19,6 +19,11 @@ from m1.schemes import ggml_lib
 needs_ggml = pytest.mark.skipif(not ggml_lib.available(), reason=f"libggml not available ({ggml_lib.INSTALL_HINT})")
 
 N_PER_ROW = 512  # two K-quant super-blocks
+# ggml builds these types' lattice tables on first use: 5.4 s for iq1_s/iq1_m (one grid), 2.6 s iq2_s, 1.2 s iq2_xs
+# on this box, once per process. Their cases run in the slow suite (tests/test_imatrix.py quantizes them too).
+GRID_HEAVY = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_S, Q.IQ2_XS})
+TYPES = [pytest.param(t, id=ggml_lib.type_name(t), marks=[pytest.mark.slow] if t in GRID_HEAVY else [])
+         for t in ggml_lib.SUPPORTED]
 
 
 def weights(rows: int = 32, n_per_row: int = N_PER_ROW, seed: int = 0) -> np.ndarray:
@@ -41,10 +46,14 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", ggml_lib.SUPPORTED, ids=ggml_lib.type_name)
+@pytest.mark.parametrize("qtype", TYPES)
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
 def test_gguf_py_dequantizes_our_bytes_exactly_as_ggml_does(qtype: Q, with_imatrix: bool) -> None:
     x = weights()
+    if not with_imatrix and ggml_lib.needs_imatrix(qtype):
+        with pytest.raises(UsageError, match=f"{ggml_lib.type_name(qtype)} needs an importance matrix"):
+            ggml_lib.quantize_rows(qtype, x, tensor="t")
+        return
     blocks = ggml_lib.quantize_rows(qtype, x, importance() if with_imatrix else None, tensor="t")
     assert blocks.shape == (x.shape[0], ggml_lib.row_size(qtype, N_PER_ROW)) and blocks.dtype == np.uint8
     ours = dequantize(blocks, qtype)  # gguf-py's numpy reader, what m1 and gguf users read the file with
@@ -61,7 +70,8 @@ def test_ggml_bytes_equal_gguf_py_bytes_for_the_types_gguf_py_quantizes(qtype: Q
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", [*ggml_lib.K_TYPES, Q.IQ4_XS], ids=ggml_lib.type_name)
+@pytest.mark.parametrize("qtype", [t for t in ggml_lib.SUPPORTED if ggml_lib.block_size(t) == 256],
+                         ids=ggml_lib.type_name)
 def test_k_quants_refuse_rows_that_are_not_multiples_of_256_naming_the_tensor(qtype: Q) -> None:
     name = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
     with pytest.raises(UsageError, match=f"rows of 128 values do not split into {ggml_lib.type_name(qtype)} "
@@ -83,11 +93,13 @@ def test_small_block_types_take_rows_of_32() -> None:
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", ggml_lib.SUPPORTED, ids=ggml_lib.type_name)
+@pytest.mark.parametrize("qtype", TYPES)
 def test_an_imatrix_changes_the_result_exactly_for_the_types_that_take_one(qtype: Q) -> None:
     x, imat = weights(rows=64), importance()
-    plain, weighted = ggml_lib.quantize_rows(qtype, x), ggml_lib.quantize_rows(qtype, x, imat)
-    if not ggml_lib.takes_imatrix(qtype):  # q8_0, mxfp4: ggml never reads the weights
+    # a type refused without an imatrix is compared with a flat one (every column equally important)
+    flat = np.ones_like(imat) if ggml_lib.needs_imatrix(qtype) else None
+    plain, weighted = ggml_lib.quantize_rows(qtype, x, flat), ggml_lib.quantize_rows(qtype, x, imat)
+    if not ggml_lib.takes_imatrix(qtype):  # q8_0, mxfp4, tq1_0, tq2_0: ggml never reads the weights
         assert np.array_equal(plain, weighted)
         return
     assert not np.array_equal(plain, weighted)
@@ -103,10 +115,35 @@ def test_an_imatrix_changes_the_result_exactly_for_the_types_that_take_one(qtype
 def test_which_types_take_an_imatrix() -> None:
     takes = {ggml_lib.type_name(t) for t in ggml_lib.SUPPORTED if ggml_lib.takes_imatrix(t)}
     assert {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"} <= takes
-    assert not ggml_lib.takes_imatrix("q8_0") and not ggml_lib.takes_imatrix("mxfp4")
+    assert not any(ggml_lib.takes_imatrix(t) for t in ("q8_0", "mxfp4", "tq1_0", "tq2_0"))
     # ggml's q4_0 does use one; the project's gguf-py q4_0 (m1.gguf export) has no imatrix input at all.
     assert ggml_lib.takes_imatrix("q4_0")
-    assert not any(ggml_lib.requires_imatrix(t) for t in ggml_lib.SUPPORTED)
+    # ggml aborts without one for these three (asked from the library itself) ...
+    assert {ggml_lib.type_name(t) for t in ggml_lib.SUPPORTED if ggml_lib.requires_imatrix(t)} == {
+        "iq1_s", "iq2_xxs", "iq2_xs"}
+    # ... and m1 refuses, as llama-quantize does, these six
+    assert {ggml_lib.type_name(t) for t in ggml_lib.SUPPORTED if ggml_lib.needs_imatrix(t)} == {
+        "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs"}
+
+
+@needs_ggml
+def test_the_grids_are_built_once_per_type_and_freed_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import atexit
+
+    lib = ggml_lib.raw_library()
+    calls: list[int] = []
+    registered: list[object] = []
+    real_init = lib.ggml_quantize_init
+    monkeypatch.setattr(lib, "ggml_quantize_init", lambda t: (calls.append(t), real_init(t))[1])
+    monkeypatch.setattr(atexit, "register", lambda fn, *args: registered.append((fn, args)))
+    monkeypatch.setattr(ggml_lib, "_INITIALISED", set())
+    x, imat = weights(rows=4), importance()
+    for _ in range(3):
+        for t in ("iq2_xxs", "iq3_s", "q4_k"):
+            ggml_lib.quantize_rows(t, x, imat)
+    assert sorted(calls) == sorted(int(ggml_lib.type_of(t)) for t in ("iq2_xxs", "iq3_s", "q4_k"))  # once each
+    assert registered == [(ggml_lib._free, (lib,))]  # one ggml_quantize_free at exit, for every type
+    assert ggml_lib.initialised() == {Q.IQ2_XXS, Q.IQ3_S, Q.Q4_K}
 
 
 @needs_ggml

@@ -31,7 +31,13 @@ from m1.gguf import export_gguf, from_gguf, plan_tensors, to_gguf
 from m1.gguf.llama_run import llama_logits as run_in_llama
 from m1.gguf.metadata import model_metadata
 from m1.gguf.tensor_plan import gguf_metadata
-from m1.gguf.tokenizer import CHAT_TEMPLATE_WARNING, TokenizerFiles, read_tokenizer_files, tokenizer_metadata
+from m1.gguf.tokenizer import (
+    CHAT_TEMPLATE_REWRITTEN,
+    CHAT_TEMPLATE_WARNING,
+    TokenizerFiles,
+    read_tokenizer_files,
+    tokenizer_metadata,
+)
 from m1.gguf.types import GGML_TYPES, K_TYPES, TypePolicy
 from m1.spec import inventory
 from m1.tiny import TinySpec, byte_tokenizer_json, random_weights, save_release, tiny_config
@@ -136,10 +142,18 @@ def test_unknown_split_regex_needs_the_override() -> None:
     assert {kv.key: kv.value for kv in kvs}["tokenizer.ggml.pre"] == "qwen2"
 
 
-def test_the_release_chat_template_is_embedded_with_a_warning_and_can_be_replaced() -> None:
+def test_the_release_chat_template_is_embedded_rewritten_for_string_content_and_can_be_replaced() -> None:
+    from m1.gguf.chat_template import string_content_template
+
     release = json.loads((DATA / "m1-release" / "tokenizer_config.json").read_text())
     kvs, warns = tokenizer_metadata(byte_files(release), n_rows=256)
-    assert {kv.key: kv.value for kv in kvs}["tokenizer.chat_template"] == release["chat_template"]
+    embedded = {kv.key: kv.value for kv in kvs}["tokenizer.chat_template"]
+    assert embedded == string_content_template(release["chat_template"]) != release["chat_template"]
+    assert warns == [CHAT_TEMPLATE_REWRITTEN] and "--chat-template FILE" in warns[0]
+    # a list-only read the rewrite table does not know: kept as is, with the warning
+    other = {**release, "chat_template": "{{ messages[0]['content'][0]['text'] | upper }}{{ content[0].text }}"}
+    kvs, warns = tokenizer_metadata(byte_files(other), n_rows=256)
+    assert {kv.key: kv.value for kv in kvs}["tokenizer.chat_template"] == other["chat_template"]
     assert warns == [CHAT_TEMPLATE_WARNING] and "--chat-template FILE" in warns[0]
     kvs, warns = tokenizer_metadata(byte_files(release), n_rows=256, chat_template="{{ messages[0]['content'] }}")
     assert {kv.key: kv.value for kv in kvs}["tokenizer.chat_template"] == "{{ messages[0]['content'] }}"

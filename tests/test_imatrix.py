@@ -308,52 +308,96 @@ def router_near_ties(n_tokens: int) -> dict[int, int]:
 LLAMA_QUANTIZE = Path(os.environ.get("M1_LLAMA_QUANTIZE", LLAMA_IMATRIX.with_name("llama-quantize")))
 
 
-@pytest.mark.skipif(not LLAMA_QUANTIZE.is_file() or not ggml_available(),
-                    reason=f"no llama-quantize at {LLAMA_QUANTIZE} (bench/build_llama_imatrix.sh) or no libggml")
-def test_llama_quantize_takes_our_imatrix_and_gives_the_bytes_of_m1s_ggml_quantizer(make_tiny_ckpt, tmp_path: Path,
-                                                                                    run) -> None:
-    """llama.cpp's own llama-quantize --imatrix OUR_FILE on our f32 GGUF writes, for every K-quant tensor, exactly
-    the bytes ggml_lib.quantize_rows gives with m1.gguf.imatrix.importance (per expert for the stacked experts)."""
+needs_llama_quantize = pytest.mark.skipif(not LLAMA_QUANTIZE.is_file() or not ggml_available(),
+                                          reason=f"no llama-quantize at {LLAMA_QUANTIZE} "
+                                                 "(bench/build_llama_imatrix.sh) or no libggml")
+# Q4_K (issue 11) and every type issue 19 added; the lattice types take seconds each in ggml, so they are slow.
+LOW_BIT = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "tq1_0", "tq2_0")
+QUANTIZE_TYPES = [pytest.param("q4_k", id="q4_k"), *(pytest.param(t, id=t, marks=pytest.mark.slow) for t in LOW_BIT)]
+
+
+@pytest.fixture(scope="module")
+def llama_quantize_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(a tiny M1 with K-quant rows, its f32 GGUF, m1's imatrix of it) for the llama-quantize comparisons."""
+    from m1.cli import run_cli
     from m1.gguf import export_gguf
+    from m1.tiny import TinySpec, make_tiny
+
+    root = tmp_path_factory.mktemp("lq")
+    src = root / "kq"
+    make_tiny(src, TinySpec(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, rotary_dim=32, intermediate=512,
+                            experts=4, softmax_every=2))  # K-quant rows: 256 and 512
+    export_gguf(src, root / "f32.gguf", "f32")
+    assert run_cli(["verify", "imatrix", str(src), str(root / "im.gguf"), "--tokens", "1024", "--ctx", "128",
+                    "--quiet", "--corpus-part", "calibration"]) == 0
+    return src, root / "f32.gguf", root / "im.gguf"
+
+
+@needs_llama_quantize
+@pytest.mark.parametrize("qtype", QUANTIZE_TYPES)
+def test_llama_quantize_takes_our_imatrix_and_gives_the_bytes_of_m1s_ggml_quantizer(
+        qtype: str, llama_quantize_source: tuple[Path, Path, Path], tmp_path: Path, run) -> None:
+    """llama.cpp's own llama-quantize --imatrix OUR_FILE on our f32 GGUF writes, for every tensor of the type,
+    exactly the bytes ggml_lib.quantize_rows gives with m1.gguf.imatrix.importance (per expert for the stacked
+    experts), and exactly the expert tensors `m1 quantize --format gguf --scheme TYPE --imatrix` writes."""
     from m1.gguf.names import from_gguf
+    from m1.gguf.types import FILE_TYPES
     from m1.schemes import ggml_lib
 
-    src = make_tiny_ckpt("kq", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, rotary_dim=32,
-                         intermediate=512, experts=4, softmax_every=2)  # K-quant rows: 256 and 512
-    export_gguf(src, tmp_path / "f32.gguf", "f32")
-    code, _, err = run("verify", "imatrix", src, tmp_path / "im.gguf", "--tokens", "1024", "--ctx", "128", "--quiet",
-                       "--corpus-part", "calibration")
-    assert code == 0, err
+    src, f32, imatrix = llama_quantize_source
+    qt = gguf.GGMLQuantizationType[qtype.upper()]
+    # llama-quantize's name for the file type m1 records: the ftype whose default tensor type is `qtype`
+    # (Q4_K_M for q4_k, IQ2_M for iq2_s); --pure then gives every quantizable tensor that type.
+    ftype = FILE_TYPES[qtype].name.removeprefix("MOSTLY_")
+    labels = {"imatrix": ["--imatrix", str(imatrix)]}
+    if not ggml_lib.needs_imatrix(qtype):  # llama-quantize refuses the others without one, as m1 does
+        labels["plain"] = []
     outputs = {}
-    for label, extra in (("imatrix", ["--imatrix", str(tmp_path / "im.gguf")]), ("plain", [])):
-        proc = subprocess.run([str(LLAMA_QUANTIZE), *extra, "--pure", str(tmp_path / "f32.gguf"),
-                               str(tmp_path / f"{label}.gguf"), "Q4_K", "2"], capture_output=True, text=True,
-                              timeout=600)
+    for label, extra in labels.items():
+        # token_embd has no imatrix entry (llama-imatrix never collects it): q8_0, as llama.cpp's presets put it
+        proc = subprocess.run([str(LLAMA_QUANTIZE), *extra, "--pure", "--token-embedding-type", "q8_0",
+                               "--output-tensor-type", "q8_0", str(f32), str(tmp_path / f"{label}.gguf"),
+                               ftype, "2"], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         # every blk.* name it looks up is in our file (the head and embedding are not: no --process-output, and
         # llama-imatrix never has token_embd either)
         assert "did not find weights for blk." not in proc.stdout + proc.stderr
         outputs[label] = {t.name: t for t in gguf.GGUFReader(tmp_path / f"{label}.gguf").tensors}
-    ours = read_imatrix(tmp_path / "im.gguf")
+    code, _, err = run("quantize", src, tmp_path / "m1.gguf", "--format", "gguf", "--scheme", qtype, "--imatrix",
+                       imatrix, "-q")
+    assert code == 0, err
+    m1_reader = gguf.GGUFReader(tmp_path / "m1.gguf")
+    m1_file = {t.name: t for t in m1_reader.tensors}
+    theirs_reader = gguf.GGUFReader(tmp_path / "imatrix.gguf")
+    for key in ("general.file_type", "general.quantization_version", "general.type", "general.size_label"):
+        assert m1_reader.fields[key].contents() == theirs_reader.fields[key].contents(), key
+    ours = read_imatrix(imatrix)
     ckpt = Checkpoint.open(src)
     cfg = ckpt.config
-    checked = 0
+    checked = stacked = 0
     for name, t in outputs["imatrix"].items():
-        if t.tensor_type != gguf.GGMLQuantizationType.Q4_K or not name.startswith("blk."):
+        if t.tensor_type != qt or not name.startswith("blk."):
             continue
+        theirs_all = np.asarray(t.data).reshape(-1)
+        if name.endswith("_exps.weight"):  # m1's own GGUF: the same bytes, tensor for tensor
+            assert m1_file[name].tensor_type == qt and np.array_equal(np.asarray(m1_file[name].data).reshape(-1),
+                                                                      theirs_all), name
+            stacked += 1
         sources = from_gguf(name, cfg.layer_kinds, cfg.num_local_experts)
         imp = importance(ours, name)
         for slot, spec_name in enumerate(sources):
             weight = ckpt.get(spec_name).float().numpy()
-            mine = ggml_lib.quantize_rows("q4_k", weight, imp[slot] if len(sources) > 1 else imp[0])
-            theirs = np.asarray(t.data).reshape(len(sources), -1)[slot] if len(sources) > 1 else np.asarray(t.data)
-            assert np.array_equal(mine.reshape(-1), theirs.reshape(-1)), (name, slot)
-            plain = np.asarray(outputs["plain"][name].data).reshape(len(sources), -1)[slot]
-            assert np.array_equal(ggml_lib.quantize_rows("q4_k", weight).reshape(-1), plain.reshape(-1)), (name, slot)
-            assert not np.array_equal(plain.reshape(-1), theirs.reshape(-1)), (name, slot)  # the imatrix mattered
+            mine = ggml_lib.quantize_rows(qtype, weight, imp[slot] if len(sources) > 1 else imp[0])
+            theirs = theirs_all.reshape(len(sources), -1)[slot]
+            assert np.array_equal(mine.reshape(-1), theirs), (name, slot)
+            if "plain" in outputs:
+                plain = np.asarray(outputs["plain"][name].data).reshape(len(sources), -1)[slot]
+                assert np.array_equal(ggml_lib.quantize_rows(qtype, weight).reshape(-1), plain), (name, slot)
+                if ggml_lib.takes_imatrix(qtype):
+                    assert not np.array_equal(plain, theirs), (name, slot)  # the imatrix mattered
         checked += 1
     n_exps = 3 * cfg.num_hidden_layers
-    assert checked >= n_exps + 5, checked  # the stacked experts and the attention projections
+    assert stacked == n_exps and checked >= n_exps + 5, checked  # the stacked experts and the attention
 
 
 def test_the_engine_collects_by_m1_weight_names_and_the_gguf_file_stacks_the_experts() -> None:

@@ -224,7 +224,7 @@ IMATRIX = ImatrixFile(
     write=_write_imatrix,
     example="imatrix.gguf",
     what="llama.cpp's GGUF imatrix format, which llama-imatrix writes too and llama-quantize --imatrix reads",
-    used_by="llama.cpp's K-quants and IQ types",
+    used_by="llama.cpp's K-quants and IQ types (iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq3_xxs need one)",
 )
 
 
@@ -248,6 +248,7 @@ EXAMPLES = (
     ("convert", "m1 convert m1-q4.gguf back/ --to release"),
     ("quantize", "m1 quantize m1-40k/ m1-q4.gguf --format gguf --scheme q4_0"),
     ("quantize", "m1 quantize m1-40k/ m1-q4k.gguf --format gguf --scheme q4_k --imatrix imatrix.gguf"),
+    ("quantize", "m1 quantize m1-40k/ m1-iq2.gguf --format gguf --scheme iq2_xxs --imatrix imatrix.gguf"),
 )
 
 FORMAT = Format(

@@ -88,15 +88,38 @@ def check_runnable(cfg: M1Config, source: str = "config.json") -> None:
         refuse(f"rope_scaling {scaling!r}", "the exporter writes plain RoPE only")
 
 
+def size_label(cfg: M1Config) -> str:
+    """`general.size_label` as llama.cpp's converter computes it (GGUFWriter.get_total_parameter_count, then
+    gguf.size_label): "{experts}x{shared + one expert's params, rounded}" for an MoE, e.g. 32x15B for M1."""
+    import gguf
+
+    from m1.spec import Role, inventory
+
+    total = expert = 0
+    for spec in inventory(cfg):
+        n = math.prod(spec.shape)
+        total += n
+        if spec.role == Role.EXPERT:  # one expert's slice of a stacked ffn_*_exps tensor
+            expert += n
+    experts = cfg.num_local_experts
+    return gguf.size_label(total, total - expert, expert // experts, experts)
+
+
 def model_metadata(cfg: M1Config, *, name: str | None = None, file_type: int | None = None,
                    source: str = "config.json") -> list[KV]:
-    """The `general.*` and `minimax-01.*` keys for `cfg` (checked with `check_runnable` first)."""
+    """The `general.*` and `minimax-01.*` keys for `cfg` (checked with `check_runnable` first). The general keys
+    are those llama.cpp's convert_hf_to_gguf.py writes (general.type "model", the name, the size label, the file
+    type, the quantization version: it writes GGML_QUANT_VERSION for float files too, and llama-quantize sets it)."""
+    from gguf import GGML_QUANT_VERSION
+
     check_runnable(cfg, source)
-    kvs = []
+    kvs = [string("general.type", "model")]
     if name:
         kvs.append(string("general.name", name))
+    kvs.append(string("general.size_label", size_label(cfg)))
     if file_type is not None:
         kvs.append(u32("general.file_type", file_type))
+    kvs.append(u32("general.quantization_version", GGML_QUANT_VERSION))
     context = cfg.raw.get("max_position_embeddings") or 4096
     kvs += [
         u32(A + "block_count", cfg.num_hidden_layers),

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType
 from gguf.quants import quant_shape_to_byte_shape
 
 from m1.config import M1Config
@@ -25,7 +25,7 @@ from m1.errors import UsageError
 from m1.gguf.metadata import KV, model_metadata
 from m1.gguf.names import to_gguf
 from m1.gguf.tokenizer import TokenizerFiles, tokenizer_metadata
-from m1.gguf.types import FLOAT_TYPES, TypePolicy, block_size, type_name
+from m1.gguf.types import TypePolicy, block_size, type_name
 from m1.spec import Role, inventory
 
 if TYPE_CHECKING:
@@ -100,8 +100,6 @@ def gguf_metadata(
 ) -> tuple[list[KV], list[str]]:
     """All metadata (model, file type, tokenizer) and the warnings to show the user."""
     kvs = model_metadata(cfg, name=name, file_type=int(policy.file_type), source=source)
-    if policy.experts not in FLOAT_TYPES:
-        kvs.append(KV("general.quantization_version", GGML_QUANT_VERSION, GGUFValueType.UINT32))
     tok_kvs, warnings = tokenizer_metadata(tokenizer, n_rows=cfg.vocab_size, zero_rows=list(zero_rows),
                                            pre=tokenizer_pre, chat_template=chat_template)
     return kvs + tok_kvs, warnings

@@ -57,6 +57,11 @@ CHAT_TEMPLATE_WARNING = (
     "content is a plain string (what llama.cpp's server and mlx-lm pass) render with that text silently "
     "dropped; the GGUF keeps the model's template as is: pass --chat-template FILE to embed another"
 )
+CHAT_TEMPLATE_REWRITTEN = (
+    "the chat template reads message content as a list of parts only; the GGUF carries it rewritten to render "
+    "plain-string content too (list content renders as before; m1.gguf.chat_template): pass --chat-template FILE "
+    "to embed another"
+)
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,19 @@ def chat_template_warnings(template: str | None) -> list[str]:
     return []
 
 
+def embedded_template(template: str) -> tuple[str, list[str]]:
+    """The template a GGUF carries for the model's own template, and what to tell the user: a list-only template
+    rewritten to take string content too (m1.gguf.chat_template), or kept with a warning when it cannot be."""
+    from m1.gguf.chat_template import string_content_template
+
+    if not chat_template_warnings(template):
+        return template, []
+    rewritten = string_content_template(template)
+    if rewritten is None:
+        return template, [CHAT_TEMPLATE_WARNING]
+    return rewritten, [CHAT_TEMPLATE_REWRITTEN]
+
+
 def tokenizer_metadata(
     files: TokenizerFiles,
     *,
@@ -225,7 +243,8 @@ def tokenizer_metadata(
     warnings: list[str] = []
     template = chat_template if chat_template is not None else chat_template_of(files)
     if template:
-        kvs.append(string("tokenizer.chat_template", template))
         if chat_template is None:
-            warnings += chat_template_warnings(template)
+            template, notes = embedded_template(template)
+            warnings += notes
+        kvs.append(string("tokenizer.chat_template", template))
     return kvs, warnings

@@ -1,7 +1,8 @@
 """GGML tensor types for the export, by name, and which tensors get which (the type policy), as data.
 
-Blocks are quantized by gguf-py (`gguf.quants.quantize`, bit-exact with ggml); nothing here re-implements a
-block format. Types are named as llama.cpp's `--type` names them, lower case.
+Blocks are quantized by gguf-py (`gguf.quants.quantize`, bit-exact with ggml) or llama.cpp's ggml
+(m1.schemes.ggml_lib); nothing here re-implements a block format.
+Types are named as llama.cpp's `--type` names them, lower case.
 """
 
 from __future__ import annotations
@@ -19,19 +20,28 @@ GGML_TYPES: dict[str, GGMLQuantizationType] = {
     "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "mxfp4": Q.MXFP4,
     # quantized by llama.cpp's own ggml (m1.schemes.ggml_lib, extra m1[gguf-k]), with an optional imatrix
     "q2_k": Q.Q2_K, "q3_k": Q.Q3_K, "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "iq4_xs": Q.IQ4_XS,
+    "iq1_s": Q.IQ1_S, "iq1_m": Q.IQ1_M, "iq2_xxs": Q.IQ2_XXS, "iq2_xs": Q.IQ2_XS, "iq2_s": Q.IQ2_S,
+    "iq3_xxs": Q.IQ3_XXS, "iq3_s": Q.IQ3_S, "iq4_nl": Q.IQ4_NL, "tq1_0": Q.TQ1_0, "tq2_0": Q.TQ2_0,
 }
-K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")
+# the types llama.cpp's ggml quantizes (m1.schemes.ggml.GGML_LIB_TYPES): K-quants, i-quants, ternary
+K_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s",
+           "iq3_xxs", "iq3_s", "iq4_nl", "tq1_0", "tq2_0")
 EXPERT_TYPES = tuple(GGML_TYPES)
 DENSE_TYPES = ("bf16", "f16", "f32", "q8_0")  # attention, head, embedding: never below q8_0
 FLOAT_TYPES = ("f32", "f16", "bf16")
 
-# general.file_type: what the bulk of the file (the experts) is.
+# general.file_type: what the bulk of the file (the experts) is: the llama.cpp ftype whose default tensor type
+# (llama-quant.cpp llama_ftype_get_default_type) is the experts' type, so IQ2_S is llama-quantize's IQ2_M.
 FILE_TYPES: dict[str, LlamaFileType] = {
     "f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
     "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_1": LlamaFileType.MOSTLY_Q4_1,
     "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1, "mxfp4": LlamaFileType.MOSTLY_MXFP4_MOE,
     "q2_k": LlamaFileType.MOSTLY_Q2_K, "q3_k": LlamaFileType.MOSTLY_Q3_K_M, "q4_k": LlamaFileType.MOSTLY_Q4_K_M,
     "q5_k": LlamaFileType.MOSTLY_Q5_K_M, "q6_k": LlamaFileType.MOSTLY_Q6_K, "iq4_xs": LlamaFileType.MOSTLY_IQ4_XS,
+    "iq1_s": LlamaFileType.MOSTLY_IQ1_S, "iq1_m": LlamaFileType.MOSTLY_IQ1_M, "iq2_xxs": LlamaFileType.MOSTLY_IQ2_XXS,
+    "iq2_xs": LlamaFileType.MOSTLY_IQ2_XS, "iq2_s": LlamaFileType.MOSTLY_IQ2_M,
+    "iq3_xxs": LlamaFileType.MOSTLY_IQ3_XXS, "iq3_s": LlamaFileType.MOSTLY_IQ3_S,
+    "iq4_nl": LlamaFileType.MOSTLY_IQ4_NL, "tq1_0": LlamaFileType.MOSTLY_TQ1_0, "tq2_0": LlamaFileType.MOSTLY_TQ2_0,
 }
 SOURCE_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # safetensors dtype -> the type that keeps it exactly
 

@@ -74,6 +74,10 @@ class Scheme:
         """Scheme `name` made with this one's shared inputs (a ggml type's imatrix), for a mix of schemes."""
         return make_scheme(name)
 
+    def params_per_second(self) -> float | None:
+        """Measured quantization speed on one CPU core (params/s), for a dry run's time estimate; None: unmeasured."""
+        return None
+
     def straddles_rows(self, shape: tuple[int, ...]) -> bool:
         """Whether a weight of this shape hits a known limitation of its library's readers (a warning)."""
         return False

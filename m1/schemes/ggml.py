@@ -1,10 +1,15 @@
 """The ggml block types as schemes, for the gguf format.
 
 q8_0, q4_0, q4_1, q5_0, q5_1 and mxfp4 are quantized by gguf-py (`gguf.quants`, bit-exact with ggml); the
-K-quants (q2_k ... q6_k) and iq4_xs by llama.cpp's own ggml (`m1.schemes.ggml_lib`, the extra m1[gguf-k]),
-with an importance matrix from `m1 verify imatrix` when given (`--imatrix`). gguf-py's quantizers take no
-imatrix, so q4_0 and friends ignore one (a warning says so). Dequantizing is gguf-py's for every type.
-Nothing here does block arithmetic. A ggml weight has no companion tensors: its blocks carry their scales.
+K-quants (q2_k ... q6_k), the i-quants (iq1_s ... iq4_xs) and the ternary tq1_0/tq2_0 by llama.cpp's own ggml
+(`m1.schemes.ggml_lib`, the extra m1[gguf-k]), with an importance matrix from `m1 verify imatrix` when given
+(`--imatrix`). The types llama-quantize refuses without one (iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq3_xxs) are
+refused here too, when the scheme is made: before any plan or byte. gguf-py's quantizers take no imatrix, so q4_0
+and friends ignore one (a warning says so). Dequantizing is gguf-py's for every type. Nothing here does block
+arithmetic. A ggml weight has no companion tensors: its blocks carry their scales.
+
+`THROUGHPUT` is measured data (bench/bench_lowbit_speed.py): ggml's params/s on one core per type, from which a
+dry run prints the full-scale quantization time.
 """
 
 from __future__ import annotations
@@ -13,13 +18,31 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from m1.errors import UsageError
+from m1.errors import M1Error, UsageError
 from m1.schemes import Family, Piece, Scheme, make_scheme
 
 NUMPY_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4")  # gguf.quants
-GGML_LIB_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")  # llama.cpp's ggml, through ctypes
+GGML_LIB_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k",  # llama.cpp's ggml, through ctypes
+                  "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs",
+                  "tq1_0", "tq2_0")
 BLOCK_TYPES = NUMPY_TYPES + GGML_LIB_TYPES
 FAMILY_NAME = "ggml"
+# llama.cpp's fallback when a tensor's rows do not split into a type's blocks (llama-quant.cpp
+# tensor_type_fallback): llama-quantize switches silently, m1 refuses and names it (the user decides).
+FALLBACK = {"iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
+            "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl", "q2_k": "q4_0", "q3_k": "q4_0",
+            "tq1_0": "q4_0", "tq2_0": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+# ggml's quantization speed, millions of params per second on one core, f32 rows of 6144 (M1's expert w1/w3 row;
+# the IQ types' lattice search depends on the values, not the shape), with an imatrix where the type takes one.
+# Measured by `python bench/bench_lowbit_speed.py` (64 rows, one thread, best of 3), with other jobs running (load
+# 2.7 on its 2 cores): a floor; a second run minutes apart differed by up to 1.9x per type (see README).
+THROUGHPUT_MEASURED = "2026-12-03 on the project's 2-core shared box (x86-64, llama-cpp-python 0.3.36 wheel)"
+THROUGHPUT: dict[str, float] = {
+    "q8_0": 232, "q4_0": 228, "q4_1": 159, "q5_0": 190, "q5_1": 112, "mxfp4": 16, "q2_k": 7.48, "q3_k": 23.3,
+    "q4_k": 8.6, "q5_k": 6.22, "q6_k": 17.8, "iq1_s": 4.86, "iq1_m": 6.51, "iq2_xxs": 2.16, "iq2_xs": 1.15,
+    "iq2_s": 2.34, "iq3_xxs": 1.18, "iq3_s": 1.28, "iq4_nl": 2.59, "iq4_xs": 2.33, "tq1_0": 244, "tq2_0": 192,
+}
 
 
 def _qtype(name: str) -> Any:
@@ -64,6 +87,9 @@ class GgmlScheme(Scheme):
             from m1.schemes import ggml_lib
 
             ggml_lib.raw_library()  # one line saying what to install, before any planning
+            if imatrix is None and ggml_lib.needs_imatrix(name):
+                raise M1Error(f"{name} needs an importance matrix (llama-quantize refuses it without one): make "
+                              f"one with `{ggml_lib.IMATRIX_COMMAND}`, then pass --imatrix imatrix.gguf")
         if imatrix is None:
             return cls(name)
         import hashlib
@@ -84,6 +110,10 @@ class GgmlScheme(Scheme):
         """The imatrix row for one source weight (an expert's row of its stacked GGUF tensor), or None."""
         if self.imatrix is None:
             return None
+        if not source:  # a weight of no model (the budget prior's Gaussian sample): every column alike
+            import numpy as np
+
+            return np.ones(n_cols, dtype=np.float32)
         from m1.gguf.imatrix import importance_row, read_imatrix
         from m1.gguf.names import to_gguf
 
@@ -102,6 +132,10 @@ class GgmlScheme(Scheme):
     def check_supported(self, device: Any) -> None:
         pass  # gguf-py runs on the CPU, whatever --device says
 
+    def params_per_second(self) -> float | None:
+        rate = THROUGHPUT.get(self.name)
+        return rate * 1e6 if rate else None
+
     def like(self, name: str) -> Scheme:
         return make_scheme(name, imatrix=self.imatrix) if self.imatrix else make_scheme(name)
 
@@ -111,8 +145,11 @@ class GgmlScheme(Scheme):
             raise UsageError(f"dtype {dtype} cannot be quantized to {self.name}", file=file, tensor=name,
                              hint="convert it to a float dtype first: m1 convert SRC DST --dtype bf16")
         if shape[-1] % values:
+            fallback = FALLBACK.get(self.name)
+            instead = f" (llama.cpp would fall back to {fallback})" if fallback else ""
             raise UsageError(f"rows of {shape[-1]} values do not split into {self.name} blocks of {values}",
-                             file=file, tensor=name, hint="keep this tensor with --keep, or choose another type")
+                             file=file, tensor=name, hint=f"keep this tensor with --keep, or choose another "
+                                                          f"type{instead}")
         if self.imatrix is not None:
             self._importance(name, shape[-1])  # the imatrix has this weight and expert, with its column count
 
@@ -129,9 +166,11 @@ class GgmlScheme(Scheme):
         if self.name in GGML_LIB_TYPES:
             from m1.schemes import ggml_lib
 
+            # the rows split over torch's intra-op threads (--threads; a worker's own share of the cores): the
+            # bytes do not depend on it, and one GGUF file is one worker's, so this is what spreads a file's work
             data = ggml_lib.quantize_rows(self.name, rows.reshape(-1, rows.shape[-1]),
                                           self._importance(name, rows.shape[-1]), tensor=name or None,
-                                          imatrix_file=self.imatrix)
+                                          imatrix_file=self.imatrix, threads=torch.get_num_threads())
         else:
             from gguf.quants import quantize
 

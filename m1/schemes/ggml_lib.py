@@ -1,4 +1,4 @@
-"""ggml's own quantizers (K-quants, IQ4, the legacy block types), called through ctypes, never re-implemented.
+"""ggml's own quantizers (K-quants, i-quants, ternary TQ*, legacy types), called through ctypes, never re-implemented.
 
 llama-cpp-python ships llama.cpp's libggml; its `libggml-base` exports the public C API
 `ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix)` with the type traits, so the same
@@ -12,11 +12,14 @@ functions over numpy arrays:
 
 A type is a `gguf.GGMLQuantizationType`, its ggml number, or its llama.cpp name (`q4_k`, `iq4_xs`, ...).
 Inputs are checked before the call (ggml aborts the process on a failed assertion): rows that do not split
-into the type's blocks (256 values for the K-quants and IQ4_XS) are a `UsageError` naming the tensor.
+into the type's blocks (256 values for the K-quants, the i-quants but IQ4_NL, and TQ*) are a `UsageError` naming
+the tensor. The i-quants' grids are built once per process (`ggml_quantize_init`) and freed at exit.
 
 The importance matrix is per column: for one 2-D weight [rows, n_per_row] it is the mean squared input of
 each column (llama.cpp's in_sum2 / counts, see m1.verify.imatrix.importance). ggml's quantizers of the
-K-quants, IQ4_* and q4_0/q4_1/q5_0/q5_1 use it when given; q8_0 and mxfp4 ignore it (`takes_imatrix`).
+K-quants, the i-quants and q4_0/q4_1/q5_0/q5_1 use it when given; q8_0, mxfp4, tq1_0 and tq2_0 ignore it
+(`takes_imatrix`). IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and IQ3_XXS are refused without one (`needs_imatrix`:
+ggml aborts for the first three, llama-quantize refuses all six).
 Note that gguf-py's numpy q4_0 (the project's `m1.gguf` export) has no imatrix input at all.
 
 Pinned: llama-cpp-python==0.3.36 (extra `m1[gguf-k]`); without it every function raises one UsageError line
@@ -40,6 +43,7 @@ from gguf import GGMLQuantizationType
 from m1.errors import UsageError
 
 PINNED_VERSION = "0.3.36"
+IMATRIX_COMMAND = "m1 verify imatrix SRC imatrix.gguf --corpus mr-niah"
 INSTALL_HINT = f"pip install 'm1[gguf-k]' (llama-cpp-python=={PINNED_VERSION})"
 
 Q = GGMLQuantizationType
@@ -47,17 +51,26 @@ GGMLType = GGMLQuantizationType | int | str
 
 # The types m1 quantizes with ggml (each checked in tests/test_ggml_lib.py against ggml's own dequantizer).
 K_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-SUPPORTED: tuple[GGMLQuantizationType, ...] = (*K_TYPES, Q.IQ4_XS, Q.IQ4_NL, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
-                                               Q.Q8_0, Q.MXFP4)
-# ggml's quantize_q8_0 and quantize_mxfp4 never read quant_weights; every other supported type uses them.
-IGNORES_IMATRIX = frozenset({Q.Q8_0, Q.MXFP4})
+# The i-quants (lattice codebooks; their grids are built by ggml_quantize_init) and the ternary types.
+IQ_TYPES = (Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_NL, Q.IQ4_XS)
+TERNARY_TYPES = (Q.TQ1_0, Q.TQ2_0)
+SUPPORTED: tuple[GGMLQuantizationType, ...] = (*K_TYPES, *IQ_TYPES, *TERNARY_TYPES, Q.Q4_0, Q.Q4_1, Q.Q5_0,
+                                               Q.Q5_1, Q.Q8_0, Q.MXFP4)
+# ggml's quantize_q8_0, quantize_mxfp4 and quantize_tq*_0 never read quant_weights; every other type uses them.
+IGNORES_IMATRIX = frozenset({Q.Q8_0, Q.MXFP4, Q.TQ1_0, Q.TQ2_0})
+# llama.cpp's rule (llama-quant.cpp tensor_requires_imatrix): llama-quantize refuses these without an importance
+# matrix for every tensor but token_embd and output. ggml itself aborts without one for IQ1_S, IQ2_XXS and IQ2_XS
+# only (ggml_quantize_requires_imatrix, which `requires_imatrix` asks); the others would be quantized badly.
+LLAMA_REQUIRES_IMATRIX = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS})
 # Byte offsets of the f16 scales in one block (ggml-common.h's block_* structs): every other field is an
 # integer, so a block whose scales are finite dequantizes to finite values. MXFP4's scale is an E8M0 byte that
 # a finite input never makes NaN (0xFF); it has no entry.
 SCALE_OFFSETS: dict[GGMLQuantizationType, tuple[int, ...]] = {
     Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,),
     Q.IQ4_NL: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-}
+    Q.IQ1_S: (0,), Q.IQ2_XXS: (0,), Q.IQ2_XS: (0,), Q.IQ2_S: (0,), Q.IQ3_XXS: (0,), Q.IQ3_S: (0,),
+    Q.TQ1_0: (52,), Q.TQ2_0: (64,),  # block_tq*_0: the f16 d after the quants
+}  # IQ1_M spreads its f16 scale over the top nibbles of its scales (iq1m_scale_t): no entry
 F32_MAX = float(np.finfo(np.float32).max)
 # ggml's weighted sums have at most 256 terms of w * max(l^2, |l x|, x^2), levels |l| <= 127 and
 # w = importance * sqrt(sigma2 + x^2) <= sqrt(3) * importance * |x|max: with m = max(1, |x|max) each sum stays
@@ -148,6 +161,8 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_quantize_chunk.restype = size
     lib.ggml_quantize_init.argtypes = [ctype]
     lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_free.argtypes = []
+    lib.ggml_quantize_free.restype = None
     lib.ggml_quantize_requires_imatrix.argtypes = [ctype]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_row_size.argtypes = [ctype, i64]
@@ -159,6 +174,32 @@ def _lib() -> ctypes.CDLL:
     lib.ggml_get_type_traits.argtypes = [ctype]
     lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     return lib
+
+
+_INITIALISED: set[GGMLQuantizationType] = set()
+
+
+def _init(lib: ctypes.CDLL, t: GGMLQuantizationType) -> None:
+    """ggml_quantize_init once per type and process (the IQ grids and their neighbour maps, some MB each: ggml
+    builds them under its own lock), and ggml_quantize_free at exit for all of them."""
+    if t in _INITIALISED:
+        return
+    if not _INITIALISED:
+        import atexit
+
+        atexit.register(_free, lib)
+    lib.ggml_quantize_init(int(t))
+    _INITIALISED.add(t)
+
+
+def _free(lib: ctypes.CDLL) -> None:
+    lib.ggml_quantize_free()
+    _INITIALISED.clear()
+
+
+def initialised() -> frozenset[GGMLQuantizationType]:
+    """The types whose tables this process has built (for tests: once each, freed at exit)."""
+    return frozenset(_INITIALISED)
 
 
 def available() -> bool:
@@ -179,7 +220,7 @@ def raw_library() -> ctypes.CDLL:
 
 
 def block_size(qtype: GGMLType) -> int:
-    """Values per block (256 for the K-quants and IQ4_XS, 32 for q4_0/q8_0/iq4_nl/mxfp4)."""
+    """Values per block (256 for the K-quants, most i-quants and TQ*; 32 for q4_0/q8_0/iq4_nl/mxfp4)."""
     return int(_lib().ggml_blck_size(int(type_of(qtype))))
 
 
@@ -208,6 +249,13 @@ def row_size(qtype: GGMLType, n_per_row: int, tensor: str | None = None) -> int:
 def requires_imatrix(qtype: GGMLType) -> bool:
     """Whether ggml refuses to quantize this type without an importance matrix (the IQ1/IQ2 family)."""
     return bool(_lib().ggml_quantize_requires_imatrix(int(type_of(qtype))))
+
+
+def needs_imatrix(qtype: GGMLType) -> bool:
+    """Whether m1 refuses the type without an importance matrix: ggml's own rule (`requires_imatrix`) or
+    llama-quantize's (`LLAMA_REQUIRES_IMATRIX`), whichever is stricter."""
+    t = type_of(qtype)
+    return t in LLAMA_REQUIRES_IMATRIX or requires_imatrix(t)
 
 
 def takes_imatrix(qtype: GGMLType) -> bool:
@@ -246,9 +294,9 @@ def _check_finite(values: np.ndarray, what: str, tensor: str | None) -> None:
 def _imatrix_row(imatrix: np.ndarray | None, t: GGMLQuantizationType, n_per_row: int,
                  tensor: str | None, file: str | None = None) -> np.ndarray | None:
     if imatrix is None:
-        if requires_imatrix(t):
+        if needs_imatrix(t):
             raise UsageError(f"{type_name(t)} needs an importance matrix", tensor=tensor,
-                             hint="make one with m1 verify imatrix SRC imatrix.gguf")
+                             hint=f"make one with {IMATRIX_COMMAND}")
         return None
     weights = np.ascontiguousarray(np.asarray(imatrix, dtype=np.float32).reshape(-1))
     if weights.shape[0] != n_per_row:
@@ -323,7 +371,7 @@ def quantize_rows(qtype: GGMLType, data: np.ndarray, imatrix: np.ndarray | None 
         _check_importance_range(weights, rows, tensor, imatrix_file)
     out = np.empty((n_rows, rsize), dtype=np.uint8)
     lib = _lib()
-    lib.ggml_quantize_init(int(t))
+    _init(lib, t)
     fptr = ctypes.POINTER(ctypes.c_float)
     imat = weights.ctypes.data_as(fptr) if weights is not None else None
 
@@ -368,7 +416,8 @@ def describe(types: Iterable[GGMLType] = SUPPORTED) -> list[dict[str, object]]:
         t = type_of(qtype)
         blck, size = block_size(t), type_size(t)
         out.append({"type": type_name(t), "block": blck, "block_bytes": size, "bits_per_weight": 8 * size / blck,
-                    "takes_imatrix": takes_imatrix(t), "requires_imatrix": requires_imatrix(t)})
+                    "takes_imatrix": takes_imatrix(t), "requires_imatrix": requires_imatrix(t),
+                    "needs_imatrix": needs_imatrix(t)})
     return out
 
 
