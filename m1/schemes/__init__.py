@@ -107,10 +107,11 @@ def unregister_family(name: str) -> None:
 def _builtins() -> None:
     if not _BUILTIN:
         _BUILTIN.append(True)
-        from m1.schemes import bnb, ggml
+        from m1.schemes import bnb, fp8, ggml
 
         _FAMILIES.setdefault(bnb.FAMILY.name, bnb.FAMILY)
         _FAMILIES.setdefault(ggml.FAMILY.name, ggml.FAMILY)
+        _FAMILIES.setdefault(fp8.FAMILY.name, fp8.FAMILY)
 
 
 def families() -> list[Family]:
