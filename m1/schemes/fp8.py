@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from m1.errors import CheckpointError, ConfigError, UsageError
-from m1.schemes import Family, Piece, Scheme
+from m1.schemes import Family, Piece, Scheme, module_of
 
 SCHEMES = ("fp8",)
 FAMILY_NAME = "fp8"
@@ -112,7 +112,8 @@ class Fp8Scheme(Scheme):
             raise CheckpointError("not an fp8 weight with its fp32 block scales", tensor=name,
                                   hint="re-run m1 quantize")
         if not bool((torch.isfinite(scale) & (scale > 0)).all()):
-            raise CheckpointError(f"{SCALE} holds a scale that is not a positive finite number", tensor=name,
+            raise CheckpointError("holds a scale that is not a positive finite number",
+                                  tensor=f"{module_of(name)}.{SCALE}" if name else SCALE,
                                   hint="the quantized tensors are damaged; re-run m1 quantize")
         (out, inp), (br, bc) = q.shape, self.block
         rows, cols = scale.shape
