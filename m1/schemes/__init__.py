@@ -74,6 +74,11 @@ class Scheme:
         """Scheme `name` made with this one's shared inputs (a ggml type's imatrix), for a mix of schemes."""
         return make_scheme(name)
 
+    def for_attention(self, name: str) -> Scheme | None:
+        """This scheme when `--attn-type name` quantizes the attention projections too (its config then says so),
+        in a format that stores the spec's tensors one to one; None: it does not take attention."""
+        return None
+
     def straddles_rows(self, shape: tuple[int, ...]) -> bool:
         """Whether a weight of this shape hits a known limitation of its library's readers (a warning)."""
         return False

@@ -17,7 +17,7 @@ the DeepSeek convention says (the last block of a row or column is partial), as 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from m1.errors import CheckpointError, ConfigError, UsageError
@@ -65,6 +65,9 @@ class Fp8Scheme(Scheme):
 
     def check_supported(self, device: Any) -> None:
         pass  # torch casts to float8 on every device
+
+    def for_attention(self, name: str) -> Fp8Scheme | None:
+        return replace(self, attention=True) if name == self.name else None
 
     def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
         return math.ceil(shape[0] / self.block[0]), math.ceil(shape[1] / self.block[1])
