@@ -290,3 +290,18 @@ def test_attention_fp8_when_asked(make_tiny_ckpt: Callable[..., Path], tmp_path:
     assert code == 2 and "goes with m1 quantize --scheme fp8" in one_line_error(err)
     code, _, err = run("convert", src, tmp_path / "copy", "--attn-type", "fp8")
     assert code == 2 and "--attn-type fp8" in one_line_error(err)
+
+
+def test_an_fp8_source_dequantized_then_quantized_or_exported(made: dict[str, Path], tmp_path: Path,
+                                                              run: Callable[..., tuple[int, str, str]]) -> None:
+    """Quantizing or exporting an fp8 source directly is refused (as for any quantized source), naming the way:
+    dequantize with convert --dtype, then nf4 and GGUF work from it."""
+    code, _, err = run("quantize", made["rel"], tmp_path / "direct", "--scheme", "nf4")
+    assert code == 2 and "already quantized" in one_line_error(err) and "--dtype bf16" in err
+    assert run("convert", made["rel"], tmp_path / "fp32", "--dtype", "fp32", "-q")[0] == 0
+    ckpt, back = Checkpoint.open(str(made["rel"])), read_all(tmp_path / "fp32")
+    name = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
+    assert torch.equal(back[name], dequantize_weight(ckpt, name))
+    assert run("quantize", tmp_path / "fp32", tmp_path / "nf4", "--scheme", "nf4", "-q")[0] == 0
+    assert run("convert", tmp_path / "fp32", tmp_path / "m1.gguf", "--to", "gguf", "-q")[0] == 0
+    assert run("verify", "integrity", tmp_path / "m1.gguf")[0] == 0
