@@ -19,6 +19,7 @@ from m1.dtypes import FLOAT_DTYPES, torch_dtype
 from m1.errors import M1Error, UsageError
 from m1.manifest import read_manifest
 from m1.safetensors_io import Header
+from m1.schemes import companions_in
 from m1.spec import Role, TensorSpec, classify, inventory
 
 
@@ -196,7 +197,9 @@ def _check_spec(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityR
             report.add("unexpected-tensor", "not part of this config's M1 (layer or expert out of range, "
                        "or the wrong attention kind for this layer)", file, name)
             continue
-        if c.companion is not None or (cfg.quantization_config and spec.role == Role.EXPERT):
+        # a quantized weight: an expert, or another weight stored with companions (fp8 attention)
+        quantized = spec.role == Role.EXPERT or bool(companions_in(spec.name, names))
+        if c.companion is not None or (cfg.quantization_config and quantized):
             group = quantized_groups.get(spec.name)
             if group is None:
                 group = expected_quantized(ckpt, spec) or {}

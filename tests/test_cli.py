@@ -293,7 +293,8 @@ def flat_help(out: str) -> str:
 
 
 def test_every_formats_own_options_are_flags_of_convert_and_quantize(run) -> None:
-    from m1.cli.registries import format_cli_options, label
+    from m1.cli.registries import format_cli_options, option_help
+    from m1.formats.base import FormatOption
 
     options = format_cli_options()
     assert {"attn_type", "head_type", "embed_type", "split_max_size", "tokenizer_pre", "chat_template"} <= {
@@ -303,7 +304,11 @@ def test_every_formats_own_options_are_flags_of_convert_and_quantize(run) -> Non
         assert code == 0
         for option, formats in options:
             assert f"{option.flag} " in flat_help(out), (command, option.flag)
-            assert flat_help(f"{label(formats[0])}: {option.help}") in flat_help(out), (command, option.flag)
+            assert flat_help(option_help(option, formats)) in flat_help(out), (command, option.flag)
+            for fmt in formats:  # each format's own help, where several declare the option
+                own = next(o for o in fmt.options if o == option.name)
+                text = own.help if isinstance(own, FormatOption) else ""
+                assert flat_help(text) in flat_help(out), (command, option.flag, fmt.name)
 
 
 def test_a_registered_formats_option_is_a_flag_that_reaches_its_job(tiny: Path, tmp_path: Path, run) -> None:

@@ -87,9 +87,22 @@ def format_cli_options() -> list[tuple[FormatOption, list[Format]]]:
     return list(found.values())
 
 
+def option_help(option: FormatOption, formats: list[Format]) -> str:
+    """The help of an option several formats may declare, each with its own help: the formats that say the same
+    thing together (`RELEASE/HF: ...  GGUF: ...`)."""
+    said: dict[str, list[Format]] = {}
+    for fmt in formats:
+        own = next((o for o in fmt.options if o == option.name), option)
+        said.setdefault(own.help if isinstance(own, FormatOption) else "", []).append(fmt)
+    parts = []
+    for text, owners in said.items():
+        names = "/".join(label(f) for f in owners)
+        parts.append(f"{names}: {text}" if text else f"{names} output's {option.name}.")
+    return " ".join(parts)
+
+
 def _parameter(option: FormatOption, formats: list[Format]) -> inspect.Parameter:
-    owners = "/".join(label(f) for f in formats)
-    help_text = f"{owners}: {option.help}" if option.help else f"{owners} output's {option.name}."
+    help_text = option_help(option, formats)
     annotation = Annotated[option.type | None, typer.Option(option.flag, help=help_text)]
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from m1.errors import ConfigError
 from m1.formats.base import ConfigView, Format, identity_table
-from m1.formats.tensor_plan import plan_by_tensor
+from m1.formats.tensor_plan import OPTIONS, make_options, plan_by_tensor
 
 MODEL_TYPE = "minimax"
 ARCHITECTURE = "MiniMaxForCausalLM"
@@ -68,6 +68,8 @@ FORMAT = Format(
     config_keys=CONFIG_KEYS,
     names=identity_table(),
     plan_ops=plan_by_tensor,
+    options=OPTIONS,
+    make_options=make_options,
     extra_file=lambda name: not name.endswith(".py"),  # the release's remote code does not belong here
     warnings=rotary_warnings,
 )

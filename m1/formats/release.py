@@ -8,7 +8,7 @@ from typing import Any
 
 from m1.errors import ConfigError
 from m1.formats.base import ConfigView, Format, identity_table
-from m1.formats.tensor_plan import plan_by_tensor
+from m1.formats.tensor_plan import OPTIONS, make_options, plan_by_tensor
 
 MODEL_TYPES = {
     "minimax_m1": (
@@ -118,4 +118,6 @@ FORMAT = Format(
     config_keys=CONFIG_KEYS,
     names=identity_table(),
     plan_ops=plan_by_tensor,
+    options=OPTIONS,
+    make_options=make_options,
 )

@@ -8,15 +8,56 @@ import math
 from typing import Any
 
 from m1.dtypes import DTYPE_BYTES, DTYPE_OPTIONS, FLOAT_DTYPES, torch_name
-from m1.errors import CheckpointError
-from m1.formats.base import FormatPlan, PlanInput
+from m1.errors import CheckpointError, UsageError
+from m1.formats.base import FormatOption, FormatPlan, PlanInput
 from m1.plan import OutputFile, OutputTensor, SourceTensor, TensorOp
 from m1.schemes import companion_suffixes, scheme_from_config
 from m1.tensors import Role
 
+ATTENTION_ROLES = (Role.LIGHTNING_QKV, Role.LIGHTNING_GATE, Role.LIGHTNING_OUT, Role.SOFTMAX_ATTN)
+# The formats of this module take --attn-type for a scheme that quantizes the attention projections too
+# (Scheme.for_attention: fp8); without it the attention keeps its source precision.
+ATTN_TYPE = FormatOption("attn_type", help="fp8: the attention projections fp8 too (with --scheme fp8; default: "
+                         "their source precision).")
+OPTIONS = (ATTN_TYPE,)
+
+
+def make_options(dest: Any, given: dict[str, Any]) -> dict[str, Any]:
+    from m1.schemes import scheme_names
+
+    value = given.get("attn_type")
+    if value is not None and value not in scheme_names():
+        raise UsageError(f"--attn-type {value!r} is not a scheme", hint="e.g. --scheme fp8 --attn-type fp8")
+    return {"attn_type": value} if value is not None else {}
+
+
+def attention_scheme(job: PlanInput) -> Any:
+    """The request's scheme for the attention projections too (--attn-type), or None."""
+    name, scheme = job.request.format_options.get("attn_type"), job.request.scheme
+    if name is None:
+        return None
+    both = scheme.for_attention(name) if scheme is not None else None
+    if both is None:
+        raise UsageError(f"--attn-type {name} does not apply to {scheme.describe() if scheme else 'a copy'}",
+                         hint=f"--attn-type {name} goes with m1 quantize --scheme {name}")
+    for t in job.tensors:
+        if attention_chosen(job, t.name):
+            both.check_weight(t.name, t.dtype, t.shape, t.file)
+    return both
+
+
+def attention_chosen(job: PlanInput, name: str) -> bool:
+    """An attention projection --attn-type quantizes: not a companion, not matched by --keep."""
+    c = job.classified[name]
+    return (c.rule.role in ATTENTION_ROLES and c.companion is None
+            and not any(p.matches(name) for p in job.request.policy.keep))
+
 
 def plan_by_tensor(job: PlanInput) -> FormatPlan:
     fmt, cfg, request, scheme = job.format, job.cfg, job.request, job.request.scheme
+    with_attention = attention_scheme(job)
+    if with_attention is not None:
+        scheme = with_attention
     dequantize = cfg.quantization_config is not None and request.dtype != "keep"
     stored_scheme = scheme_from_config(cfg.quantization_config, f"{job.source}/config.json") if dequantize else None
     suffixes = companion_suffixes()
@@ -49,7 +90,7 @@ def plan_by_tensor(job: PlanInput) -> FormatPlan:
         elif comps:  # a quantized weight copied as stored, never split from its companions
             outs = tuple(OutputTensor(rename(x.name), x.dtype, tuple(x.shape), x.nbytes) for x in (t, *comps))
             ops.append(TensorOp(_kind("copy", outs, src), src, outs, **common))
-        elif t.name in job.chosen:
+        elif t.name in job.chosen or (with_attention is not None and attention_chosen(job, t.name)):
             module = t.name[: -len(".weight")]
             sch = job.mix.get(t.name) or scheme
             outs = tuple(OutputTensor(rename(f"{module}.{p.suffix}"), p.dtype, p.shape if p.exact else (p.nbytes,),
@@ -63,6 +104,9 @@ def plan_by_tensor(job: PlanInput) -> FormatPlan:
     out_cfg = cfg
     if scheme is not None:
         kept = [t.name for t in weights if job.classified[t.name].rule.role == Role.EXPERT and t.name not in job.chosen]
+        if with_attention is not None:  # the projections --keep leaves out are named, as kept experts are
+            kept += [t.name for t in weights
+                     if job.classified[t.name].rule.role in ATTENTION_ROLES and not attention_chosen(job, t.name)]
         qc = scheme.quantization_config(kept)
         others = {name: sch for name, sch in job.mix.items() if sch is not None and sch.name != scheme.name}
         if others:  # one config block names one scheme: the others, per weight (m1.load_pretrained reads them)

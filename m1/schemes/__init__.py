@@ -78,6 +78,11 @@ class Scheme:
         """Measured quantization speed on one CPU core (params/s), for a dry run's time estimate; None: unmeasured."""
         return None
 
+    def for_attention(self, name: str) -> Scheme | None:
+        """This scheme when `--attn-type name` quantizes the attention projections too (its config then says so),
+        in a format that stores the spec's tensors one to one; None: it does not take attention."""
+        return None
+
     def straddles_rows(self, shape: tuple[int, ...]) -> bool:
         """Whether a weight of this shape hits a known limitation of its library's readers (a warning)."""
         return False
@@ -111,10 +116,11 @@ def unregister_family(name: str) -> None:
 def _builtins() -> None:
     if not _BUILTIN:
         _BUILTIN.append(True)
-        from m1.schemes import bnb, ggml
+        from m1.schemes import bnb, fp8, ggml
 
         _FAMILIES.setdefault(bnb.FAMILY.name, bnb.FAMILY)
         _FAMILIES.setdefault(ggml.FAMILY.name, ggml.FAMILY)
+        _FAMILIES.setdefault(fp8.FAMILY.name, fp8.FAMILY)
 
 
 def families() -> list[Family]:
