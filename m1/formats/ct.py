@@ -47,7 +47,7 @@ def _opens(source: str) -> bool:
 
 
 def _card_line(files: list[str]) -> str:
-    return (f"- **vLLM / transformers**: compressed-tensors `pack-quantized` experts; transformers 5.x loads them "
+    return ("- **vLLM / transformers**: compressed-tensors `pack-quantized` experts; transformers 5.x loads them "
             "with `CompressedTensorsConfig(dequantize=True)` on a CPU")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -126,7 +126,8 @@ class CtStorage(LocalStorage):
         """A quantized weight's stored tensors, after checking their dtypes and shapes against the scheme."""
         group = self.groups[weight]
         infos = {suffix: self.stored_info(name) for suffix, name in group.items()}
-        file = self.display(infos["weight_packed"].file if "weight_packed" in infos else next(iter(infos.values())).file)
+        first = infos["weight_packed"] if "weight_packed" in infos else next(iter(infos.values()))
+        file = self.display(first.file)
         shape = self.shapes.get(weight)
         if shape is None:
             raise CheckpointError("not part of this config's M1", file=file, tensor=group.get("weight_packed"))
