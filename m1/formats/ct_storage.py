@@ -24,7 +24,7 @@ import numpy as np
 from m1.errors import CheckpointError, M1Error
 from m1.index import INDEX_NAMES, Index, parse_index
 from m1.safetensors_io import Header, TensorInfo
-from m1.schemes.ct_pack import COMPANIONS, PackScheme
+from m1.schemes.ct_pack import COMPANIONS, PackScheme, require
 from m1.storage import LocalStorage
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class CtStorage(LocalStorage):
 
     def __init__(self, root: str | Path) -> None:
         super().__init__(root)
+        require()
         from m1.config import M1Config
         from m1.spec import spec_by_name
 

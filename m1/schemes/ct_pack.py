@@ -32,6 +32,15 @@ COMPANIONS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_poin
 IGNORE = ("lm_head", r"re:.*self_attn\..*", r"re:.*block_sparse_moe\.gate$")
 
 
+def require() -> None:
+    """One line saying what to install when the compressed-tensors library is missing (found, not imported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise UsageError("the compressed-tensors schemes and checkpoints need the compressed-tensors library",
+                         hint="pip install 'm1[compressed-tensors]'")
+
+
 @dataclass(frozen=True)
 class PackScheme(Scheme):
     name: str  # w4a16 | w8a16
@@ -49,6 +58,7 @@ class PackScheme(Scheme):
         for flag, value in (("--double-quant", double_quant), ("--imatrix", imatrix)):
             if value is not None:
                 raise UsageError(f"{flag} does not apply to {name}", hint="drop it; --blocksize sets the group size")
+        require()
         group = DEFAULT_GROUP if blocksize is None else blocksize
         if group <= 0:
             raise UsageError(f"--blocksize (the group size) must be positive, got {group}")
