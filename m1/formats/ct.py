@@ -46,11 +46,6 @@ def _opens(source: str) -> bool:
     return is_ct_folder(source)
 
 
-def _card_line(files: list[str]) -> str:
-    return ("- **vLLM / transformers**: compressed-tensors `pack-quantized` experts; transformers 5.x loads them "
-            "with `CompressedTensorsConfig(dequantize=True)` on a CPU")
-
-
 EXAMPLES = (
     ("quantize", f"m1 quantize m1-40k/ m1-w4a16/ --format {NAME} --scheme w4a16"),
     ("convert", "m1 convert m1-w4a16/ m1-bf16/ --dtype bf16"),
@@ -71,6 +66,5 @@ FORMAT = Format(
     opens=_opens,
     open_storage=_open_storage,
     mix_candidates=",".join(SCHEMES),
-    card_line=_card_line,
     examples=EXAMPLES,
 )
