@@ -255,3 +255,14 @@ def test_full_m1_w4a16_plan_from_the_release_index() -> None:
     total = totals["quantized"]["bytes_after"] + totals["kept"]["bytes_after"]
     assert 266.5e9 < total < 266.9e9, total
     assert plan.config["quantization_config"]["quant_method"] == "compressed-tensors"
+
+
+def test_a_transformed_checkpoint_is_refused_not_misread(made: Path, tmp_path: Path, run) -> None:
+    """A transform_config (e.g. Hadamard rotations) changes what the codes mean: refused in one line."""
+    shutil.copytree(made / "w4a16", tmp_path / "rotated")
+    config = tmp_path / "rotated" / "config.json"
+    raw = json.loads(config.read_text())
+    raw["quantization_config"]["transform_config"] = {"config_groups": {"u": {"type": "hadamard"}}}
+    config.write_text(json.dumps(raw))
+    code, _, err = run("inspect", tmp_path / "rotated")
+    assert code == 1 and "transform_config" in err and str(config) in err and len(err.strip().splitlines()) == 1, err

@@ -181,6 +181,11 @@ class PackScheme(Scheme):
         """The scheme of a compressed-tensors `pack-quantized` config with one weight scheme (int, A16)."""
         if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
             raise ConfigError("quantization_config is not compressed-tensors'", file=file)
+        for key, what in (("transform_config", "transforms (rotations) the weights"),
+                          ("sparsity_config", "sparsifies the weights")):
+            if qc.get(key):  # decoding the codes alone would give other weights than the model's
+                raise ConfigError(f"quantization_config.{key} {what}; m1 reads plain pack-quantized weights",
+                                  file=file, hint="dequantize it with compressed-tensors' convert_checkpoint first")
         groups = qc.get("config_groups")
         if not isinstance(groups, dict) or not groups:
             raise ConfigError("quantization_config.config_groups is empty or not an object", file=file,
