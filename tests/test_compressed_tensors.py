@@ -266,3 +266,13 @@ def test_a_transformed_checkpoint_is_refused_not_misread(made: Path, tmp_path: P
     config.write_text(json.dumps(raw))
     code, _, err = run("inspect", tmp_path / "rotated")
     assert code == 1 and "transform_config" in err and str(config) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_config_read_without_its_storage_is_refused(made: Path) -> None:
+    """Through the scheme registry (a Hub repo, not a local folder) the config is refused, never planned."""
+    from m1.errors import ConfigError
+    from m1.schemes import scheme_from_config
+
+    qc = json.loads((made / "w4a16" / "config.json").read_text())["quantization_config"]
+    with pytest.raises(ConfigError, match="read from a local folder"):
+        scheme_from_config(qc, "repo/config.json")

@@ -225,14 +225,22 @@ class PackScheme(Scheme):
         return cls(name, bits, group_size, bool(w.get("symmetric", True)))
 
 
+def _read_elsewhere(qc: dict[str, Any], file: str | None = None) -> Scheme:
+    """A compressed-tensors config reached through the registry: the folder was not read by its format's storage
+    (a Hub repo), and planning its companions without a `<module>.weight` would lose the experts."""
+    raise ConfigError("a compressed-tensors checkpoint is read from a local folder, whose reader decodes its "
+                      "experts", file=file, hint="download it first: m1 pull REPO DIR, then give DIR")
+
+
 FAMILY = Family(
     name=FAMILY_NAME,
     schemes=tuple(SCHEMES),
     companions=COMPANIONS,
     make=PackScheme.make,
-    # Its checkpoints hold no `<module>.weight`: only the format's storage reads them (it decodes the weights
-    # and shows the rest of m1 a dense checkpoint). A config read any other way is refused, never planned.
-    claims=lambda qc: False,
-    from_quantization_config=PackScheme.from_quantization_config,
+    # Its checkpoints hold no `<module>.weight`: only the format's storage reads them (it decodes the weights and
+    # shows the rest of m1 a dense checkpoint, calling PackScheme.from_quantization_config itself). A config that
+    # reaches the registry another way is refused with a line saying so, never planned.
+    claims=lambda qc: qc.get("quant_method") == "compressed-tensors",
+    from_quantization_config=_read_elsewhere,
     storage_dtypes=frozenset({"I32"}),
 )
