@@ -41,7 +41,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("ct")
     make_tiny(root / "tiny", TinySpec(hidden=128, intermediate=256))
-    for scheme in ("w4a16", "w8a16"):
+    for scheme in ("w4a16", "w8a16", "fp8-dynamic"):
         code = run_cli(["quantize", str(root / "tiny"), str(root / scheme), "--format", "compressed-tensors",
                         "--scheme", scheme, "-q"])
         assert code == 0
@@ -84,7 +84,7 @@ def test_written_as_compressed_tensors_writes_them(made: Path) -> None:
             assert torch.equal(t[name], value), name
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "fp8-dynamic"])
 def test_compressed_tensors_dequantizer_gives_m1s_tensors(made: Path, tmp_path: Path, scheme: str) -> None:
     """compressed-tensors' convert_checkpoint with its CompressedTensorsDequantizer turns m1's files into the
     tensors m1's own dequantization gives, bit for bit; those are the source within half a step."""
@@ -103,21 +103,28 @@ def test_compressed_tensors_dequantizer_gives_m1s_tensors(made: Path, tmp_path: 
     if scheme == "w4a16":  # and m1 convert --dtype bf16 wrote the same
         assert all(torch.equal(v, theirs[k]) for k, v in _tensors(made / "w4a16-bf16").items())
     src, stored = _tensors(made / "tiny"), _tensors(made / scheme)
+    if scheme == "fp8-dynamic":  # e4m3: 3 mantissa bits, so within 2^-4 of the value (subnormals: of the scale)
+        for name in (EXPERT + "w1.weight", EXPERT + "w2.weight"):
+            scale = stored[name + "_scale"].float()
+            err = (theirs[name].float() - src[name].float()).abs()
+            assert (err <= src[name].float().abs() * (2**-4 + 2**-7) + scale * 2**-9).all()
+        return
     for name in (EXPERT + "w1.weight", EXPERT + "w2.weight"):
         _within_step(theirs[name], src[name], stored[name[: -len("weight")] + "weight_scale"],
                      7.5 if scheme == "w4a16" else 127.5)
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
-def test_transformers_loads_w4a16_with_compressed_tensors_decompression(made: Path) -> None:
+@pytest.mark.parametrize("scheme", ["w4a16", "fp8-dynamic"])
+def test_transformers_loads_it_with_compressed_tensors_decompression(made: Path, scheme: str) -> None:
     transformers = pytest.importorskip("transformers")
     from m1.checkpoint import Checkpoint
 
     model = transformers.MiniMaxForCausalLM.from_pretrained(
-        made / "w4a16", dtype=torch.bfloat16,
+        made / scheme, dtype=torch.bfloat16,
         quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
     state = model.state_dict()
-    ckpt = Checkpoint.open(made / "w4a16")
+    ckpt = Checkpoint.open(made / scheme)
     for layer in range(4):
         for e in range(4):
             x = f"model.layers.{layer}.block_sparse_moe.experts.{e}."

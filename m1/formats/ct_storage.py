@@ -84,11 +84,15 @@ class CtStorage(LocalStorage):
                 view[name] = file
             else:
                 self.groups.setdefault(weight, {})[suffix] = name
+        primary = self.scheme.primary
         for weight, group in self.groups.items():
-            if weight in view:
+            if weight in view and primary == "weight":  # float-quantized: the weight is its codes
+                group["weight"] = weight
+            elif weight in view:
                 raise CheckpointError(f"stored both dense and as {self.scheme.name}", file=self.display(view[weight]),
                                       tensor=weight, hint=HINT)
-            view[weight] = self.stored.weight_map[group.get("weight_packed") or next(iter(group.values()))]
+            view[weight] = self.stored.weight_map[group.get(primary) or next(iter(group.values()))]
+        self.owner = {name: weight for weight, group in self.groups.items() for name in group.values()}
         self.view = Index(view, {k: v for k, v in self.stored.metadata.items() if k != "total_size"},
                           self.stored.file)
         self._headers: dict[str, Header] = {}
@@ -127,7 +131,7 @@ class CtStorage(LocalStorage):
         """A quantized weight's stored tensors, after checking their dtypes and shapes against the scheme."""
         group = self.groups[weight]
         infos = {suffix: self.stored_info(name) for suffix, name in group.items()}
-        first = infos["weight_packed"] if "weight_packed" in infos else next(iter(infos.values()))
+        first = infos.get(self.scheme.primary) or next(iter(infos.values()))
         file = self.display(first.file)
         shape = self.shapes.get(weight)
         if shape is None:
@@ -149,14 +153,14 @@ class CtStorage(LocalStorage):
 
         infos: dict[str, TensorInfo] = {}
         for name, info in stored.tensors.items():
-            weight, suffix = _split(name)
-            if suffix is None:
+            weight = self.owner.get(name)
+            if weight is None:
                 infos[name] = info
             elif self.view.weight_map.get(weight) == file and weight not in infos:
                 pieces = self.check_group(weight)
                 dtype = pieces["weight_scale"].dtype
                 shape = self.shapes[weight]
-                start = pieces["weight_packed"].start
+                start = pieces[self.scheme.primary].start
                 infos[weight] = TensorInfo(weight, dtype, shape, file, start,
                                            start + DTYPE_BYTES[dtype] * shape[0] * shape[1])
         return Header(file, infos, stored.metadata, stored.data_start, stored.file_size)
@@ -167,7 +171,7 @@ class CtStorage(LocalStorage):
         return self.scheme.name, sum(self.stored_info(n).nbytes for n in self.groups[name].values())
 
     def stored_range(self, name: str) -> tuple[str, int, int]:
-        info = self.stored_info(self.groups[name]["weight_packed"] if name in self.groups else name)
+        info = self.stored_info(self.groups[name][self.scheme.primary] if name in self.groups else name)
         return info.file, info.start, info.nbytes
 
     def _raw(self, info: TensorInfo) -> torch.Tensor:
@@ -192,7 +196,7 @@ class CtStorage(LocalStorage):
         try:
             return self.scheme.dequantize(pieces, "cpu", name, shape=self.shapes[name])
         except CheckpointError as exc:
-            exc.file = exc.file or self.display(infos["weight_shape"].file)
+            exc.file = exc.file or self.display(infos[self.scheme.primary].file)
             raise
 
     # ---- what verify integrity checks on top of the spec ----------------------------------------------
@@ -208,6 +212,8 @@ class CtStorage(LocalStorage):
             out.append(("total-size", f"index total_size {total} but the shards hold {actual} bytes of tensors",
                         self.stored.file, None))
         for weight, group in self.groups.items():
+            if "weight_shape" not in group:
+                continue  # float-quantized: the codes have the weight's shape, checked in the header
             try:
                 infos = self.check_group(weight)
                 stored = [int(v) for v in self._raw(infos["weight_shape"]).tolist()]

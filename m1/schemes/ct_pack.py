@@ -1,5 +1,6 @@
 """compressed-tensors' `pack-quantized` schemes (w4a16, w8a16): integer weights in groups along the input
-dimension, packed into int32, as llm-compressor writes them and vLLM and transformers read them.
+dimension, packed into int32, as llm-compressor writes them and vLLM and transformers read them (and the family,
+with its `float-quantized` fp8-dynamic in m1.schemes.ct_float).
 
 For one `<module>.weight` [out, in] compressed-tensors 0.20 writes (`PackedQuantizationCompressor`):
 `weight_packed` int32 [out, ceil(in * bits / 32)] (dense cross-element packing), `weight_scale` in the weight's
@@ -27,9 +28,13 @@ FORMAT_NAME = "compressed-tensors"  # the one format that stores these (m1.forma
 SCHEMES = {"w4a16": 4, "w8a16": 8}
 DEFAULT_GROUP = 128
 PACK_FORMAT = "pack-quantized"
+FLOAT_FORMAT = "float-quantized"  # m1.schemes.ct_float
+FLOAT_SCHEMES = ("fp8-dynamic",)
 COMPANIONS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 # What stays dense, for readers that target every Linear (vLLM, transformers): everything but the experts.
-IGNORE = ("lm_head", r"re:.*self_attn\..*", r"re:.*block_sparse_moe\.gate$")
+# The embedding and the norms too: compressed-tensors' own dequantizer takes every `.weight` of a targeted,
+# not-ignored name as a quantized one (float-quantized stores the codes as `weight`).
+IGNORE = ("lm_head", "model.embed_tokens", r"re:.*norm$", r"re:.*self_attn\..*", r"re:.*block_sparse_moe\.gate$")
 
 
 def require() -> None:
@@ -49,6 +54,8 @@ class PackScheme(Scheme):
     symmetric: bool = True
     family = FAMILY_NAME
     formats = (FORMAT_NAME,)
+    ct_format = PACK_FORMAT  # compressed-tensors' name for how the weights are stored
+    primary = "weight_packed"  # the stored tensor that stands for the weight (its header's place, its codes)
 
     @classmethod
     def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None,
@@ -171,7 +178,7 @@ class PackScheme(Scheme):
         from compressed_tensors.quantization import QuantizationConfig
 
         ignore = [*IGNORE, *(name[: -len(".weight")] for name in kept_experts)]
-        qc = QuantizationConfig(config_groups={"group_0": self.ct_scheme(["Linear"])}, format=PACK_FORMAT,
+        qc = QuantizationConfig(config_groups={"group_0": self.ct_scheme(["Linear"])}, format=self.ct_format,
                                 quantization_status="compressed", ignore=ignore)
         return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
                 "sparsity_config": {}, "transform_config": {}, **qc.model_dump(mode="json", exclude={"quant_method"})}
@@ -201,6 +208,10 @@ class PackScheme(Scheme):
         if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
             raise ConfigError(f"{where} has no weights scheme", file=file)
         fmt = group.get("format") or default_format
+        if fmt == FLOAT_FORMAT:
+            from m1.schemes.ct_float import FloatScheme
+
+            return FloatScheme.from_group(where, group, file)
         if fmt != PACK_FORMAT:
             raise ConfigError(f"{where} is in the format {fmt!r}; m1 reads compressed-tensors' {PACK_FORMAT}",
                               file=file, hint="dequantize it with compressed-tensors' convert_checkpoint first")
@@ -225,6 +236,14 @@ class PackScheme(Scheme):
         return cls(name, bits, group_size, bool(w.get("symmetric", True)))
 
 
+def _make(name: str, **options: Any) -> Scheme:
+    if name in FLOAT_SCHEMES:
+        from m1.schemes.ct_float import FloatScheme
+
+        return FloatScheme.make(name, **options)
+    return PackScheme.make(name, **options)
+
+
 def _read_elsewhere(qc: dict[str, Any], file: str | None = None) -> Scheme:
     """A compressed-tensors config reached through the registry: the folder was not read by its format's storage
     (a Hub repo), and planning its companions without a `<module>.weight` would lose the experts."""
@@ -234,13 +253,13 @@ def _read_elsewhere(qc: dict[str, Any], file: str | None = None) -> Scheme:
 
 FAMILY = Family(
     name=FAMILY_NAME,
-    schemes=tuple(SCHEMES),
+    schemes=(*SCHEMES, *FLOAT_SCHEMES),
     companions=COMPANIONS,
-    make=PackScheme.make,
+    make=_make,
     # Its checkpoints hold no `<module>.weight`: only the format's storage reads them (it decodes the weights and
     # shows the rest of m1 a dense checkpoint, calling PackScheme.from_quantization_config itself). A config that
     # reaches the registry another way is refused with a line saying so, never planned.
     claims=lambda qc: qc.get("quant_method") == "compressed-tensors",
     from_quantization_config=_read_elsewhere,
-    storage_dtypes=frozenset({"I32"}),
+    storage_dtypes=frozenset({"I32", "F8_E4M3"}),
 )
