@@ -262,6 +262,11 @@ def test_full_m1_w4a16_plan_from_the_release_index() -> None:
     total = totals["quantized"]["bytes_after"] + totals["kept"]["bytes_after"]
     assert 266.5e9 < total < 266.9e9, total
     assert plan.config["quantization_config"]["quant_method"] == "compressed-tensors"
+    from m1.schemes import make_scheme
+
+    fp8 = plan_quantize(cfg, index_tensors(cfg, weight_map),
+                        QuantizeOptions(make_scheme("fp8-dynamic"), to="compressed-tensors"), source=str(RELEASE))
+    assert fp8.totals()["quantized"]["bytes_after"] == n * (9216 * 6144 + 2 * 9216)  # 434.99 GB: e4m3, bf16 scales
 
 
 def test_a_transformed_checkpoint_is_refused_not_misread(made: Path, tmp_path: Path, run) -> None:
