@@ -38,7 +38,8 @@ def unregister_format(name: str) -> None:
 
 # The built-in formats by name -> the module whose FORMAT it is, imported on first use (a format's module may
 # live with the rest of its trip, in its own folder).
-BUILTIN_MODULES = {"release": "m1.formats.release", "hf": "m1.formats.hf", "gguf": "m1.gguf.format"}
+BUILTIN_MODULES = {"release": "m1.formats.release", "hf": "m1.formats.hf", "gguf": "m1.gguf.format",
+                   "compressed-tensors": "m1.formats.ct"}
 
 
 def _builtins() -> None:

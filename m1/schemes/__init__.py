@@ -5,8 +5,8 @@ companion tensors it writes beside a weight (`pieces`: names, dtypes, shapes, so
 a byte is quantized), quantizes and dequantizes through its library (never m1's own arithmetic), checks
 stored companions against a weight before any use, and says which formats can store it. `inspect`,
 `verify integrity`, the loader, dequantizing convert and the Hub card ask this registry; no other module
-names a companion suffix. bitsandbytes (nf4, fp4, int8) and the ggml block types are built in; a family is
-one module with a `FAMILY` and one `register_family` call.
+names a companion suffix. bitsandbytes (nf4, fp4, int8), the ggml block types and compressed-tensors' w4a16 /
+w8a16 are built in; a family is one module with a `FAMILY` and one `register_family` call.
 """
 
 from __future__ import annotations
@@ -116,11 +116,10 @@ def unregister_family(name: str) -> None:
 def _builtins() -> None:
     if not _BUILTIN:
         _BUILTIN.append(True)
-        from m1.schemes import bnb, fp8, ggml
+        from m1.schemes import bnb, ct_pack, fp8, ggml
 
-        _FAMILIES.setdefault(bnb.FAMILY.name, bnb.FAMILY)
-        _FAMILIES.setdefault(ggml.FAMILY.name, ggml.FAMILY)
-        _FAMILIES.setdefault(fp8.FAMILY.name, fp8.FAMILY)
+        for family in (bnb.FAMILY, ggml.FAMILY, fp8.FAMILY, ct_pack.FAMILY):
+            _FAMILIES.setdefault(family.name, family)
 
 
 def families() -> list[Family]:

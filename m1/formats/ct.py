@@ -1,0 +1,70 @@
+"""The compressed-tensors format: the hf layout (transformers' native `minimax` config and the spec's tensor
+names) with the experts in compressed-tensors' `pack-quantized` (the schemes of m1.schemes.ct_pack), as
+llm-compressor writes them and vLLM and transformers 5.x load them.
+
+Its config.json is hf's plus compressed-tensors' quantization_config, so the files are planned like hf's (one
+op per tensor); what is its own is that it stores only its schemes, and that its folders are read by its storage
+(m1.formats.ct_storage), which decodes the experts, so a compressed-tensors checkpoint is a source for every
+command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from m1.errors import UsageError
+from m1.formats import hf
+from m1.formats.base import Format, FormatPlan, PlanInput, identity_table
+from m1.formats.tensor_plan import plan_by_tensor
+from m1.schemes.ct_pack import FAMILY_NAME, SCHEMES
+
+NAME = "compressed-tensors"
+HINT = f"m1 quantize SRC DST --format {NAME} --scheme {' or '.join(SCHEMES)} (or --to hf for a dense checkpoint)"
+
+
+def plan_ops(job: PlanInput) -> FormatPlan:
+    scheme = job.request.scheme
+    if scheme is None or scheme.family != FAMILY_NAME:
+        raise UsageError(f"the {NAME} format holds {FAMILY_NAME} quantized experts: give it one of its schemes",
+                         hint=HINT)
+    others = sorted({s.name for s in job.mix.values() if s is not None and s.name != scheme.name})
+    if others:
+        raise UsageError(f"a {NAME} checkpoint written by m1 holds one scheme; the recipe also gives {others[0]}",
+                         hint=f"a mix of {', '.join(SCHEMES)} is not written yet: use one --scheme")
+    return plan_by_tensor(job)
+
+
+def _open_storage(source: str) -> Any:
+    from m1.formats.ct_storage import open_storage
+
+    return open_storage(source)
+
+
+def _opens(source: str) -> bool:
+    from m1.formats.ct_storage import is_ct_folder
+
+    return is_ct_folder(source)
+
+
+EXAMPLES = (
+    ("quantize", f"m1 quantize m1-40k/ m1-w4a16/ --format {NAME} --scheme w4a16"),
+    ("convert", "m1 convert m1-w4a16/ m1-bf16/ --dtype bf16"),
+)
+
+FORMAT = Format(
+    name=NAME,
+    description="the hf layout with compressed-tensors pack-quantized experts (llm-compressor's; vLLM, transformers)",
+    model_types=(),  # its config.json is hf's: its storage recognises its folders (`opens`)
+    claims=lambda raw: False,
+    read_config=hf.read_config,
+    write_config=hf.write_config,
+    config_keys=(),
+    names=identity_table(),
+    plan_ops=plan_ops,
+    extra_file=lambda name: not name.endswith(".py"),
+    warnings=hf.rotary_warnings,
+    opens=_opens,
+    open_storage=_open_storage,
+    mix_candidates=",".join(SCHEMES),
+    examples=EXAMPLES,
+)

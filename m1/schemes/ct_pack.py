@@ -1,0 +1,265 @@
+"""compressed-tensors' `pack-quantized` schemes (w4a16, w8a16): integer weights in groups along the input
+dimension, packed into int32, as llm-compressor writes them and vLLM and transformers read them (and the family,
+with its `float-quantized` fp8-dynamic in m1.schemes.ct_float).
+
+For one `<module>.weight` [out, in] compressed-tensors 0.20 writes (`PackedQuantizationCompressor`):
+`weight_packed` int32 [out, ceil(in * bits / 32)] (dense cross-element packing), `weight_scale` in the weight's
+dtype [out, in / group], `weight_shape` int64 [2] (the dense shape, as values), and `weight_zero_point` int32
+[ceil(out * bits / 32), in / group] (packed along the rows) only when asymmetric. There is no `<module>.weight`:
+a checkpoint of this format is read by its own storage (m1.formats.ct_storage), which decodes the weights.
+
+The scales come from compressed-tensors' own min/max (`compute_dynamic_scales_and_zp`, what llm-compressor's
+memoryless min-max observer computes for a weight), the codes and the packing from its compressor, and reading
+back is the compressor's `decompress`: nothing here does quantization arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from m1.dtypes import DTYPE_BYTES, FLOAT_DTYPES
+from m1.errors import CheckpointError, ConfigError, UsageError
+from m1.schemes import Family, Piece, Scheme
+
+FAMILY_NAME = "compressed-tensors"
+FORMAT_NAME = "compressed-tensors"  # the one format that stores these (m1.formats.ct)
+SCHEMES = {"w4a16": 4, "w8a16": 8}
+DEFAULT_GROUP = 128
+PACK_FORMAT = "pack-quantized"
+FLOAT_FORMAT = "float-quantized"  # m1.schemes.ct_float
+FLOAT_SCHEMES = ("fp8-dynamic",)
+COMPANIONS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+# What stays dense, for readers that target every Linear (vLLM, transformers): everything but the experts.
+# The embedding and the norms too: compressed-tensors' own dequantizer takes every `.weight` of a targeted,
+# not-ignored name as a quantized one (float-quantized stores the codes as `weight`).
+IGNORE = ("lm_head", "model.embed_tokens", r"re:.*norm$", r"re:.*self_attn\..*", r"re:.*block_sparse_moe\.gate$")
+
+
+def require() -> None:
+    """One line saying what to install when the compressed-tensors library is missing (found, not imported)."""
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise UsageError("the compressed-tensors schemes and checkpoints need the compressed-tensors library",
+                         hint="pip install 'm1[compressed-tensors]'")
+
+
+@dataclass(frozen=True)
+class PackScheme(Scheme):
+    name: str  # w4a16 | w8a16
+    num_bits: int = 4
+    group_size: int | None = DEFAULT_GROUP  # None: one scale per row (channel strategy, read only)
+    symmetric: bool = True
+    family = FAMILY_NAME
+    formats = (FORMAT_NAME,)
+    ct_format = PACK_FORMAT  # compressed-tensors' name for how the weights are stored
+    primary = "weight_packed"  # the stored tensor that stands for the weight (its header's place, its codes)
+
+    @classmethod
+    def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None,
+             imatrix: str | None = None) -> PackScheme:
+        if name not in SCHEMES:
+            raise UsageError(f"unknown compressed-tensors scheme {name!r}", hint=f"use one of {', '.join(SCHEMES)}")
+        for flag, value in (("--double-quant", double_quant), ("--imatrix", imatrix)):
+            if value is not None:
+                raise UsageError(f"{flag} does not apply to {name}", hint="drop it; --blocksize sets the group size")
+        require()
+        group = DEFAULT_GROUP if blocksize is None else blocksize
+        if group <= 0:
+            raise UsageError(f"--blocksize (the group size) must be positive, got {group}")
+        return cls(name, SCHEMES[name], group)
+
+    def describe(self) -> str:
+        grouping = f"group {self.group_size}" if self.group_size else "per channel"
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"{self.name} (compressed-tensors {PACK_FORMAT}, int{self.num_bits}, {grouping}, {kind})"
+
+    def options(self) -> dict[str, Any]:
+        return {"num_bits": self.num_bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    def check_supported(self, device: Any) -> None:
+        pass  # compressed-tensors' torch code runs on any device
+
+    # ---- compressed-tensors' own objects --------------------------------------------------------------
+    def args(self) -> Any:
+        from compressed_tensors.quantization import QuantizationArgs
+
+        strategy = "group" if self.group_size else "channel"
+        return QuantizationArgs(num_bits=self.num_bits, type="int", symmetric=self.symmetric, strategy=strategy,
+                                group_size=self.group_size)  # as its W4A16 / W8A16 presets
+
+    def ct_scheme(self, targets: list[str]) -> Any:
+        from compressed_tensors.quantization import QuantizationScheme
+
+        return QuantizationScheme(targets=targets, weights=self.args(), format=PACK_FORMAT)
+
+    # ---- what gets written -------------------------------------------------------------------------
+    def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
+        if dtype not in FLOAT_DTYPES:
+            raise UsageError(f"dtype {dtype} cannot be quantized to {self.name}", file=file, tensor=name,
+                             hint="convert it to a float dtype first: m1 convert SRC DST --dtype bf16")
+        if len(shape) != 2:
+            raise UsageError(f"expected a 2-D [out, in] weight, got shape {list(shape)}", file=file, tensor=name,
+                             hint="keep it unquantized with --keep")
+        if self.group_size and shape[1] % self.group_size:
+            raise UsageError(f"rows of {shape[1]} values do not split into groups of {self.group_size}", file=file,
+                             tensor=name, hint="choose a --blocksize (group size) that divides them, or --keep it")
+
+    def pieces(self, dtype: str, shape: tuple[int, ...]) -> list[Piece]:
+        out_dim, in_dim = shape
+        groups = math.ceil(in_dim / self.group_size) if self.group_size else 1
+        cols = math.ceil(in_dim * self.num_bits / 32)
+        pieces = [Piece("weight_packed", "I32", (out_dim, cols), 4 * out_dim * cols),
+                  Piece("weight_scale", dtype, (out_dim, groups), DTYPE_BYTES[dtype] * out_dim * groups),
+                  Piece("weight_shape", "I64", (2,), 16)]
+        if not self.symmetric:
+            rows = math.ceil(out_dim * self.num_bits / 32)
+            pieces.append(Piece("weight_zero_point", "I32", (rows, groups), 4 * rows * groups))
+        return pieces
+
+    def quantize(self, weight: Any, device: Any, name: str = "") -> list[tuple[str, Any]]:
+        from compressed_tensors.compressors import PackedQuantizationCompressor
+        from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+        w = weight.to(device)
+        scale, zero_point = compute_dynamic_scales_and_zp(w, self.args(), module=None)
+        state = {"weight": w, "weight_scale": scale, "weight_zero_point": zero_point}
+        packed = PackedQuantizationCompressor.compress(state, self.ct_scheme(["Linear"]))
+        return [(p.suffix, packed[p.suffix].contiguous().cpu()) for p in self.pieces("BF16", tuple(w.shape))]
+
+    def check_pieces(self, weight: str, found: dict[str, tuple[str, tuple[int, ...]]], shape: tuple[int, ...],
+                     file: str | None = None) -> None:
+        """Stored companions (suffix -> dtype, shape) against what this scheme writes for a weight of `shape`."""
+        module = weight[: -len(".weight")]
+        scale_dtype = found.get("weight_scale", ("BF16", ()))[0]
+        dtype = scale_dtype if scale_dtype in FLOAT_DTYPES else "BF16"
+        expected = {p.suffix: p for p in self.pieces(dtype, shape)}
+        for suffix, piece in expected.items():
+            name = f"{module}.{suffix}"
+            if suffix not in found:
+                raise CheckpointError(f"a {self.name} weight lacks its compressed-tensors tensor {suffix}", file=file,
+                                      tensor=name, hint="the quantized checkpoint is incomplete; re-run the job "
+                                      "that wrote it")
+            got_dtype, got_shape = found[suffix]
+            if got_dtype != piece.dtype:
+                raise CheckpointError(f"dtype {got_dtype}, {self.describe()} stores {piece.dtype}", file=file,
+                                      tensor=name, hint="the tensors do not match config.json's quantization_config")
+            if tuple(got_shape) != piece.shape:
+                raise CheckpointError(f"shape {list(got_shape)}, {self.describe()} of a {list(shape)} weight stores "
+                                      f"{list(piece.shape)}", file=file, tensor=name,
+                                      hint="the quantized tensors are damaged or were made with other options")
+        for suffix in found:
+            if suffix not in expected:
+                raise CheckpointError(f"{suffix} is not part of {self.describe()}", file=file,
+                                      tensor=f"{module}.{suffix}",
+                                      hint="the tensors do not match config.json's quantization_config")
+
+    def dequantize(self, pieces: dict[str, Any], device: Any = "cpu", name: str = "",
+                   shape: tuple[int, ...] | None = None) -> Any:
+        """compressed-tensors' own decompression, after checking `weight_shape`'s values against `shape`."""
+        from compressed_tensors.compressors import PackedQuantizationCompressor
+
+        stored = [int(v) for v in pieces["weight_shape"].tolist()]
+        if shape is not None and tuple(stored) != tuple(shape):
+            raise CheckpointError(f"weight_shape holds {stored}, the config implies {list(shape)}",
+                                  tensor=name[: -len(".weight")] + ".weight_shape" if name else None,
+                                  hint="the quantized tensors are damaged or belong to another model")
+        state = {k: v.to(device) for k, v in pieces.items()}
+        return PackedQuantizationCompressor.decompress(state, self.ct_scheme(["Linear"]))["weight"]
+
+    # ---- config.json ---------------------------------------------------------------------------------
+    def quantization_config(self, kept_experts: list[str]) -> dict[str, Any]:
+        """The block compressed-tensors 0.20's `ModelCompressor.update_config` writes for a model compressed
+        with this scheme: every Linear targeted, what stays dense ignored (the attention, the router, the head,
+        and the experts kept by name)."""
+        import compressed_tensors
+        from compressed_tensors.quantization import QuantizationConfig
+
+        ignore = [*IGNORE, *(name[: -len(".weight")] for name in kept_experts)]
+        qc = QuantizationConfig(config_groups={"group_0": self.ct_scheme(["Linear"])}, format=self.ct_format,
+                                quantization_status="compressed", ignore=ignore)
+        return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
+                "sparsity_config": {}, "transform_config": {}, **qc.model_dump(mode="json", exclude={"quant_method"})}
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict[str, Any], file: str | None = None) -> PackScheme:
+        """The scheme of a compressed-tensors `pack-quantized` config with one weight scheme (int, A16)."""
+        if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+            raise ConfigError("quantization_config is not compressed-tensors'", file=file)
+        for key, what in (("transform_config", "transforms (rotations) the weights"),
+                          ("sparsity_config", "sparsifies the weights")):
+            if qc.get(key):  # decoding the codes alone would give other weights than the model's
+                raise ConfigError(f"quantization_config.{key} {what}; m1 reads plain pack-quantized weights",
+                                  file=file, hint="dequantize it with compressed-tensors' convert_checkpoint first")
+        groups = qc.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise ConfigError("quantization_config.config_groups is empty or not an object", file=file,
+                              hint="a compressed-tensors checkpoint names its schemes there")
+        made = {cls._from_group(name, group, qc.get("format"), file) for name, group in groups.items()}
+        if len(made) != 1:
+            raise ConfigError(f"config_groups hold {len(made)} different weight schemes; m1 reads one", file=file)
+        return made.pop()
+
+    @classmethod
+    def _from_group(cls, group_name: str, group: Any, default_format: Any, file: str | None) -> PackScheme:
+        where = f"quantization_config.config_groups.{group_name}"
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise ConfigError(f"{where} has no weights scheme", file=file)
+        fmt = group.get("format") or default_format
+        if fmt == FLOAT_FORMAT:
+            from m1.schemes.ct_float import FloatScheme
+
+            return FloatScheme.from_group(where, group, file)
+        if fmt != PACK_FORMAT:
+            raise ConfigError(f"{where} is in the format {fmt!r}; m1 reads compressed-tensors' {PACK_FORMAT}",
+                              file=file, hint="dequantize it with compressed-tensors' convert_checkpoint first")
+        if group.get("input_activations") is not None:
+            raise ConfigError(f"{where} quantizes activations too; m1 reads weight-only (A16) schemes", file=file)
+        w = group["weights"]
+        bits, strategy, size = w.get("num_bits"), w.get("strategy"), w.get("group_size")
+        if w.get("type") != "int" or bits not in SCHEMES.values():
+            raise ConfigError(f"{where}.weights is {w.get('type')} with {bits} bits; m1 reads int4 and int8",
+                              file=file)
+        if strategy == "group" and isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            group_size: int | None = size
+        elif strategy == "channel":
+            group_size = None
+        else:
+            raise ConfigError(f"{where}.weights has strategy {strategy!r} (group_size {size!r}); m1 reads group and "
+                              "channel", file=file)
+        if w.get("actorder") not in (None, "static", False):
+            raise ConfigError(f"{where}.weights uses actorder {w.get('actorder')!r} (a g_idx); m1 does not read it",
+                              file=file)
+        name = next(n for n, b in SCHEMES.items() if b == bits)
+        return cls(name, bits, group_size, bool(w.get("symmetric", True)))
+
+
+def _make(name: str, **options: Any) -> Scheme:
+    if name in FLOAT_SCHEMES:
+        from m1.schemes.ct_float import FloatScheme
+
+        return FloatScheme.make(name, **options)
+    return PackScheme.make(name, **options)
+
+
+def _read_elsewhere(qc: dict[str, Any], file: str | None = None) -> Scheme:
+    """A compressed-tensors config reached through the registry: the folder was not read by its format's storage
+    (a Hub repo), and planning its companions without a `<module>.weight` would lose the experts."""
+    raise ConfigError("a compressed-tensors checkpoint is read from a local folder, whose reader decodes its "
+                      "experts", file=file, hint="download it first: m1 pull REPO DIR, then give DIR")
+
+
+FAMILY = Family(
+    name=FAMILY_NAME,
+    schemes=(*SCHEMES, *FLOAT_SCHEMES),
+    companions=COMPANIONS,
+    make=_make,
+    # Its checkpoints hold no `<module>.weight`: only the format's storage reads them (it decodes the weights and
+    # shows the rest of m1 a dense checkpoint, calling PackScheme.from_quantization_config itself). A config that
+    # reaches the registry another way is refused with a line saying so, never planned.
+    claims=lambda qc: qc.get("quant_method") == "compressed-tensors",
+    from_quantization_config=_read_elsewhere,
+    storage_dtypes=frozenset({"I32", "F8_E4M3"}),
+)
