@@ -132,3 +132,62 @@ def fallback_lines(few: dict[int, dict[int, int]]) -> list[str]:
             lines.append(f"layer {layer}: round-to-nearest for expert{'s' if len(few) > 1 else ''} "
                          + ", ".join(f"{e} ({n} tokens)" for e, n in few) + " (too few calibration tokens)")
     return lines
+
+
+# ---- the job's part (m1.quantize.job) ---------------------------------------------------------------------
+
+
+def hessian_folder(dest: Path) -> Path:
+    """Beside the destination (which must be empty for a new run), so the pass survives an interrupted job."""
+    return dest.parent / f".{dest.name}.m1-hessians"
+
+
+def gptq_rounding(ckpt: Any, source: str, dest: Path, *, calibration: str | None, tokens: int, ctx: int,
+                  damp: float | None, block: int | None, act_order: bool | None,
+                  min_tokens: int | None) -> tuple[Rounding, Any]:
+    """The Rounding a `--rounding gptq` job records (options, and the calibration text with its token ids'
+    sha256, so the plan fingerprint changes with either), and the calibration windows."""
+    from m1.errors import UsageError
+    from m1.quantize.budget import calibration_windows
+    from m1.schemes import gptq
+
+    windows, what = calibration_windows(source, calibration or "mr-niah", tokens, ctx, ckpt.config.vocab_size)
+    r = Rounding("gptq", gptq.DEFAULT_DAMP if damp is None else damp, gptq.DEFAULT_BLOCK if block is None else block,
+                 True if act_order is None else act_order,
+                 gptq.DEFAULT_MIN_TOKENS if min_tokens is None else min_tokens,
+                 f"{what}; token ids sha256 {token_sha256(windows.tokens)[:16]}", int(windows.tokens.numel()),
+                 int(windows.tokens.shape[1]), str(hessian_folder(dest)))
+    if not 0 < r.damp < 10:
+        raise UsageError(f"--damp must be in (0, 10) (a fraction of the mean Hessian diagonal), got {r.damp}")
+    if r.block <= 0 or r.min_tokens < 0:
+        raise UsageError("--gptq-block must be positive and --min-tokens at least 0")
+    return r, windows
+
+
+def hessians_for(ckpt: Any, plan: Any, rounding: Rounding, windows: Any, *, device: str, resume: bool,
+                 progress: bool) -> HessianPass:
+    """The finished Hessian pass for this source and calibration: reused on --resume, else run now."""
+    from m1.devices import device_set, resolve_device
+    from m1.progress import count_progress
+    from m1.verify.sources import CheckpointWeights
+
+    folder = Path(rounding.hessians)
+    key = pass_key(plan.inputs, token_sha256(windows.tokens))
+    done = finished_pass(folder, key) if resume else None
+    if done is not None:
+        return done
+    dev = resolve_device(device_set(device)[0] if "," in device else device)
+    cfg = ckpt.config
+    with count_progress(cfg.num_hidden_layers, "hessians", "layers", progress) as advance:
+        return run_pass(cfg, CheckpointWeights(ckpt), windows, folder, key, device=dev, progress=advance)
+
+
+def rounding_record(done: HessianPass, rounding: Rounding, cfg: M1Config) -> dict[str, Any]:
+    """What the job writes in m1-rounding.json: the options, the calibration, each expert's routed tokens and the
+    experts that got the scheme's own rounding instead."""
+    few = fallbacks(done.tokens, rounding, cfg)
+    return {"rounding": rounding.record(), "hessian_seconds": round(done.seconds, 3),
+            "hessian_peak_bytes": done.peak_bytes,
+            "routed_tokens": {str(k): v for k, v in sorted(done.tokens.items())},
+            "fallbacks": {str(k): {str(e): n for e, n in v.items()} for k, v in few.items()},
+            "fallback_lines": fallback_lines(few)}
