@@ -174,10 +174,18 @@ def test_rounding_options_need_gptq_and_a_bnb_scheme(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gptq_nf4_hf_loads_in_transformers_with_the_engines_logits(gptq_hf: Path, tmp_path: Path) -> None:
+def test_gptq_nf4_hf_loads_in_transformers_with_the_engines_logits(tmp_path: Path) -> None:
     import m1
+    from m1.tiny import TinySpec, make_tiny
     from m1.verify.engine import run
     from m1.verify.sources import CheckpointWeights
+
+    # rotary over the whole head: the one case where transformers' MiniMax computes what the release computes
+    make_tiny(tmp_path / "src", TinySpec(intermediate=128, rotary_dim=16))
+    gptq_hf = tmp_path / "hf"
+    assert run_cli(["quantize", str(tmp_path / "src"), str(gptq_hf), "--scheme", "nf4", "--rounding", "gptq",
+                    "--format", "hf", "--tokens", "512", "--ctx", "64", "--min-tokens", "1", "--quiet"]) == 0
+    assert json.loads((gptq_hf / "config.json").read_text())["quantization_config"]["m1_rounding"]["method"] == "gptq"
 
     model = m1.load_pretrained(str(gptq_hf), dtype=torch.float32)
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
