@@ -64,7 +64,8 @@ def main() -> None:
     q = gptq["timing"]["quantize_s"]
     print(f"Hessian pass {r['hessian_seconds']:.2f} s over {r['rounding']['calibration_tokens']} tokens, Hessians at "
           f"most {r['hessian_peak_bytes']} B a layer; rounding (bitsandbytes + GPTQ, 48 weights) {q:.2f} s vs "
-          f"{rtn['timing']['quantize_s']:.2f} s round-to-nearest; peak RSS of the largest job {gptq_rss / 2**20:.0f} MiB")
+          f"{rtn['timing']['quantize_s']:.2f} s round-to-nearest; peak RSS of the largest job "
+          f"{gptq_rss / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
