@@ -23,6 +23,8 @@ from m1.run import RunOptions, execute
 from m1.safetensors_io import TensorInfo
 from m1.schemes import Scheme
 
+ROUNDING_FILE = "m1-rounding.json"  # a --rounding gptq job's record: options, calibration, routed tokens, fallbacks
+
 
 @dataclass(frozen=True)
 class QuantizeOptions:
@@ -49,7 +51,9 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
              calibration_ctx: int = 256, metric: str = "kl", sensitivity: str | Path | None = None,
              recipe: str | Path | None = None, device: str = "auto", workers: int = 1, threads: int | None = None,
              scratch: int | str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
-             dry_run: bool = False) -> JobResult:
+             dry_run: bool = False, rounding: str = "nearest", damp: float | None = None,
+             gptq_block: int | None = None, act_order: bool | None = None,
+             min_tokens: int | None = None) -> JobResult:
     """Quantize the experts of checkpoint `source` into `dest` (everything else kept), or a measured mix.
 
     scheme: a registered scheme (`m1.schemes.scheme_names()`: bitsandbytes nf4/fp4/int8, ggml types, each with
@@ -58,7 +62,10 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     keep / only: names or `re:REGEX` left unquantized / the only ones quantized. budget: a size (240GB) or bits
     per weight (4.6bpw) that a mix of `candidates` (comma-separated) must fit, measured on `calibration` (a
     bundled corpus, a text file or token ids) or sized by a stated prior; sensitivity: reuse a recipe's
-    measurements; recipe: replay an m1-recipe.json. The other arguments are `m1.convert`'s.
+    measurements; recipe: replay an m1-recipe.json. rounding: "nearest" (the scheme's own) or "gptq" (bitsandbytes
+    schemes: codes chosen by GPTQ within bitsandbytes' own scales, from Hessians of `calibration` measured in the
+    layer-streamed engine; damp, gptq_block, act_order, min_tokens: its options, m1.schemes.gptq). The other
+    arguments are `m1.convert`'s.
 
     Example: `m1.quantize("tiny-m1", "tiny-nf4", scheme="nf4")`; the result's `stats` says what was written.
     """
@@ -66,14 +73,32 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     from m1.errors import UsageError
     from m1.formats import format_options as make_format_options
     from m1.schemes import make_scheme
+    from m1.schemes.gptq import Rounding
     from m1.scratch import arrange
     from m1.units import parse_size
 
     dest = Path(dest)
     imatrix_path = str(imatrix) if imatrix is not None else None
-    chosen = make_scheme(scheme, blocksize=blocksize, double_quant=double_quant, imatrix=imatrix_path)
+    if rounding not in ("nearest", "gptq"):
+        raise UsageError(f"--rounding must be nearest or gptq, got {rounding!r}")
+    gptq = rounding == "gptq"
+    if not gptq and any(v is not None for v in (damp, gptq_block, act_order, min_tokens)):
+        raise UsageError("--damp, --gptq-block, --act-order and --min-tokens apply with --rounding gptq only")
+    if gptq and (budget is not None or recipe is not None):
+        raise UsageError("--rounding gptq does not combine with --budget or --recipe",
+                         hint="quantize with one scheme: --scheme nf4 --rounding gptq")
+    options = dict(blocksize=blocksize, double_quant=double_quant, imatrix=imatrix_path)
+    chosen = make_scheme(scheme, **options, **({"rounding": Rounding("gptq")} if gptq else {}))
     chosen.check_supported(resolve_device(device))
     ckpt = Checkpoint.open(str(source), revision=revision)
+    windows = None
+    if gptq:
+        from m1.quantize.hessian import gptq_rounding
+
+        how, windows = gptq_rounding(ckpt, str(source), dest, calibration=calibration, tokens=calibration_tokens,
+                                     ctx=calibration_ctx, damp=damp, block=gptq_block, act_order=act_order,
+                                     min_tokens=min_tokens)
+        chosen = make_scheme(scheme, **options, rounding=how)
     fmt = to or ckpt.config.flavour
     opts = QuantizeOptions(scheme=chosen, policy=Policy.from_options(list(keep), list(only)),
                            by_layer=by_layer(layout), shard_size=parse_size(shard_size), to=to,
@@ -88,9 +113,9 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
                        sensitivity=Path(sensitivity) if sensitivity is not None else None,
                        recipe=Path(recipe) if recipe is not None else None, device=device, imatrix=imatrix_path)
         plan = mix.plan
-    elif candidates is not None or calibration is not None or sensitivity is not None:
+    elif candidates is not None or (calibration is not None and not gptq) or sensitivity is not None:
         raise UsageError("--candidates, a calibration text (--corpus, --text, --token-ids) and --sensitivity "
-                         "apply with --budget only",
+                         "apply with --budget only (a text also with --rounding gptq)",
                          hint="add --budget 240GB (or 4.6bpw)")
     else:
         plan = plan_from_checkpoint(ckpt, opts)
@@ -106,11 +131,24 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
         from m1.quantize.budget import attach_recipe
 
         recipe_file = attach_recipe(dest, plan, mix.recipe)
+    record = None
+    if gptq:
+        from m1.atomic_io import json_text
+        from m1.quantize.hessian import hessians_for, rounding_record
+
+        done = hessians_for(ckpt, plan, chosen.rounding, windows, device=device, resume=resume, progress=progress)
+        record = rounding_record(done, chosen.rounding, ckpt.config)
+        plan.written[ROUNDING_FILE] = json_text(record)
     stats = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
                          overwrite=overwrite, show_progress=progress, plan=plan, scratch=bound,
                          inputs=tuple(Path(p) for p in (imatrix, recipe) if p is not None))
     if recipe_file is not None:
         stats["recipe"] = str(recipe_file)
+    if record is not None:
+        import shutil
+
+        shutil.rmtree(chosen.rounding.hessians, ignore_errors=True)  # the job is done: its Hessians are not kept
+        stats["rounding"] = record
     return JobResult(dest, plan, stats.pop("manifest"), stats=stats, mix=mix, recipe=recipe_file)
 
 

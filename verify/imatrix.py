@@ -153,12 +153,16 @@ def compute_imatrix(
     datasets: Sequence[str] = (),
     process_output: bool = False,
     progress: Callable[[int], None] | None = None,
+    collector: Callable[[M1Config, int, torch.device], LayerCollector] | None = None,
+    on_layer: Callable[[int, LayerCollector], None] | None = None,
 ) -> ImportanceStats:
     """Stream the model one layer at a time over `windows` (token ids [n_windows, ctx], each window from an empty
     state, as llama-imatrix's chunks) and collect every linear input's statistics.
 
     source: an engine `WeightSource` (CheckpointWeights, DictSource). process_output: also the head's input
-    (`head_weight`, llama-imatrix --process-output). progress(1) after each layer.
+    (`head_weight`, llama-imatrix --process-output). progress(1) after each layer. collector: what observes a
+    layer (a LayerCollector subclass that gathers more, e.g. m1.quantize.hessian's x x^T per expert), handed to
+    on_layer(layer, collector) once the layer has run, before the next layer's is made.
     """
     start = time.monotonic()
     device = torch.device(device)
@@ -173,11 +177,14 @@ def compute_imatrix(
     weights_seen: dict[str, WeightStats] = {}
     for layer in range(cfg.num_hidden_layers):
         weights = {k: v.to(device) for k, v in source.layer_weights(layer).items()}
-        collect = LayerCollector(cfg, layer, device)
+        collect = (collector or LayerCollector)(cfg, layer, device)
         states = [forward_layer(cfg, layer, weights, s, dtype=dtype, rope=ropes[s.shape[-2]], observe=collect)
                   for s in states]
         del weights
         weights_seen.update(collect.stats())
+        if on_layer is not None:
+            on_layer(layer, collect)
+        del collect
         if progress is not None:
             progress(1)
     if process_output:

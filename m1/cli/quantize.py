@@ -58,16 +58,21 @@ def quantize_cmd(
     candidates: Annotated[str | None, typer.Option("--candidates", help="--budget: the schemes a group may get, "
                                                    "e.g. nf4,int8 or q4_k,q5_k,q6_k,q8_0 (keep: unquantized).")
                           ] = None,
-    corpus: Annotated[str | None, typer.Option("--corpus", help="--budget: measure on a bundled corpus (mr-niah: "
+    corpus: Annotated[str | None, typer.Option("--corpus", help="--budget, --rounding gptq: measure on a bundled "
+                                                                "corpus (mr-niah: "
                                                "its first 90%, never the held-out 10% verify compare judges on), "
                                                "in windows spread over it; without a text a stated prior sizes "
                                                "the mix.")] = None,
-    text: Annotated[Path | None, typer.Option("--text", help="--budget: measure on a UTF-8 text file.")] = None,
-    token_ids: Annotated[Path | None, typer.Option("--token-ids", help="--budget: measure on pre-tokenized ids "
+    text: Annotated[Path | None, typer.Option("--text", help="--budget, --rounding gptq: measure on a UTF-8 text "
+                                                             "file.")] = None,
+    token_ids: Annotated[Path | None, typer.Option("--token-ids", help="--budget, --rounding gptq: measure on "
+                                                                       "pre-tokenized ids "
                                                    "(JSON list or .npy).")] = None,
-    tokens: Annotated[int | None, typer.Option("--tokens", help="--budget: calibration tokens (default 4096).")
+    tokens: Annotated[int | None, typer.Option("--tokens", help="--budget, --rounding gptq: calibration tokens "
+                                                                "(default 4096).")
                       ] = None,
-    ctx: Annotated[int | None, typer.Option("--ctx", help="--budget: tokens per window (default 256).")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="--budget, --rounding gptq: tokens per window (default "
+                                                          "256).")] = None,
     # The names this option set had before it was the one every command reads a text with.
     calibration: Annotated[str | None, typer.Option("--calibration", hidden=True)] = None,
     calibration_tokens: Annotated[int | None, typer.Option("--calibration-tokens", hidden=True)] = None,
@@ -78,6 +83,19 @@ def quantize_cmd(
                                                      "an m1-recipe.json instead of measuring.")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Replay a mix (an m1-recipe.json), measuring "
                                                 "nothing.")] = None,
+    rounding: Annotated[str, typer.Option("--rounding", help="How the codes are chosen: nearest (the scheme's own) "
+                                          "or gptq (nf4/fp4/int8: GPTQ within bitsandbytes' own scales, from "
+                                          "each expert's Hessian over its routed tokens of the calibration text, "
+                                          "--corpus/--text/--token-ids, default --corpus mr-niah).")] = "nearest",
+    damp: Annotated[float | None, typer.Option("--damp", help="--rounding gptq: damping, a fraction of the mean "
+                                               "Hessian diagonal (default 0.01).")] = None,
+    gptq_block: Annotated[int | None, typer.Option("--gptq-block", help="--rounding gptq: columns per lazy batch "
+                                                   "update (default 128).")] = None,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="--rounding gptq: round "
+                                                   "columns by decreasing Hessian diagonal (default on).")] = None,
+    min_tokens: Annotated[int | None, typer.Option("--min-tokens", help="--rounding gptq: experts routed fewer "
+                                                   "tokens keep the scheme's own rounding (default: in_features "
+                                                   "/ 8).")] = None,
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
     resume: ResumeOpt = False,
@@ -111,7 +129,8 @@ def quantize_cmd(
                       calibration_ctx=_first(ctx, calibration_ctx, 256),
                       metric=metric, sensitivity=sensitivity, recipe=recipe, device=device, workers=workers,
                       threads=threads, scratch=scratch, resume=resume, overwrite=overwrite, progress=not quiet,
-                      dry_run=dry_run)
+                      dry_run=dry_run, rounding=rounding, damp=damp, gptq_block=gptq_block, act_order=act_order,
+                      min_tokens=min_tokens)
     plan, mix = result.plan, result.mix
     if dry_run:
         if mix is not None and not json_out:
@@ -143,6 +162,13 @@ def quantize_cmd(
             for line in mix.recipe.get("layer_map", []):
                 typer.echo("  " + line)
             typer.echo(f"recipe: {stats['recipe']}")
+        if "rounding" in stats:
+            r = stats["rounding"]
+            typer.echo(f"GPTQ rounding from Hessians of {r['rounding']['calibration_tokens']} tokens "
+                       f"({r['rounding']['calibration']}) in {r['hessian_seconds']:.1f} s, at most "
+                       f"{human_bytes(r['hessian_peak_bytes'])} of Hessians at a time")
+            for line in r["fallback_lines"] or ["every expert had enough routed tokens for GPTQ"]:
+                typer.echo("  " + line)
 
 
 def register(app: typer.Typer) -> None:

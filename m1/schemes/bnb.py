@@ -23,6 +23,7 @@ from m1.dtypes import DTYPE_BYTES
 from m1.errors import CheckpointError, ConfigError, UsageError
 from m1.schemes import Family, Piece, Scheme
 from m1.schemes.bnb_layout import NESTED_BLOCKSIZE, STATE_DTYPES
+from m1.schemes.gptq import Rounding
 
 SCHEMES = ("nf4", "fp4", "int8")
 FAMILY_NAME = "bitsandbytes"
@@ -49,12 +50,13 @@ class BnbScheme(Scheme):
     name: str  # nf4 | fp4 | int8
     blocksize: int | None = None  # 4-bit only; None when a config did not record it
     double_quant: bool = False  # 4-bit only
+    rounding: Rounding = Rounding()  # how the codes are chosen within bitsandbytes' scales (m1.schemes.gptq)
     family = FAMILY_NAME
     formats = ("release", "hf")  # safetensors checkpoints that transformers + bitsandbytes load
 
     @classmethod
     def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None,
-             imatrix: str | None = None) -> BnbScheme:
+             imatrix: str | None = None, rounding: Rounding | None = None) -> BnbScheme:
         """From command-line options; unknown names and options that do not apply are usage errors."""
         if imatrix is not None:
             raise UsageError("--imatrix does not apply to bitsandbytes schemes",
@@ -68,11 +70,11 @@ class BnbScheme(Scheme):
                                  hint="drop --blocksize, or use --scheme nf4/fp4")
             if double_quant is not None:
                 raise UsageError("--double-quant does not apply to int8", hint="drop it, or use --scheme nf4/fp4")
-            return cls("int8")
+            return cls("int8", rounding=rounding or Rounding())
         blocksize = DEFAULT_BLOCKSIZE if blocksize is None else blocksize
         if blocksize <= 0:
             raise UsageError(f"--blocksize must be positive, got {blocksize}")
-        return cls(name, blocksize, True if double_quant is None else double_quant)
+        return cls(name, blocksize, True if double_quant is None else double_quant, rounding or Rounding())
 
     @property
     def four_bit(self) -> bool:
@@ -83,12 +85,14 @@ class BnbScheme(Scheme):
         return f"weight.quant_state.bitsandbytes__{self.name}"
 
     def options(self) -> dict[str, Any]:
-        return {"blocksize": self.blocksize, "double_quant": self.double_quant}
+        gptq = {"rounding": self.rounding.record()} if self.rounding.gptq else {}
+        return {"blocksize": self.blocksize, "double_quant": self.double_quant, **gptq}
 
     def describe(self) -> str:
+        gptq = ", GPTQ rounding" if self.rounding.gptq else ""
         if not self.four_bit:
-            return "int8 (LLM.int8, row-wise)"
-        return f"{self.name}, blocksize {self.blocksize}" + (", double quant" if self.double_quant else "")
+            return "int8 (LLM.int8, row-wise)" + gptq
+        return f"{self.name}, blocksize {self.blocksize}" + (", double quant" if self.double_quant else "") + gptq
 
     # ---- what gets written -------------------------------------------------------------------------
     def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
@@ -184,6 +188,13 @@ class BnbScheme(Scheme):
     def quantize(self, weight: Any, device: Any, name: str = "") -> list[tuple[str, Any]]:
         from m1.schemes.bnb_codec import quantize_weight
 
+        if self.rounding.gptq:
+            from m1.schemes.bnb_gptq import quantize_gptq
+            from m1.schemes.gptq import load_hessian
+
+            h, tokens = load_hessian(self.rounding.hessians, name)
+            if h is not None and self.rounding.enough(tokens, weight.shape[-1]):
+                return quantize_gptq(self, weight, h, self.rounding, device, name)[0]
         return quantize_weight(self, weight, device, name)
 
     def dequantize(self, pieces: dict[str, Any], device: Any = "cpu", name: str = "",
@@ -212,6 +223,8 @@ class BnbScheme(Scheme):
             qc.update(bnb_4bit_quant_type=self.name, bnb_4bit_use_double_quant=self.double_quant,
                       bnb_4bit_compute_dtype="bfloat16", bnb_4bit_quant_storage="uint8",
                       m1_blocksize=self.blocksize)  # BitsAndBytesConfig has no field for it
+        if self.rounding.gptq:  # how the codes were chosen (the decoder is the same)
+            qc["m1_rounding"] = self.rounding.record()
         return qc
 
     @classmethod
