@@ -58,21 +58,18 @@ def quantize_cmd(
     candidates: Annotated[str | None, typer.Option("--candidates", help="--budget: the schemes a group may get, "
                                                    "e.g. nf4,int8 or q4_k,q5_k,q6_k,q8_0 (keep: unquantized).")
                           ] = None,
-    corpus: Annotated[str | None, typer.Option("--corpus", help="--budget, --rounding gptq: measure on a bundled "
-                                                                "corpus (mr-niah: "
-                                               "its first 90%, never the held-out 10% verify compare judges on), "
-                                               "in windows spread over it; without a text a stated prior sizes "
-                                               "the mix.")] = None,
-    text: Annotated[Path | None, typer.Option("--text", help="--budget, --rounding gptq: measure on a UTF-8 text "
-                                                             "file.")] = None,
+    corpus: Annotated[str | None, typer.Option("--corpus", help=(
+        "--budget, --rounding gptq: measure on a bundled corpus (mr-niah: its first 90%, never the held-out 10% "
+        "verify compare judges on), in windows spread over it; without a text a stated prior sizes the mix."))
+    ] = None,
+    text: Annotated[Path | None, typer.Option("--text", help="--budget, --rounding gptq: measure on a UTF-8 "
+                                              "text file.")] = None,
     token_ids: Annotated[Path | None, typer.Option("--token-ids", help="--budget, --rounding gptq: measure on "
-                                                                       "pre-tokenized ids "
-                                                   "(JSON list or .npy).")] = None,
+                                                   "pre-tokenized ids (JSON list or .npy).")] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="--budget, --rounding gptq: calibration tokens "
-                                                                "(default 4096).")
-                      ] = None,
-    ctx: Annotated[int | None, typer.Option("--ctx", help="--budget, --rounding gptq: tokens per window (default "
-                                                          "256).")] = None,
+                                               "(default 4096).")] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", help="--budget, --rounding gptq: tokens per window "
+                                            "(default 256).")] = None,
     # The names this option set had before it was the one every command reads a text with.
     calibration: Annotated[str | None, typer.Option("--calibration", hidden=True)] = None,
     calibration_tokens: Annotated[int | None, typer.Option("--calibration-tokens", hidden=True)] = None,
