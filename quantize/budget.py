@@ -19,13 +19,13 @@ one bitsandbytes scheme (plus unquantized modules) per model. A format that stor
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from m1.errors import UsageError
+from m1.quantize.mix_sizes import group_candidates, group_sizes, mix_parts
 from m1.quantize.recipe import (
     BNB_MIX_NOTE,
     RECIPE_NAME,
@@ -37,7 +37,6 @@ from m1.quantize.recipe import (
     plan_recipe,
     recipe_summary,
     recipe_text,
-    stacks_experts,
     summary_lines,
 )
 
@@ -85,85 +84,6 @@ def make_candidates(names: str, fmt: str, main: Any, imatrix: str | None = None,
     return out
 
 
-def group_sizes(ckpt: Any, groups: list[Any], candidates: dict[str, Any], fmt: str,
-                accepts: dict[str, list[str]] | None = None) -> dict[str, dict[str, int]]:
-    """sizes[group][candidate] in bytes, from the schemes' pieces() over the tensors' headers; `accepts`: group
-    key -> the candidates it may take (default: all)."""
-    import math
-
-    from m1.dtypes import DTYPE_BYTES
-
-    cfg = ckpt.config
-    stacked = stacks_experts(fmt)
-    out: dict[str, dict[str, int]] = {}
-    for g in groups:
-        infos = [ckpt.info(n) for n in g.weight_names(cfg)]
-        row: dict[str, int] = {}
-        for c in (accepts[g.key] if accepts is not None else candidates):
-            scheme = candidates[c]
-            if stacked and g.experts:  # the stacked tensors [experts, rows, cols], one per weight kind of the group
-                size = 0
-                for kind in range(len(infos) // cfg.num_local_experts):
-                    first = infos[kind]
-                    shape = (cfg.num_local_experts, *first.shape)
-                    size += (math.prod(shape) * DTYPE_BYTES[first.dtype] if scheme is None else
-                             sum(p.nbytes for p in scheme.pieces(first.dtype, shape)))
-            else:
-                size = sum(t.nbytes if scheme is None else sum(p.nbytes for p in scheme.pieces(t.dtype, tuple(t.shape)))
-                           for t in infos)
-            row[c] = size
-        out[g.key] = row
-    return out
-
-
-def group_candidates(ckpt: Any, groups: list[Any], cands: dict[str, Any], fmt: str,
-                     head_cands: dict[str, Any] | None = None) -> tuple[dict[str, list[str]], list[str]]:
-    """group key -> the candidates its runtime accepts, and a line for each kind of group that lost some.
-
-    The experts take every candidate (a scheme that refuses them is an error, as in a uniform job). A group
-    outside the experts takes those whose scheme accepts each of its weights (`check_weight`: the dtype, rows
-    that split into the type's blocks, an imatrix entry where the scheme uses one), and the head, unless
-    `head_cands` (--head-candidates) names its own, only those of at least the format's `mix_head_floor`."""
-    from m1.formats import get_format
-
-    floor = get_format(fmt).mix_head_floor
-    cfg = ckpt.config
-    out: dict[str, list[str]] = {}
-    dropped: dict[str, dict[str, str]] = {}  # part -> candidate -> why
-    for g in groups:
-        if g.experts:
-            out[g.key] = list(cands)
-            continue
-        own = head_cands if g.part == "head" and head_cands is not None else cands
-        infos = [ckpt.info(n) for n in g.weight_names(cfg)]
-        ok = []
-        for c, scheme in own.items():
-            why = None if scheme is None else _refusal(scheme, infos)
-            if why is None and scheme is not None and g.part == "head" and head_cands is None and floor is not None:
-                bits = 8 * sum(sum(p.nbytes for p in scheme.pieces(t.dtype, tuple(t.shape))) for t in infos) / sum(
-                    math.prod(t.shape) for t in infos)
-                if bits < floor[1] - 1e-9:
-                    why = f"{bits:.2f} bits per weight, below {floor[0]} (add --head-candidates to allow it)"
-            if why is None:
-                ok.append(c)
-            else:
-                dropped.setdefault(g.part, {}).setdefault(c, why)
-        out[g.key] = ok
-    notes = [f"{part}: not " + "; not ".join(f"{c} ({why})" for c, why in whys.items())
-             for part, whys in dropped.items()]
-    return out, notes
-
-
-def _refusal(scheme: Any, infos: list[Any]) -> str | None:
-    """Why `scheme` cannot store one of these weights (its own check's message), or None."""
-    for t in infos:
-        try:
-            scheme.check_weight(t.name, t.dtype, tuple(t.shape), t.file)
-        except UsageError as exc:
-            return exc.message
-    return None
-
-
 def output_bytes(plan: Any, ckpt: Any, recipe: dict[str, Any] | None = None) -> int:
     """At least every byte the job writes for `plan`: each file with its header (the sink's `file_bytes`), what
     the sink writes after them (the index), config.json and the copied files, the job's own small files and
@@ -199,22 +119,6 @@ def _fixed_bytes(plan: Any, grouped: set[str] | None = None) -> int:
     if grouped is None:
         return plan.total_bytes - sum(op.nbytes for op in plan.ops if op.role == "expert")
     return plan.total_bytes - sum(op.nbytes for op in plan.ops if any(o.name in grouped for o in op.outputs))
-
-
-def mix_parts(fmt: str, format_options: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The group parts a mix of format `fmt` plans (`Format.mix_parts`), less those a format option pins (GGUF's
-    --attn-type), and a line per pinned part."""
-    from m1.formats import get_format
-
-    form = get_format(fmt)
-    parts, notes = [], []
-    for p in form.mix_parts:
-        option = form.mix_pins.get(p)
-        if option is not None and format_options.get(option) is not None:
-            notes.append(f"{p}: pinned at {format_options[option]} by --{option.replace('_', '-')}, not in the mix")
-        else:
-            parts.append(p)
-    return parts, notes
 
 
 def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fmt: str, windows: Any = None,
