@@ -1,6 +1,7 @@
 """One candidate scheme per tensor group, minimising the predicted total error under a size budget.
 
-The problem is a multiple-choice knapsack: groups g (a layer's expert w1+w3, or its w2), candidates c with a
+The problem is a multiple-choice knapsack: groups g (a layer's expert w1+w3, its w2, its attention, the embedding,
+the head: m1.verify.mix_groups), each with the candidates c its runtime accepts, with a
 size s(g, c) in bytes (from the schemes' `pieces()`: what the plan writes) and an additive predicted error
 e(g, c) (m1.verify.sensitivity). `allocate` solves it exactly by dynamic programming over groups with the
 sizes above each group's smallest counted in units of u bytes:
@@ -101,10 +102,16 @@ def allocate(sizes: Mapping[str, Mapping[str, int]], errors: Mapping[str, Mappin
     return alloc
 
 
+def uniform_assignment(sizes: Mapping[str, Mapping[str, int]], candidate: str) -> dict[str, str]:
+    """Every group at `candidate`; a group that may not take it (its runtime's rules) at its smallest candidate."""
+    return {g: candidate if candidate in s else min(s, key=lambda c: (s[c], c)) for g, s in sizes.items()}
+
+
 def uniform(sizes: Mapping[str, Mapping[str, int]], errors: Mapping[str, Mapping[str, float]],
             candidate: str) -> tuple[int, float]:
-    """(bytes, predicted error) of every group at `candidate`."""
-    return (sum(s[candidate] for s in sizes.values()), sum(float(e[candidate]) for e in errors.values()))
+    """(bytes, predicted error) of every group at `candidate` (`uniform_assignment`)."""
+    assign = uniform_assignment(sizes, candidate)
+    return (sum(sizes[g][c] for g, c in assign.items()), sum(float(errors[g][c]) for g, c in assign.items()))
 
 
 def parse_budget(text: str, params: int, fixed: int = 0) -> tuple[int, str]:
@@ -142,13 +149,19 @@ def symbols(candidates: Sequence[str]) -> dict[str, str]:
 
 def layer_map(assignment: Mapping[str, str], parts: Sequence[str], layers: int,
               candidates: Sequence[str]) -> list[str]:
-    """The compact map: a line per group part, a character per layer (spaces every 10 layers), and a legend."""
+    """The compact map: a line per layer part (w13, w2, attn), a character per layer (spaces every 10 layers, '-'
+    for a group not in the mix), a line for the global groups (embed, head), and a legend."""
     sym = symbols(candidates)
     lines = []
     for p in parts:
-        chars = [sym.get(assignment.get(f"{layer}.{p}", ""), ".") for layer in range(layers)]
-        lines.append(f"{p:>4s} " + " ".join("".join(chars[i : i + 10]) for i in range(0, layers, 10)))
-    lines.append("     " + ", ".join(f"{s} = {c}" for c, s in sym.items()) + f"; layers 0..{layers - 1}, "
+        if p in ("embed", "head"):
+            continue
+        chars = [sym.get(assignment.get(f"{layer}.{p}", ""), "-") for layer in range(layers)]
+        lines.append(f"{p:>5s} " + " ".join("".join(chars[i : i + 10]) for i in range(0, layers, 10)))
+    globals_ = [f"{p} {assignment[p]}" for p in ("embed", "head") if p in parts and p in assignment]
+    if globals_:
+        lines.append("      " + ", ".join(globals_))
+    lines.append("      " + ", ".join(f"{s} = {c}" for c, s in sym.items()) + f"; layers 0..{layers - 1}, "
                  "a space every 10")
     return lines
 
@@ -164,7 +177,7 @@ def rule_of_thumb(groups: Sequence[str], layers: int, low: str, high: str) -> di
     for g in groups:
         layer, part = g.split(".")
         out[g] = high if part == "w2" and more_bits(int(layer)) else low
-    return out
+    return out  # expert groups only: the caller gives the others theirs
 
 
 def describe(alloc: Allocation) -> dict[str, Any]:

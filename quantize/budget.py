@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from m1.errors import UsageError
+from m1.quantize.mix_sizes import group_candidates, group_sizes, mix_parts
 from m1.quantize.recipe import (
     BNB_MIX_NOTE,
     RECIPE_NAME,
@@ -36,7 +37,6 @@ from m1.quantize.recipe import (
     plan_recipe,
     recipe_summary,
     recipe_text,
-    stacks_experts,
     summary_lines,
 )
 
@@ -52,8 +52,9 @@ def default_candidates(fmt: str) -> str:
     return get_format(fmt).mix_candidates
 
 
-def make_candidates(names: str, fmt: str, main: Any, imatrix: str | None = None) -> dict[str, Any]:
-    """'nf4,int8' -> name -> Scheme (None for keep), the main --scheme's options kept where the names agree."""
+def make_candidates(names: str, fmt: str, main: Any, imatrix: str | None = None, least: int = 2) -> dict[str, Any]:
+    """'nf4,int8' -> name -> Scheme (None for keep), the main --scheme's options kept where the names agree;
+    `least` candidates at least (--head-candidates may name one)."""
     from m1.schemes import make_scheme
     from m1.schemes.ggml import GGML_LIB_TYPES
     from m1.verify.sensitivity import KEEP
@@ -75,37 +76,11 @@ def make_candidates(names: str, fmt: str, main: Any, imatrix: str | None = None)
             raise UsageError(f"--candidates: {scheme.describe()} cannot be stored in the {fmt} format",
                              hint=f"the {fmt} format stores schemes such as {default_candidates(fmt)}")
         out[name] = scheme
-    if len([c for c in out if c != KEEP]) < 1 or len(out) < 2:
+    if least == 1 and not out:
+        raise UsageError("--head-candidates names no candidate", hint="e.g. --head-candidates q3_k,q4_k,q6_k")
+    if least > 1 and (len([c for c in out if c != KEEP]) < 1 or len(out) < 2):
         raise UsageError("--candidates needs at least two candidates, one of them a scheme",
                          hint="e.g. --candidates nf4,int8 or --candidates q4_k,q5_k,q6_k,q8_0")
-    return out
-
-
-def group_sizes(ckpt: Any, groups: list[Any], candidates: dict[str, Any], fmt: str) -> dict[str, dict[str, int]]:
-    """sizes[group][candidate] in bytes, from the schemes' pieces() over the tensors' headers."""
-    import math
-
-    from m1.dtypes import DTYPE_BYTES
-
-    cfg = ckpt.config
-    stacked = stacks_experts(fmt)
-    out: dict[str, dict[str, int]] = {}
-    for g in groups:
-        infos = [ckpt.info(n) for n in g.weight_names(cfg)]
-        row: dict[str, int] = {}
-        for c, scheme in candidates.items():
-            if stacked:  # the stacked tensors [experts, rows, cols], one per weight kind of the group
-                size = 0
-                for kind in range(len(infos) // cfg.num_local_experts):
-                    first = infos[kind]
-                    shape = (cfg.num_local_experts, *first.shape)
-                    size += (math.prod(shape) * DTYPE_BYTES[first.dtype] if scheme is None else
-                             sum(p.nbytes for p in scheme.pieces(first.dtype, shape)))
-            else:
-                size = sum(t.nbytes if scheme is None else sum(p.nbytes for p in scheme.pieces(t.dtype, tuple(t.shape)))
-                           for t in infos)
-            row[c] = size
-        out[g.key] = row
     return out
 
 
@@ -139,15 +114,18 @@ def output_bytes(plan: Any, ckpt: Any, recipe: dict[str, Any] | None = None) -> 
 MAX_FITS = 12  # allocations tried: each takes off what the last one's whole output went past the budget
 
 
-def _fixed_bytes(plan: Any) -> int:
-    return plan.total_bytes - sum(op.nbytes for op in plan.ops if op.role == "expert")
+def _fixed_bytes(plan: Any, grouped: set[str] | None = None) -> int:
+    """The plan's tensor bytes outside the mix's groups (`grouped`: their recipe names; None: the experts)."""
+    if grouped is None:
+        return plan.total_bytes - sum(op.nbytes for op in plan.ops if op.role == "expert")
+    return plan.total_bytes - sum(op.nbytes for op in plan.ops if any(o.name in grouped for o in op.outputs))
 
 
 def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fmt: str, windows: Any = None,
                 calibration: str = "", metric: str = "kl", device: str = "cpu", imatrix: str | None = None,
-                sensitivity: Any = None) -> MixPlan:
+                sensitivity: Any = None, head_candidates: str | None = None) -> MixPlan:
     """Measure (or take `sensitivity`, or the prior), allocate, plan. `opts`: QuantizeOptions of the job."""
-    from m1.allocate import Allocation, allocate, parse_budget, rule_of_thumb
+    from m1.allocate import Allocation, allocate, parse_budget, rule_of_thumb, uniform_assignment
     from m1.quantize.job import plan_from_checkpoint
     from m1.units import human_bytes
     from m1.verify import sensitivity as sens_mod
@@ -157,60 +135,94 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
     if any(opts.policy.describe().values()):
         raise UsageError("--keep/--only do not combine with --budget: the mix decides every expert group",
                          hint="add keep to --candidates to let the allocation leave groups unquantized")
-    cands = make_candidates(candidates or default_candidates(fmt), fmt, opts.scheme, imatrix)
+    base_cands = make_candidates(candidates or default_candidates(fmt), fmt, opts.scheme, imatrix)
+    cands = dict(base_cands)
     cfg = ckpt.config
-    groups = sens_mod.groups_of(cfg)
+    parts, notes = mix_parts(fmt, opts.format_options)
+    head_cands = None
+    if head_candidates is not None:
+        if "head" not in parts:
+            raise UsageError(f"--head-candidates: the {fmt} format's mix does not plan the head"
+                             + (" (--head-type pins it)" if "head" in _all_parts(fmt) else ""),
+                             hint="GGUF plans the head (--format gguf); a bitsandbytes checkpoint keeps it")
+        head_cands = make_candidates(head_candidates, fmt, opts.scheme, imatrix, least=1)
+        for c, scheme in head_cands.items():
+            cands.setdefault(c, scheme)
+    groups = sens_mod.groups_of(cfg, parts)
+    accepts, refused = group_candidates(ckpt, groups, base_cands, fmt, head_cands)
+    notes += refused
+    for g in [g for g in groups if not accepts[g.key]]:  # the job's fixed type, as without a mix
+        notes.append(f"{g.key}: no candidate it may take, stays at the job's type")
+        groups.remove(g)
+    accepts = {g.key: accepts[g.key] for g in groups}
     smallest_scheme = next(s for s in cands.values() if s is not None)
     base_plan = plan_from_checkpoint(ckpt, replace(opts, scheme=smallest_scheme))
-    fixed = _fixed_bytes(base_plan)
     total_budget, budget_text = parse_budget(budget, base_plan.params)
-    sizes = group_sizes(ckpt, groups, cands, fmt)
+    sizes = group_sizes(ckpt, groups, cands, fmt, accepts)
     if sensitivity is None:
         if windows is not None:
-            sensitivity = sens_mod.measure(_source(ckpt), windows, cands, device=device, kl=metric == "kl")
+            sensitivity = sens_mod.measure(_source(ckpt), windows, cands, device=device, kl=metric == "kl",
+                                           parts=parts, accepts=accepts)
             sensitivity.calibration = calibration
         else:
-            sensitivity = sens_mod.prior(cfg, cands)
+            sensitivity = sens_mod.prior(cfg, cands, parts, accepts)
             metric = "kl"
     lacking = [g.key for g in groups if g.key not in sensitivity.errors]
     if lacking:
-        raise UsageError(f"the sensitivities have no group {lacking[0]} (they were measured on another model?)",
-                         hint="measure again with --corpus or --text")
+        raise UsageError(f"the sensitivities have no group {lacking[0]} (they were measured on another model, or "
+                         "for another format's groups?)", hint="measure again with --corpus or --text")
+    unmeasured = [(g, c) for g, row in accepts.items() for c in row if c != sens_mod.KEEP
+                  and c not in sensitivity.errors[g]]
+    if unmeasured:
+        raise UsageError(f"the sensitivities have no {unmeasured[0][1]} for group {unmeasured[0][0]}",
+                         hint="measure again with these --candidates")
     measured = windows is not None or not sensitivity.calibration.startswith("prior")
-    errors = {g.key: {c: sensitivity.error(g.key, c, metric) for c in cands} for g in groups}
+    errors = {g: {c: sensitivity.error(g, c, metric) for c in row} for g, row in accepts.items()}
     # Every byte on disk counts: besides the groups' tensors, the other tensors, every file's header, the index,
     # config and copied files, the manifest and the recipe. A uniform plan of each candidate sizes them; the
     # part that grows with the groups' tensors (headers, index and manifest entries) is shared out over the
     # groups, so the DP weighs a candidate by its bytes on disk, and each allocation whose whole output still
     # goes past the budget (a mix's config lists its weights) gives the excess back until it fits.
-    all_names = [n for g in groups for n in g.recipe_names(cfg, fmt)]
+    names = {g.key: g.recipe_names(cfg, fmt) for g in groups}
+    grouped = {n for ns in names.values() for n in ns}
+    fixed = _fixed_bytes(base_plan, grouped)
+
+    def weights_of(assignment: dict[str, str]) -> dict[str, str]:
+        return {n: assignment[g] for g, ns in names.items() for n in ns}
+
     disk_sizes: dict[str, dict[str, int]] = {g: dict(row) for g, row in sizes.items()}
     for c, scheme in cands.items():
+        if not any(c in row for row in sizes.values()):
+            continue
+        assign = uniform_assignment(sizes, c)
         uniform_plan = plan_from_checkpoint(ckpt, replace(opts, scheme=scheme or smallest_scheme,
-                                                          recipe=dict.fromkeys(all_names, c)))
-        on_disk = output_bytes(uniform_plan, ckpt, {"weights": dict.fromkeys(all_names, c)})
-        share = -(-(on_disk - sum(row[c] for row in sizes.values())) // len(groups))
+                                                          recipe=weights_of(assign)))
+        on_disk = output_bytes(uniform_plan, ckpt, {"weights": weights_of(assign)})
+        share = -(-(on_disk - sum(sizes[g][x] for g, x in assign.items())) // len(groups))
         for g in disk_sizes:
-            disk_sizes[g][c] += share
+            if c in disk_sizes[g]:
+                disk_sizes[g][c] += share
     smallest = sum(min(row.values()) for row in disk_sizes.values())
     outside = smallest - sum(min(row.values()) for row in sizes.values())
     if smallest > total_budget:
         raise UsageError(f"--budget {budget} ({human_bytes(total_budget)}) is below the smallest mix of these "
                          f"candidates, {human_bytes(smallest)} on disk ({human_bytes(outside)} of it outside the "
-                         "expert groups: other tensors, headers, index, manifest, recipe)",
+                         f"mix's {len(groups)} groups: other tensors, headers, index, manifest, recipe)",
                          hint="raise --budget, or add a smaller candidate")
+
     def attempt(alloc: Any) -> tuple[Any, dict[str, Any], int]:
         """The plan and recipe of an allocation, and its whole output's bytes on disk."""
-        recipe_weights = {name: alloc.assignment[g.key] for g in groups for name in g.recipe_names(cfg, fmt)}
+        recipe_weights = weights_of(alloc.assignment)
         used = Counter(c for c in alloc.assignment.values() if c != sens_mod.KEEP)
         if not used:
             raise UsageError("the budget leaves every group unquantized: nothing to quantize",
                              hint="use m1 convert for an unquantized copy, or lower --budget")
-        main_name = used.most_common(1)[0][0]
+        on_experts = Counter(c for g, c in alloc.assignment.items() if c != sens_mod.KEEP and _is_expert(g))
+        main_name = (on_experts or used).most_common(1)[0][0]  # what the file is "mostly" (GGUF's file type)
         plan = plan_from_checkpoint(ckpt, replace(opts, scheme=cands[main_name], recipe=recipe_weights))
         doc = _recipe_doc(plan, alloc, cands, sizes, errors, disk_sizes, total_budget, budget, budget_text,
                           main_name, "kl" if not measured else metric, measured, sensitivity, recipe_weights, cfg,
-                          fmt, len(used))
+                          fmt, len(used), parts, grouped, notes)
         doc["disk_bytes"] = total_budget  # as many digits or more than the sum it becomes
         return plan, doc, output_bytes(plan, ckpt, doc)
 
@@ -226,9 +238,13 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
     if on_disk > total_budget:
         # Every mix the allocator found lists too much beside its tensors (on a small model a bitsandbytes mix's
         # weight list outweighs what it saves): the best uniform candidate that fits, if one does.
-        for c in sorted((c for c in cands if c != sens_mod.KEEP), key=lambda c: sum(e[c] for e in errors.values())):
-            uniform = Allocation({g: c for g in disk_sizes}, sum(row[c] for row in sizes.values()),
-                                 sum(e[c] for e in errors.values()), group_budget, 1, True)
+        def uniform_error(c: str) -> float:
+            return sum(errors[g][x] for g, x in uniform_assignment(sizes, c).items())
+
+        for c in sorted((c for c in cands if c != sens_mod.KEEP), key=uniform_error):
+            assign = uniform_assignment(sizes, c)
+            uniform = Allocation(assign, sum(sizes[g][x] for g, x in assign.items()), uniform_error(c),
+                                 group_budget, 1, True)
             tried = attempt(uniform)
             if tried[2] <= total_budget:
                 alloc, (plan, doc, on_disk) = uniform, tried
@@ -243,35 +259,51 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
     lines = summary_lines(doc, sizes, cfg.num_hidden_layers, cands)
     if not loads_anywhere(fmt) and 2 <= len(cfg.layer_kinds):  # beside a mix m1 loads: llama.cpp's heuristic
         low, high = list(cands)[0], list(cands)[-1]
-        rot = rule_of_thumb(list(alloc.assignment), cfg.num_hidden_layers, low, high)
-        rot_bytes = sum(sizes[g][c] for g, c in rot.items()) + fixed
-        rot_err = sum(errors[g][c] for g, c in rot.items())
-        lines.append(f"llama.cpp's layer pattern ({high} for w2 of the first/last eighth and every third layer, else "
-                     f"{low}): {human_bytes(rot_bytes)}, predicted {rot_err:.6g}")
+        expert_groups = [g for g in alloc.assignment if _is_expert(g)]
+        if all(low in sizes[g] and high in sizes[g] for g in expert_groups):
+            rot = rule_of_thumb(expert_groups, cfg.num_hidden_layers, low, high)
+            for g, row in sizes.items():  # outside the experts: high where it may, else its largest
+                rot.setdefault(g, high if high in row else max(row, key=lambda c: (row[c], c)))
+            rot_bytes = sum(sizes[g][c] for g, c in rot.items()) + fixed
+            rot_err = sum(errors[g][c] for g, c in rot.items())
+            lines.append(f"llama.cpp's layer pattern ({high} for w2 of the first/last eighth and every third layer, "
+                         f"else {low}; {high} outside the experts): {human_bytes(rot_bytes)}, predicted {rot_err:.6g}")
     return MixPlan(plan, doc, lines)
+
+
+def _is_expert(key: str) -> bool:
+    return key.endswith((".w13", ".w2"))
+
+
+def _all_parts(fmt: str) -> tuple[str, ...]:
+    from m1.formats import get_format
+
+    return get_format(fmt).mix_parts
 
 
 def _recipe_doc(plan: Any, alloc: Any, cands: dict[str, Any], sizes: dict[str, dict[str, int]],
                 errors: dict[str, dict[str, float]], disk_sizes: dict[str, dict[str, int]], total_budget: int,
                 budget: str, budget_text: str,
                 main_name: str, metric: str, measured: bool, sensitivity: Any, recipe_weights: dict[str, str],
-                cfg: Any, fmt: str, n_used: int) -> dict[str, Any]:
+                cfg: Any, fmt: str, n_used: int, parts: list[str], grouped: set[str],
+                notes: list[str]) -> dict[str, Any]:
     """The recipe document (m1-recipe.json); the uniform schemes' bytes are their whole output on disk."""
     from m1.allocate import describe, layer_map, uniform
-    from m1.verify import sensitivity as sens_mod
 
     uniforms = {}
     for c in cands:
+        if not any(c in row for row in sizes.values()):
+            continue
         b, p = uniform(disk_sizes, errors, c)
         uniforms[c] = {"bytes": b, "predicted": p, "fits": b <= total_budget}
-    parts = list(sens_mod.PARTS)
     doc = {
         "m1_recipe": RECIPE_VERSION, "format": fmt, "scheme": main_name, "candidates": list(cands),
         "budget": {"text": budget, "bytes": total_budget, "read_as": budget_text},
-        "bytes": plan.total_bytes, "fixed_bytes": _fixed_bytes(plan), "params": plan.params,
+        "bytes": plan.total_bytes, "fixed_bytes": _fixed_bytes(plan, grouped), "params": plan.params,
         "bpw": 8 * plan.total_bytes / plan.params if plan.params else None,
         "metric": metric if measured else "prior",
         "calibration": sensitivity.calibration, "calibration_tokens": sensitivity.tokens,
+        "parts": parts, "group_candidates": {g: list(row) for g, row in sizes.items()}, "notes": notes,
         "groups": alloc.assignment, "group_bytes": {g: sizes[g][c] for g, c in alloc.assignment.items()},
         "predicted": {"mix": alloc.predicted, "uniform": uniforms},
         "allocation": describe(alloc),
@@ -312,14 +344,16 @@ def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vo
 
 def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None, candidates: str | None,
              calibration: str | None, calibration_tokens: int, calibration_ctx: int, metric: str,
-             sensitivity: Path | None, recipe: Path | None, device: str, imatrix: str | None) -> MixPlan:
+             sensitivity: Path | None, recipe: Path | None, device: str, imatrix: str | None,
+             head_candidates: str | None = None) -> MixPlan:
     """What the CLI's --budget / --recipe options make: a MixPlan."""
     from m1.verify.sensitivity import Sensitivity
 
     if recipe is not None:
-        if budget is not None or candidates is not None or calibration is not None or sensitivity is not None:
+        if (budget is not None or candidates is not None or calibration is not None or sensitivity is not None
+                or head_candidates is not None):
             raise UsageError("--recipe replays a stored mix: it does not combine with --budget, --candidates, "
-                             "--corpus, --text, --token-ids or --sensitivity")
+                             "--head-candidates, --corpus, --text, --token-ids or --sensitivity")
         return plan_recipe(ckpt, opts, recipe, fmt, imatrix)
     assert budget is not None
     sens = None
@@ -348,4 +382,4 @@ def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None,
         calibration = what
     return plan_budget(ckpt, opts, budget=budget, candidates=candidates, fmt=fmt, windows=windows,
                        calibration=calibration or "", metric=metric, device=device, imatrix=imatrix,
-                       sensitivity=sens)
+                       sensitivity=sens, head_candidates=head_candidates)

@@ -47,7 +47,8 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
              to: str | None = None, layout: str | None = None, shard_size: int | str = "5GB",
              revision: str | None = None, imatrix: str | Path | None = None,
              format_options: Mapping[str, Any] | None = None, budget: str | None = None,
-             candidates: str | None = None, calibration: str | None = None, calibration_tokens: int = 4096,
+             candidates: str | None = None, head_candidates: str | None = None,
+             calibration: str | None = None, calibration_tokens: int = 4096,
              calibration_ctx: int = 256, metric: str = "kl", sensitivity: str | Path | None = None,
              recipe: str | Path | None = None, device: str = "auto", workers: int = 1, threads: int | None = None,
              scratch: int | str | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -60,7 +61,8 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     `to` one of the formats that store it, `make_scheme(name).formats`), with its options (blocksize,
     double_quant for bitsandbytes; imatrix, a format's importance-matrix file, for the ggml K-quants).
     keep / only: names or `re:REGEX` left unquantized / the only ones quantized. budget: a size (240GB) or bits
-    per weight (4.6bpw) that a mix of `candidates` (comma-separated) must fit, measured on `calibration` (a
+    per weight (4.6bpw) that a mix of `candidates` (comma-separated; `head_candidates` the head's, in a format
+    whose mix plans it) must fit, measured on `calibration` (a
     bundled corpus, a text file or token ids) or sized by a stated prior; sensitivity: reuse a recipe's
     measurements; recipe: replay an m1-recipe.json. rounding: "nearest" (the scheme's own) or "gptq" (bitsandbytes
     schemes: codes chosen by GPTQ within bitsandbytes' own scales, from Hessians of `calibration` measured in the
@@ -108,14 +110,16 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
         from m1.quantize.budget import mix_plan
 
         mix = mix_plan(ckpt, opts, fmt, source=str(source), budget=budget, candidates=candidates,
-                       calibration=calibration, calibration_tokens=calibration_tokens,
+                       head_candidates=head_candidates, calibration=calibration,
+                       calibration_tokens=calibration_tokens,
                        calibration_ctx=calibration_ctx, metric=metric,
                        sensitivity=Path(sensitivity) if sensitivity is not None else None,
                        recipe=Path(recipe) if recipe is not None else None, device=device, imatrix=imatrix_path)
         plan = mix.plan
-    elif candidates is not None or (calibration is not None and not gptq) or sensitivity is not None:
-        raise UsageError("--candidates, a calibration text (--corpus, --text, --token-ids) and --sensitivity "
-                         "apply with --budget only (a text also with --rounding gptq)",
+    elif (candidates is not None or head_candidates is not None or (calibration is not None and not gptq)
+          or sensitivity is not None):
+        raise UsageError("--candidates, --head-candidates, a calibration text (--corpus, --text, --token-ids) and "
+                         "--sensitivity apply with --budget only (a text also with --rounding gptq)",
                          hint="add --budget 240GB (or 4.6bpw)")
     else:
         plan = plan_from_checkpoint(ckpt, opts)

@@ -98,9 +98,10 @@ def read_recipe(path: Path, fmt: str) -> dict[str, Any]:
 
 
 def check_coverage(doc: dict[str, Any], cfg: Any, fmt: str, path: Path) -> None:
-    """A recipe covers exactly this model's groups, and its weights exactly theirs, each weight at its group's
-    candidate: anything missing would be replayed at the main scheme without a word, anything extra was made for
-    another model."""
+    """A recipe covers this model's expert groups (and the other groups of its format's mix it planned), and its
+    weights exactly theirs, each weight at its group's candidate: anything missing would be replayed at the main
+    scheme without a word, anything extra was made for another model."""
+    from m1.formats import get_format
     from m1.verify.sensitivity import groups_of
 
     hint = "a recipe replays on the model it was made for, as m1 quantize --budget wrote it"
@@ -108,13 +109,15 @@ def check_coverage(doc: dict[str, Any], cfg: Any, fmt: str, path: Path) -> None:
     if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
         raise UsageError("the recipe has no groups (group -> candidate)", file=str(path), hint=hint)
     weights = doc["weights"]
-    want = {g.key: g.recipe_names(cfg, fmt) for g in groups_of(cfg)}
-    missing = [g for g in want if g not in groups]
-    extra = [g for g in groups if g not in want]
+    # every expert group; attention, embedding and head where the mix planned them (not pinned, a type it may take)
+    every = {g.key: g for g in groups_of(cfg, get_format(fmt).mix_parts)}
+    missing = [k for k, g in every.items() if g.experts and k not in groups]
+    extra = [g for g in groups if g not in every]
     if missing or extra:
         what = f"lacks group {missing[0]}" if missing else f"has group {extra[0]}, which this model does not have"
-        raise UsageError(f"the recipe {what} ({len(missing)} missing, {len(extra)} extra of {len(want)} groups)",
+        raise UsageError(f"the recipe {what} ({len(missing)} missing, {len(extra)} extra of {len(every)} groups)",
                          file=str(path), hint=hint)
+    want = {k: every[k].recipe_names(cfg, fmt) for k in groups}
     named = {n for names in want.values() for n in names}
     missing_w = [n for names in want.values() for n in names if n not in weights]
     extra_w = [n for n in weights if n not in named]
@@ -167,24 +170,31 @@ def summary_lines(doc: dict[str, Any], sizes: dict[str, dict[str, int]], layers:
     from m1.units import human_bytes
 
     n_groups = len(doc["groups"])
-    per = n_groups // layers if layers else 0
+    parts = doc.get("parts", ["w13", "w2"])
+    layer_parts = [p for p in parts if p not in ("embed", "head")]
+    global_parts = [p for p in parts if p in doc["groups"]]
+    what = {"w13": "experts' w1+w3", "w2": "experts' w2", "attn": "attention"}
     lines = [f"budget: {doc['budget']['text']} = {doc['budget']['read_as']}",
-             f"groups: {n_groups} ({layers} layers x {per}: experts' w1+w3, w2); not in a group (kept or typed by "
-             f"the format's policy): {human_bytes(doc['fixed_bytes'])}"]
-    first = next(iter(sizes.values()))
-    lines.append("candidate sizes per group (layer 0): " + ", ".join(
-        f"{c} {human_bytes(sizes[g][c])} ({g.split('.')[1]})" for g in list(sizes)[:per] for c in first))
+             f"groups: {n_groups} ({layers} layers x {len(layer_parts)}: {', '.join(what[p] for p in layer_parts)}"
+             + "".join(f"; {p}" for p in global_parts)
+             + f"); not in a group (kept or typed by the format's policy): {human_bytes(doc['fixed_bytes'])}"]
+    lines += ["  " + n for n in doc.get("notes", [])]
+    first = [g for g in sizes if g.startswith("0.") or g in ("embed", "head")]
+    lines.append("candidate sizes per group (layer 0" + "".join(f", {p}" for p in global_parts) + "): " + "; ".join(
+        f"{g.split('.')[-1]} " + ", ".join(f"{c} {human_bytes(sizes[g][c])}" for c in sizes[g]) for g in first))
     if doc["metric"] == "prior":
-        lines.append("errors: a stated prior, nothing measured (each group's parameter share x the scheme's relative "
-                     "weight MSE on Gaussian data, the same for every layer): it sizes the mix, it cannot say which "
-                     "layers matter; measure with --calibration, or replay a measured mix with --recipe")
+        lines.append("errors: a stated prior, nothing measured (each group's share of the parameters a token goes "
+                     "through x the scheme's relative weight MSE on Gaussian data, the same for every layer): it "
+                     "sizes the mix, it cannot say which layers matter; measure with --corpus, or replay a measured "
+                     "mix with --recipe")
     else:
         lines.append(f"errors: measured ({doc['metric']}, isolated per group) on {doc['calibration']} "
                      f"({doc['calibration_tokens']} tokens)")
     alloc = doc["allocation"]
     how = "exact" if alloc["exact"] else f"exact for sizes in units of {alloc['unit']:,} bytes"
     lines.append(f"allocation: DP over {n_groups} groups ({how}){'; ' + alloc['notes'][0] if alloc['notes'] else ''}")
-    lines.append(f"{'scheme':8s} {'w13':>5s} {'w2':>5s} {'bytes':>12s} {'predicted':>12s}")
+    shown = layer_parts + global_parts
+    lines.append(f"{'scheme':8s} " + " ".join(f"{p:>5s}" for p in shown) + f" {'bytes':>12s} {'predicted':>12s}")
     sens = doc["sensitivity"]
     for c in cands:
         gs = [g for g, x in doc["groups"].items() if x == c]
@@ -192,8 +202,8 @@ def summary_lines(doc: dict[str, Any], sizes: dict[str, dict[str, int]], layers:
             continue
         b = sum(doc["group_bytes"][g] for g in gs)
         err = sum(_err(sens, g, c, doc["metric"]) for g in gs)
-        lines.append(f"{c:8s} {sum(g.endswith('w13') for g in gs):5d} {sum(g.endswith('w2') for g in gs):5d} "
-                     f"{human_bytes(b):>12s} {err:12.6g}")
+        counts = [sum(g.split(".")[-1] == p for g in gs) for p in shown]
+        lines.append(f"{c:8s} " + " ".join(f"{n:5d}" for n in counts) + f" {human_bytes(b):>12s} {err:12.6g}")
     lines += ["layer map:", *("  " + x for x in doc["layer_map"])]
     lines.append(f"mix: {human_bytes(doc['disk_bytes'])} on disk (tensors {human_bytes(doc['bytes'])}, "
                  f"{doc['bpw']:.3f} bits per weight; headers, index, manifest and recipe included) of budget "

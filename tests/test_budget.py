@@ -266,8 +266,9 @@ def test_a_gguf_mix_writes_its_recipe_beside_the_file(tmp_path: Path, run) -> No
     import gguf
 
     src = DATA / "tiny-trained"  # rows of 128: the 32-value block types
+    # 1.0 MB: between uniform q4_0 (0.67 MB) and q8_0 (1.24 MB), attention, embedding and head in the mix too
     code, out, err = run("quantize", src, tmp_path / "mix.gguf", "--format", "gguf", "--scheme", "q4_0",
-                         "--budget", "1.4MB", "--candidates", "q4_0,q8_0", "-q")
+                         "--budget", "1.0MB", "--candidates", "q4_0,q8_0", "-q")
     assert code == 0, err
     doc = json.loads((tmp_path / "mix.m1-recipe.json").read_text())
     assert doc["format"] == "gguf" and doc["metric"] == "prior"
@@ -275,7 +276,7 @@ def test_a_gguf_mix_writes_its_recipe_beside_the_file(tmp_path: Path, run) -> No
     for name, ggml in doc["weights"].items():
         assert types[name] == ggml.upper(), name
     assert len(set(doc["weights"].values())) == 2
-    assert (tmp_path / "mix.gguf").stat().st_size <= 1.4e6 + 64 * 1024  # tensor bytes within; metadata beside
+    assert (tmp_path / "mix.gguf").stat().st_size <= 1.0e6 + 64 * 1024  # tensor bytes within; metadata beside
     code, _, err = run("quantize", src, tmp_path / "again.gguf", "--recipe", tmp_path / "mix.m1-recipe.json", "-q")
     assert code != 0 and "--format gguf" in err
     code, _, err = run("quantize", src, tmp_path / "again.gguf", "--format", "gguf", "--scheme", "q4_0",
@@ -329,8 +330,9 @@ def test_full_scale_dry_run_over_the_sparse_replica(tmp_path: Path, run) -> None
     seconds = time.perf_counter() - started
     assert code == 0, err
     mix = json.loads(out)["mix"]
-    assert len(mix["groups"]) == 160 and mix["bytes"] <= 240 * 10**9 and mix["metric"] == "prior"
-    assert mix["allocation"]["exact"]
+    assert len(mix["groups"]) == 242 and mix["bytes"] <= 240 * 10**9 and mix["metric"] == "prior"  # 80 x 3 + 2
+    # 242 groups of unlike sizes: sizes in rounded units, optimal for a budget some tens of MB smaller (0.02%)
+    assert mix["allocation"]["exact"] or mix["allocation"]["slack_bound"] < 10**-3 * 240 * 10**9
     print(f"\nfull scale GGUF 240GB: {mix['bytes'] / 1e9:.2f} GB ({mix['bpw']:.3f} bpw), "
           f"{dict((c, list(mix['groups'].values()).count(c)) for c in mix['candidates'])} in {seconds:.1f} s")
     assert seconds < 120

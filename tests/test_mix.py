@@ -103,8 +103,9 @@ def test_a_budget_is_a_promise_about_every_byte_on_disk(make_tiny_ckpt, tmp_path
 
 def test_the_dry_run_of_a_mix_shows_the_mix_and_its_bytes_on_disk(make_tiny_ckpt, tmp_path: Path, run) -> None:
     src = make_tiny_ckpt("six", layers=6, softmax_every=3, hidden=64, intermediate=128)
+    # 45% of the bf16 source: the mix plans attention, embedding and head too, so the experts must mix below it
     args = ["quantize", src, tmp_path / "x.gguf", "--format", "gguf", "--candidates", "q4_0,q8_0", "--dry-run"]
-    code, out, err = run(*args, "--budget", str(int(0.6 * _on_disk(src))))
+    code, out, err = run(*args, "--budget", str(int(0.45 * _on_disk(src))))
     assert code == 0, err
     plan_part = out[out.index("plan for"):]
     scheme_line = next(x for x in plan_part.splitlines() if "scheme:" in x)
@@ -112,8 +113,8 @@ def test_the_dry_run_of_a_mix_shows_the_mix_and_its_bytes_on_disk(make_tiny_ckpt
     assert "q4_0 (ggml" in plan_part and "q8_0 (ggml" in plan_part
     mix_line = next(x for x in out.splitlines() if x.startswith("mix: "))
     assert "on disk" in mix_line
-    code, out, err = run(*args, "--budget", str(int(0.6 * _on_disk(src))), "--json")
+    code, out, err = run(*args, "--budget", str(int(0.45 * _on_disk(src))), "--json")
     assert code == 0, err
     found = json.loads(out)
     assert set(found["expert_schemes"]) == {"q4_0", "q8_0"} and sum(found["expert_schemes"].values()) == 18
-    assert found["mix"]["disk_bytes"] <= int(0.6 * _on_disk(src))
+    assert found["mix"]["disk_bytes"] <= int(0.45 * _on_disk(src))

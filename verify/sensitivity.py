@@ -1,7 +1,8 @@
-"""Sensitivity of each expert tensor group to each candidate scheme, measured layer-streamed.
+"""Sensitivity of each tensor group to each candidate scheme, measured layer-streamed.
 
-A *group* is one layer's experts' gate and up projections (w1 + w3; one stacked tensor each in a format that
-stacks experts) or their down projections (w2). For a candidate scheme, a group's weights are quantized in
+A *group* (m1.verify.mix_groups) is one layer's experts' gate and up projections (w1 + w3; one stacked tensor
+each in a format that stacks experts), their down projections (w2) or its attention projections, or the
+embedding, or the head. For a candidate scheme, a group's weights are quantized in
 memory through the scheme's own `quantize` / `dequantize` (its library's: never m1's arithmetic), exactly as
 the pipeline would write and the verify sources would read them back, and the group's *isolated* error is
 measured on calibration text:
@@ -35,54 +36,20 @@ from typing import Any
 import torch
 
 from m1.config import M1Config
-from m1.errors import UsageError
 from m1.verify.engine import WeightSource
+from m1.verify.mix_groups import (  # noqa: F401 (the groups' names, as the budget and the tests import them)
+    ALL_PARTS,
+    EXPERT_PARTS,
+    GLOBAL_PARTS,
+    LAYER_PARTS,
+    Group,
+    active_params,
+    group_params,
+    groups_of,
+)
 
-PARTS = ("w13", "w2")  # expert tensor groups of a layer
-PART_WEIGHTS = {"w13": ("w1", "w3"), "w2": ("w2",)}
+PARTS = EXPERT_PARTS  # the expert groups of a layer (what a mix planned before it planned every group)
 KEEP = "keep"  # a candidate that leaves the group in its source precision (error 0)
-EXPERT = "block_sparse_moe.experts.{e}.{w}.weight"
-
-
-@dataclass(frozen=True)
-class Group:
-    layer: int
-    part: str  # w13 | w2
-
-    @property
-    def key(self) -> str:
-        return f"{self.layer}.{self.part}"
-
-    def local_names(self, cfg: M1Config) -> list[str]:
-        """The group's weights named relative to `model.layers.{layer}.` (as a WeightSource gives them)."""
-        return [EXPERT.format(e=e, w=w) for e in range(cfg.num_local_experts) for w in PART_WEIGHTS[self.part]]
-
-    def weight_names(self, cfg: M1Config) -> list[str]:
-        """Spec names (the bitsandbytes recipe's keys)."""
-        return [f"model.layers.{self.layer}.{n}" for n in self.local_names(cfg)]
-
-    def recipe_names(self, cfg: M1Config, fmt: str) -> list[str]:
-        """A recipe's keys for the group in output format `fmt`: the spec names, or in a format that stacks
-        experts its stacked tensors (one per weight kind)."""
-        from m1.formats import get_format
-
-        stacks = get_format(fmt).expert_stacks
-        if stacks is None:
-            return self.weight_names(cfg)
-        first = f"model.layers.{self.layer}." + EXPERT  # expert 0 names its stack
-        return [stacks.from_spec(first.format(e=0, w=w)) for w in PART_WEIGHTS[self.part]]
-
-
-def groups_of(cfg: M1Config, parts: Sequence[str] = PARTS) -> list[Group]:
-    for p in parts:
-        if p not in PARTS:
-            raise UsageError(f"unknown tensor group {p!r}", hint=f"use {', '.join(PARTS)}")
-    return [Group(layer, p) for layer in range(cfg.num_hidden_layers) for p in parts]
-
-
-def group_params(cfg: M1Config, part: str) -> int:
-    """Parameters of one group (every expert's weights of that part)."""
-    return cfg.num_local_experts * len(PART_WEIGHTS[part]) * cfg.intermediate_size * cfg.hidden_size
 
 
 # ---- quantizing in memory, through the scheme ----------------------------------------------------------
@@ -125,15 +92,29 @@ class MixSource(WeightSource):
         self.assignment = dict(assignment)
         self.cache = cache or RoundtripCache(schemes)
 
+    def _global_groups(self) -> dict[str, str]:
+        """Full name of each global weight the assignment quantizes -> its candidate."""
+        out = {}
+        for part in GLOBAL_PARTS:
+            choice = self.assignment.get(part, KEEP)
+            if choice != KEEP:
+                out.update(dict.fromkeys(Group(None, part).weight_names(self.config), choice))
+        return out
+
     def global_weights(self) -> dict[str, torch.Tensor]:
-        return self.source.global_weights()
+        weights = dict(self.source.global_weights())
+        for name, choice in self._global_groups().items():
+            weights[name] = self.cache.get(name, choice, weights[name])
+        return weights
 
     def global_weight(self, name: str) -> torch.Tensor:
-        return self.source.global_weight(name)
+        weight = self.source.global_weight(name)
+        choice = self._global_groups().get(name, KEEP)
+        return weight if choice == KEEP else self.cache.get(name, choice, weight)
 
     def layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
         weights = dict(self.source.layer_weights(layer))
-        for part in PARTS:
+        for part in LAYER_PARTS:
             choice = self.assignment.get(f"{layer}.{part}", KEEP)
             if choice == KEEP:
                 continue
@@ -200,10 +181,15 @@ def measure(
     batch_size: int = 16,
     kl: bool = True,
     progress: Callable[[int], None] | None = None,
+    accepts: Mapping[str, Sequence[str]] | None = None,
 ) -> Sensitivity:
     """Each group's isolated error under each candidate (name -> Scheme; KEEP is skipped), one layer-streamed
     pass over `source` per candidate. `windows`: m1.verify.text.Windows of the calibration text; `batch_size`
-    windows go through a layer per call (the carried copies of all groups are batched together)."""
+    windows go through a layer per call (the carried copies of all groups are batched together). `accepts`:
+    group key -> the candidates it may take (its runtime's rules); a group is measured under those only.
+
+    The embedding's group is quantized alone at the input (its perturbed state carried through the exact
+    layers); the head's alone on the exact final state (its KL straight from the two heads' outputs)."""
     from m1.verify.engine import embed, head, stack_experts
     from m1.verify.metrics import layer_error
 
@@ -222,11 +208,26 @@ def measure(
         return torch.cat([torch.log_softmax(head(cfg, g, s)[:, first:-1].float(), -1).reshape(-1, cfg.vocab_size)
                           for s in states.split(batch_size)])
 
+    def takes(group: Group, cand: str) -> bool:
+        return accepts is None or cand in accepts.get(group.key, ())
+
+    def quantized_globals(g: Mapping[str, torch.Tensor], group: Group, scheme: Any) -> dict[str, torch.Tensor]:
+        out = dict(g)
+        for name in group.weight_names(cfg):
+            out[name] = roundtrip(scheme, source.global_weight(name), name).to(device)
+        return out
+
     for cand in names:
         scheme = candidates[cand]
         g = {k: v.to(device) for k, v in source.global_weights().items()}
         ref = embed(g, tokens, dtype)
         carried: dict[str, torch.Tensor] = {}
+        for group in (gr for gr in groups if gr.part == "embed" and takes(gr, cand)):
+            iso = embed(quantized_globals(g, group, scheme), tokens, dtype)
+            _, rel = layer_error(ref, iso)
+            out.errors[group.key][cand] = {"rel_l2": rel}
+            if kl:
+                carried[group.key] = iso
         for layer in range(cfg.num_hidden_layers):
             raw = source.layer_weights(layer)
             weights = stack_experts(cfg, {k: v.to(device) for k, v in raw.items()}, dtype)
@@ -236,7 +237,7 @@ def measure(
             for i, k in enumerate(keys, start=1):
                 carried[k] = both[i * n : (i + 1) * n]
             del weights, both
-            for group in (gr for gr in groups if gr.layer == layer):
+            for group in (gr for gr in groups if gr.layer == layer and takes(gr, cand)):
                 quantized = dict(raw)
                 for local in group.local_names(cfg):
                     quantized[local] = roundtrip(scheme, raw[local], f"model.layers.{layer}.{local}")
@@ -252,15 +253,38 @@ def measure(
             del raw
             if progress:
                 progress(1)
+        if kl and ref_lp is None:
+            ref_lp = logprobs(g, ref)
+        for group in (gr for gr in groups if gr.part == "head" and takes(gr, cand)):
+            qg = quantized_globals(g, group, scheme)
+            out.errors[group.key][cand] = {"rel_l2": _logit_error(cfg, g, qg, ref, batch_size)}
+            if kl:
+                assert ref_lp is not None
+                cand_lp = logprobs(qg, ref)
+                kl_sum = (ref_lp.exp() * (ref_lp - cand_lp)).sum(-1).double().clamp_min(0.0)
+                out.errors[group.key][cand]["kl"] = float(kl_sum.mean())
+            del qg
         if kl:
-            if ref_lp is None:
-                ref_lp = logprobs(g, ref)
+            assert ref_lp is not None
             for key, states in carried.items():
                 cand_lp = logprobs(g, states)
                 kl_sum = (ref_lp.exp() * (ref_lp - cand_lp)).sum(-1).double().clamp_min(0.0)
                 out.errors[key][cand]["kl"] = float(kl_sum.mean())
         del g, ref, carried
     return out
+
+
+def _logit_error(cfg: M1Config, exact: Mapping[str, torch.Tensor], quantized: Mapping[str, torch.Tensor],
+                 states: torch.Tensor, batch_size: int) -> float:
+    """The head's rel_l2: relative L2 error of the logits, the head quantized alone on the exact final state."""
+    from m1.verify.engine import head
+
+    num = den = 0.0
+    for part in states.split(batch_size):
+        ref, got = head(cfg, exact, part).double(), head(cfg, quantized, part).double()
+        num += float((got - ref).pow(2).sum())
+        den += float(ref.pow(2).sum())
+    return math.sqrt(num / den) if den else 0.0
 
 
 # ---- a stated prior, where nothing can be measured ------------------------------------------------------
@@ -278,18 +302,22 @@ def weight_noise(scheme: Any, rows: int = 256, cols: int = 4096, seed: int = 0) 
     return float((back - ref).pow(2).sum() / ref.pow(2).sum())
 
 
-def prior(cfg: M1Config, candidates: Mapping[str, Any], parts: Sequence[str] = PARTS) -> Sensitivity:
+def prior(cfg: M1Config, candidates: Mapping[str, Any], parts: Sequence[str] = PARTS,
+          accepts: Mapping[str, Sequence[str]] | None = None) -> Sensitivity:
     """Sensitivities where no data can be read (a sparse replica, headers only): group error = the group's
-    parameter share x the scheme's relative weight MSE on Gaussian data (`weight_noise`), the same for every
-    layer. It ranks schemes and sizes only; it says nothing about which layers matter (measure for that)."""
+    share of the parameters a token goes through (`active_params`: top-k of the experts, all of attention and
+    the head, one row of the embedding) x the scheme's relative weight MSE on Gaussian data (`weight_noise`),
+    the same for every layer. It ranks schemes and sizes only; it says nothing about which layers matter
+    (measure for that). `accepts`: as in `measure`."""
     groups = groups_of(cfg, parts)
     noise = {c: weight_noise(None if c == KEEP else s) for c, s in candidates.items()}
-    total = sum(group_params(cfg, g.part) for g in groups)
+    active = {g.key: active_params(cfg, g) for g in groups}
+    total = sum(active.values())
     out = Sensitivity([g.key for g in groups], list(candidates), {}, calibration="prior (no measurement)")
     for g in groups:
-        share = group_params(cfg, g.part) / total
+        share = active[g.key] / total
         out.errors[g.key] = {c: {"kl": share * noise[c], "rel_l2": math.sqrt(share * noise[c])}
-                             for c in candidates if c != KEEP}
+                             for c in candidates if c != KEEP and (accepts is None or c in accepts.get(g.key, ()))}
     return out
 
 

@@ -58,6 +58,10 @@ def quantize_cmd(
     candidates: Annotated[str | None, typer.Option("--candidates", help="--budget: the schemes a group may get, "
                                                    "e.g. nf4,int8 or q4_k,q5_k,q6_k,q8_0 (keep: unquantized).")
                           ] = None,
+    head_candidates: Annotated[str | None, typer.Option("--head-candidates", help="--budget, GGUF: the types the "
+                                                        "head may get instead of --candidates at q4_k or above, "
+                                                        "e.g. q3_k,q4_k,q6_k (below q4_k only when asked).")
+                               ] = None,
     corpus: Annotated[str | None, typer.Option("--corpus", help=(
         "--budget, --rounding gptq: measure on a bundled corpus (mr-niah: its first 90%, never the held-out 10% "
         "verify compare judges on), in windows spread over it; without a text a stated prior sizes the mix."))
@@ -121,7 +125,7 @@ def quantize_cmd(
     result = quantize(source, dest, scheme=scheme, blocksize=blocksize, double_quant=double_quant, keep=keep or [],
                       only=only or [], to=out_format, layout=layout, shard_size=shard_size, revision=revision,
                       imatrix=imatrix, format_options=format_options, budget=budget, candidates=candidates,
-                      calibration=text_given[0] if text_given else None,
+                      head_candidates=head_candidates, calibration=text_given[0] if text_given else None,
                       calibration_tokens=_first(tokens, calibration_tokens, 4096),
                       calibration_ctx=_first(ctx, calibration_ctx, 256),
                       metric=metric, sensitivity=sensitivity, recipe=recipe, device=device, workers=workers,

@@ -210,6 +210,12 @@ class Format:
     # stacked tensor's name (a measured mix's recipe keys); None: one tensor per expert.
     expert_stacks: NameTable | None = None
     mix_candidates: str = "nf4,int8"  # the default --candidates of a measured mix (--budget)
+    # The tensor groups a measured mix plans (m1.verify.mix_groups: w13, w2, attn, embed, head); the others keep
+    # the job's fixed types. A format option that pins a group's type (GGUF's --attn-type) takes it out of the mix.
+    mix_parts: tuple[str, ...] = ("w13", "w2")
+    mix_pins: dict[str, str] = field(default_factory=dict)  # group part -> the format option that pins it
+    # The head's least bits per weight in a mix unless --head-candidates says otherwise: (a type's name, its bits)
+    mix_head_floor: tuple[str, float] | None = None
     # A format that stores a type per tensor, so that its own runtime reads any mix: the recipe's `loader`
     # line; None: a mix of several schemes loads through m1.load_pretrained only.
     mix_reader: str | None = None

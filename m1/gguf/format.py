@@ -87,6 +87,8 @@ def plan_ops(job: PlanInput) -> FormatPlan:
             elif ggml not in GGML_TYPES:
                 raise UsageError(f"the recipe gives {p.name} the type {ggml!r}", tensor=p.name,
                                  hint=f"GGUF types: {', '.join(GGML_TYPES)}")
+        elif p.role != Role.EXPERT and p.name in request.recipe:  # a mix's attention, embedding or head
+            ggml = _recipe_type(p, srcs[0].dtype, str(request.recipe[p.name]))
         block = ggml not in FLOAT_TYPES
         out = OutputTensor(p.name, ggml.upper(), p.shape, type_nbytes(ggml, p.shape), piece="weight")
         if p.role == Role.EXPERT:
@@ -102,6 +104,27 @@ def plan_ops(job: PlanInput) -> FormatPlan:
     fields = {"to": job.format.name, "scheme": scheme.name if scheme else None, **request.policy.describe(),
               "dtype": request.dtype, **{k: v for k, v in options.items() if k != "stem"}}
     return FormatPlan(pack(ops, request), {}, fields, list(sink_data["warnings"]), sink_data)
+
+
+def _recipe_type(p: Any, dtype: str, ggml: str) -> str:
+    """A recipe's type for a tensor outside the experts: one its rows split into, never for a norm or the
+    router (F32 always), keep as the source's."""
+    from m1.gguf.types import FLOAT_TYPES, GGML_TYPES, SOURCE_TYPES
+    from m1.schemes.ggml import block_shape
+    from m1.spec import Role
+
+    if len(p.shape) == 1 or p.role in (Role.LAYER_NORM, Role.FINAL_NORM, Role.LIGHTNING_NORM, Role.ROUTER):
+        raise UsageError(f"the recipe gives {p.name} the type {ggml!r}: norms and the router are never quantized",
+                         tensor=p.name, hint="a recipe replays as m1 quantize --budget wrote it")
+    if ggml == "keep":
+        return SOURCE_TYPES.get(dtype, "bf16")
+    if ggml not in GGML_TYPES:
+        raise UsageError(f"the recipe gives {p.name} the type {ggml!r}", tensor=p.name,
+                         hint=f"GGUF types: {', '.join(GGML_TYPES)}")
+    if ggml not in FLOAT_TYPES and p.shape[-1] % block_shape(ggml)[0]:
+        raise UsageError(f"the recipe gives {p.name} {ggml}, whose blocks of {block_shape(ggml)[0]} do not split its "
+                         f"rows of {p.shape[-1]}", tensor=p.name, hint="a recipe replays on the model it was made for")
+    return ggml
 
 
 def _layer(name: str) -> int | None:
@@ -272,6 +295,11 @@ FORMAT = Format(
     sink_module="m1.gguf.sink",
     expert_stacks=_stacks(),
     mix_candidates="q4_k,q5_k,q6_k,q8_0",
+    # llama.cpp runs any type on any matrix whose rows its blocks split; the head stays at q4_k's 4.5 bits or more
+    # (llama-quantize gives output.weight q5_k/q6_k in its low-bit presets) unless --head-candidates asks
+    mix_parts=("w13", "w2", "attn", "embed", "head"),
+    mix_pins={"attn": "attn_type", "embed": "embed_type", "head": "head_type"},
+    mix_head_floor=("q4_k", 4.5),
     mix_reader="GGUF stores a type per tensor: llama.cpp reads the mix",
     card_line=_card_line,
     imatrix=IMATRIX,
