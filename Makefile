@@ -25,8 +25,10 @@ demo: setup
 
 # make test: the suite without the studies and long matrices (at most 3 minutes on 2 cores); make test-slow:
 # those (marked slow); make test-all: both. CI (.ci/run) runs both, with the 15 slowest tests printed.
+# The fast suite runs on 2 pytest-xdist workers, a test file per worker (fixtures are per file): on 2 cores
+# the spawned m1 processes and torch's threads then keep both busy.
 test: setup
-	$(BIN)/python -m pytest -q tests -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q tests -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q tests -m slow --durations=15
