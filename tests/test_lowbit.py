@@ -228,36 +228,50 @@ def test_every_new_type_writes_a_gguf_that_llama_cpp_runs(trained_imatrix: tuple
     assert results["iq4_nl"]["top1"] > 0.9, table
 
 
-@pytest.mark.slow
-def test_full_scale_dry_run_prints_the_time_estimate(tmp_path: Path, run) -> None:  # noqa: ANN001
+def full_scale_replica(folder: Path) -> tuple[Path, Path]:
+    """A sparse replica of the real M1-40k (headers only) and a flat imatrix of M1's shapes (220 MB) with every
+    weight an imatrix-only type may take: the experts' stacks, attention, embedding and head."""
     import sys
-    import time
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     from bench_convert import write_replica
 
     from m1.config import M1Config
     from m1.gguf.imatrix import Entry, IMatrix, write_imatrix
-    from m1.schemes.ggml import THROUGHPUT
+    from m1.gguf.names import to_gguf
     from m1.spec import inventory
+    from m1.tensors import Role
 
     config = json.loads((RELEASE / "config.json").read_text())
     index = json.loads((RELEASE / "model.safetensors.index.json").read_text())
-    specs = {t.name: t for t in inventory(M1Config.from_dict(config))}
-    write_replica(tmp_path / "m1", config, index["weight_map"], specs, fill=False)
-    # an imatrix-only type plans against an imatrix with every expert's rows: a flat one of M1's shapes (220 MB)
     cfg = M1Config.from_dict(config)
+    specs = {t.name: t for t in inventory(cfg)}
+    write_replica(folder / "m1", config, index["weight_map"], specs, fill=False)
     entries = {}
     for layer in range(cfg.num_hidden_layers):
         for kind, cols in (("gate", cfg.hidden_size), ("up", cfg.hidden_size), ("down", cfg.intermediate_size)):
             name = f"blk.{layer}.ffn_{kind}_exps.weight"
             entries[name] = Entry(name, np.ones((cfg.num_local_experts, cols)),
                                   np.ones(cfg.num_local_experts, dtype=np.int64))
-    write_imatrix(tmp_path / "flat.gguf", IMatrix(dict(sorted(entries.items())), ["flat"], 1, 1))
+    for spec in specs.values():
+        if len(spec.shape) == 2 and spec.role not in (Role.EXPERT, Role.ROUTER):
+            name = to_gguf(spec.name).name
+            entries[name] = Entry(name, np.ones((1, spec.shape[1])), np.ones(1, dtype=np.int64))
+    write_imatrix(folder / "flat.gguf", IMatrix(dict(sorted(entries.items())), ["flat"], 1, 1))
+    return folder / "m1", folder / "flat.gguf"
+
+
+@pytest.mark.slow
+def test_full_scale_dry_run_prints_the_time_estimate(tmp_path: Path, run) -> None:  # noqa: ANN001
+    import time
+
+    from m1.schemes.ggml import THROUGHPUT
+
+    replica, flat = full_scale_replica(tmp_path)
     for qtype in ("iq3_s", "tq1_0", "q2_k", "iq2_xxs"):
         started = time.perf_counter()
-        imatrix = ["--imatrix", tmp_path / "flat.gguf"] if ggml_lib.needs_imatrix(qtype) else []
-        code, out, err = run("quantize", tmp_path / "m1", tmp_path / "x.gguf", "--format", "gguf", "--scheme", qtype,
+        imatrix = ["--imatrix", flat] if ggml_lib.needs_imatrix(qtype) else []
+        code, out, err = run("quantize", replica, tmp_path / "x.gguf", "--format", "gguf", "--scheme", qtype,
                              *imatrix, "--dry-run", "--json")
         seconds = time.perf_counter() - started
         assert code == 0, err
@@ -268,6 +282,29 @@ def test_full_scale_dry_run_prints_the_time_estimate(tmp_path: Path, run) -> Non
         assert core_s == pytest.approx(params / (THROUGHPUT[qtype] * 1e6))
         print(f"\nfull scale {qtype}: {plan['bytes'] / 1e9:.2f} GB, quantize {core_s / 3600:.1f} core-hours "
               f"(planned in {seconds:.1f} s)")
+
+
+@pytest.mark.slow
+@needs_ggml
+def test_m1_in_110_and_150_gb_is_a_feasible_mix_of_every_group(tmp_path: Path, run) -> None:  # noqa: ANN001
+    """The issue's full-scale dry runs: the real M1-40k (sparse replica, so the stated prior) in 110 GB and in
+    150 GB, with the i-quants among the candidates, plans a mix of experts, attention, embedding and head whose
+    whole file fits, the head at q4_k or above."""
+    replica, flat = full_scale_replica(tmp_path)
+    for budget in (110e9, 150e9):
+        code, out, err = run("quantize", replica, tmp_path / "x.gguf", "--format", "gguf", "--scheme", "q2_k",
+                             "--budget", f"{budget / 1e9:.0f}GB", "--imatrix", flat, "--candidates",
+                             "iq1_s,iq1_m,iq2_xxs,iq2_xs,iq2_s,iq3_xxs,q2_k,q3_k,q4_k,q6_k,q8_0", "--dry-run",
+                             "--json", "--verbose")
+        assert code == 0, err
+        plan = json.loads(out)
+        assert 0.99 * budget < plan["bytes"] <= budget, plan["bytes"]
+        roles: dict[str, set] = {}
+        for op in plan["ops"]:
+            roles.setdefault(op["role"], set()).add(op.get("scheme"))
+        assert roles["expert"] <= {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "q2_k", "q3_k"}, roles
+        assert len(roles["head"]) == 1 and roles["head"] <= {"q4_k", "q6_k", "q8_0"}, roles
+        assert {s for r in ("lightning_qkv", "softmax_attn", "embed") for s in roles[r]} - {"q8_0", None}, roles
 
 
 @pytest.mark.slow

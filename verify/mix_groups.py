@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from m1.config import M1Config
 from m1.errors import UsageError
@@ -84,13 +85,22 @@ def groups_of(cfg: M1Config, parts: Sequence[str] = EXPERT_PARTS) -> list[Group]
     return out
 
 
-def group_params(cfg: M1Config, group: Group | str) -> int:
-    """Parameters of one group (every expert's weights of that part; a str: an expert part, as before)."""
+_LAST_SPECS: list[tuple[M1Config, dict[str, Any]]] = []  # the last config's tensors: a mix asks 242 groups
+
+
+def _specs(cfg: M1Config) -> dict[str, Any]:
     from m1.spec import spec_by_name
 
+    if not _LAST_SPECS or _LAST_SPECS[0][0] is not cfg:
+        _LAST_SPECS[:] = [(cfg, spec_by_name(cfg))]
+    return _LAST_SPECS[0][1]
+
+
+def group_params(cfg: M1Config, group: Group | str) -> int:
+    """Parameters of one group (every expert's weights of that part; a str: an expert part, as before)."""
     if isinstance(group, str):
         group = Group(0, group)
-    specs = spec_by_name(cfg)
+    specs = _specs(cfg)
     return sum(math.prod(specs[n].shape) for n in group.weight_names(cfg))
 
 

@@ -204,7 +204,9 @@ def importance_row(imatrix: IMatrix, gguf_name: str, matrix: int, n_cols: int) -
     if e.n_cols != n_cols:
         raise UsageError(f"the imatrix has {e.n_cols} columns for {gguf_name}, whose rows have {n_cols} values",
                          file=imatrix.source, tensor=gguf_name, hint=hint)
-    return importance(imatrix, gguf_name)[matrix]
+    if e.counts[matrix] <= 0:  # no token reached it: every column alike, as in `importance`
+        return np.ones(e.n_cols, dtype=np.float32)
+    return (e.sums[matrix] / e.counts[matrix]).astype(np.float32)  # `importance`'s row, without the others
 
 
 def _find(imatrix: IMatrix, gguf_name: str) -> Entry:

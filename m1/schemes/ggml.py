@@ -67,6 +67,19 @@ def type_nbytes(name: str, shape: tuple[int, ...]) -> int:
 _IMATRICES: dict[str, Any] = {}  # path -> m1.verify's IMatrix, read once per process
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: a mix makes each candidate often
+
+
+def _sha256(path: Any) -> str:
+    import hashlib
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _SHA256[key]
+
+
 @dataclass(frozen=True)
 class GgmlScheme(Scheme):
     name: str
@@ -92,7 +105,6 @@ class GgmlScheme(Scheme):
                               f"one with `{ggml_lib.IMATRIX_COMMAND}`, then pass --imatrix imatrix.gguf")
         if imatrix is None:
             return cls(name)
-        import hashlib
         from pathlib import Path
 
         path = Path(imatrix)
@@ -104,7 +116,7 @@ class GgmlScheme(Scheme):
             warnings.warn(f"{name} is quantized by gguf-py, which takes no importance matrix: --imatrix is ignored "
                           "(use a K-quant such as q4_k to use it)", stacklevel=2)
             return cls(name)
-        return cls(name, str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest())
+        return cls(name, str(path.resolve()), _sha256(path))
 
     def _importance(self, source: str, n_cols: int) -> Any:
         """The imatrix row for one source weight (an expert's row of its stacked GGUF tensor), or None."""
