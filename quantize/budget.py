@@ -121,6 +121,11 @@ def _fixed_bytes(plan: Any, grouped: set[str] | None = None) -> int:
     return plan.total_bytes - sum(op.nbytes for op in plan.ops if any(o.name in grouped for o in op.outputs))
 
 
+def _head_formats() -> list[str]:
+    from m1.formats import format_names, get_format
+
+    return [f for f in format_names() if "head" in get_format(f).mix_parts]
+
 def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fmt: str, windows: Any = None,
                 calibration: str = "", metric: str = "kl", device: str = "cpu", imatrix: str | None = None,
                 sensitivity: Any = None, head_candidates: str | None = None) -> MixPlan:
@@ -144,7 +149,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
         if "head" not in parts:
             raise UsageError(f"--head-candidates: the {fmt} format's mix does not plan the head"
                              + (" (--head-type pins it)" if "head" in _all_parts(fmt) else ""),
-                             hint="GGUF plans the head (--format gguf); a bitsandbytes checkpoint keeps it")
+                             hint=f"the formats whose mix plans the head: {', '.join(_head_formats())}")
         head_cands = make_candidates(head_candidates, fmt, opts.scheme, imatrix, least=1)
         for c, scheme in head_cands.items():
             cands.setdefault(c, scheme)
@@ -218,7 +223,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
             raise UsageError("the budget leaves every group unquantized: nothing to quantize",
                              hint="use m1 convert for an unquantized copy, or lower --budget")
         on_experts = Counter(c for g, c in alloc.assignment.items() if c != sens_mod.KEEP and _is_expert(g))
-        main_name = (on_experts or used).most_common(1)[0][0]  # what the file is "mostly" (GGUF's file type)
+        main_name = (on_experts or used).most_common(1)[0][0]  # what the file is "mostly" (a file type)
         plan = plan_from_checkpoint(ckpt, replace(opts, scheme=cands[main_name], recipe=recipe_weights))
         doc = _recipe_doc(plan, alloc, cands, sizes, errors, disk_sizes, total_budget, budget, budget_text,
                           main_name, "kl" if not measured else metric, measured, sensitivity, recipe_weights, cfg,

@@ -90,7 +90,7 @@ def _refusal(scheme: Any, infos: list[Any]) -> str | None:
 
 
 def mix_parts(fmt: str, format_options: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """The group parts a mix of format `fmt` plans (`Format.mix_parts`), less those a format option pins (GGUF's
+    """The group parts a mix of format `fmt` plans (`Format.mix_parts`), less those a format option pins (e.g. an
     --attn-type), and a line per pinned part."""
     from m1.formats import get_format
 

@@ -58,10 +58,9 @@ def quantize_cmd(
     candidates: Annotated[str | None, typer.Option("--candidates", help="--budget: the schemes a group may get, "
                                                    "e.g. nf4,int8 or q4_k,q5_k,q6_k,q8_0 (keep: unquantized).")
                           ] = None,
-    head_candidates: Annotated[str | None, typer.Option("--head-candidates", help="--budget, GGUF: the types the "
-                                                        "head may get instead of --candidates at q4_k or above, "
-                                                        "e.g. q3_k,q4_k,q6_k (below q4_k only when asked).")
-                               ] = None,
+    head_candidates: Annotated[str | None, typer.Option("--head-candidates", help=(
+        "--budget, a format whose mix plans the head: the types it may get instead of --candidates at q4_k or "
+        "above, e.g. q3_k,q4_k,q6_k (below q4_k only when asked)."))] = None,
     corpus: Annotated[str | None, typer.Option("--corpus", help=(
         "--budget, --rounding gptq: measure on a bundled corpus (mr-niah: its first 90%, never the held-out 10% "
         "verify compare judges on), in windows spread over it; without a text a stated prior sizes the mix."))

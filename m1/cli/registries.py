@@ -89,7 +89,7 @@ def format_cli_options() -> list[tuple[FormatOption, list[Format]]]:
 
 def option_help(option: FormatOption, formats: list[Format]) -> str:
     """The help of an option several formats may declare, each with its own help: the formats that say the same
-    thing together (`RELEASE/HF: ...  GGUF: ...`)."""
+    thing together (`A/B: ...  C: ...`)."""
     said: dict[str, list[Format]] = {}
     for fmt in formats:
         own = next((o for o in fmt.options if o == option.name), option)

@@ -211,7 +211,7 @@ class Format:
     expert_stacks: NameTable | None = None
     mix_candidates: str = "nf4,int8"  # the default --candidates of a measured mix (--budget)
     # The tensor groups a measured mix plans (m1.verify.mix_groups: w13, w2, attn, embed, head); the others keep
-    # the job's fixed types. A format option that pins a group's type (GGUF's --attn-type) takes it out of the mix.
+    # the job's fixed types. A format option that pins a group's type (e.g. an --attn-type) takes it out of the mix.
     mix_parts: tuple[str, ...] = ("w13", "w2")
     mix_pins: dict[str, str] = field(default_factory=dict)  # group part -> the format option that pins it
     # The head's least bits per weight in a mix unless --head-candidates says otherwise: (a type's name, its bits)

@@ -6,7 +6,7 @@ A pack-quantized weight is stored as `<module>.weight_packed` / `weight_scale` /
 hf checkpoint would hold: config.json without its quantization_config, an index and headers with one
 `<module>.weight` per quantized module (the dtype of its scales, the shape its config implies), and
 `read_tensor` decodes it with compressed-tensors' own decompressor. So inspect, integrity, convert (dequantized:
-`--dtype bf16`, `--to gguf`), quantize to another scheme and compare read it like any checkpoint.
+`--dtype bf16`, `--to` another format), quantize to another scheme and compare read it like any checkpoint.
 
 Companions are checked before use: a header is refused when a quantized module's tensors are missing, extra,
 of another dtype or shape than the scheme stores for the weight the config implies, and `weight_shape`'s values
