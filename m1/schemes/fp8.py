@@ -24,7 +24,7 @@ from m1.errors import CheckpointError, ConfigError, UsageError
 from m1.schemes import Family, Piece, Scheme, module_of
 
 SCHEMES = ("fp8",)
-FAMILY_NAME = "fp8"
+FAMILY_NAME = "fp8-block"  # the family (help: "fp8-block fp8"); its one scheme is fp8
 SCALE = "weight_scale_inv"
 COMPANIONS: tuple[str, ...] = (SCALE,)
 BLOCK = (128, 128)
