@@ -79,7 +79,7 @@ def check_integrity(source: str, deep: bool = False, check_hashes: bool = True, 
     if ckpt.storage.own_format is not None:
         _check_own_format(ckpt, report, check_hashes and layers is None)
     elif check_hashes and not ckpt.remote and layers is None:
-        _check_manifest(Path(ckpt.root), report)
+        check_manifest(Path(ckpt.root), report)
     if deep:
         _check_finite(ckpt, headers, report, show_progress, layers)
     return report
@@ -270,7 +270,7 @@ def _check_own_format(ckpt: Checkpoint, report: IntegrityReport, check_hashes: b
     report.stats["format"] = ckpt.storage.own_format
 
 
-def _check_manifest(root: Path, report: IntegrityReport) -> None:
+def check_manifest(root: Path, report: IntegrityReport) -> None:
     try:
         manifest = read_manifest(root)
     except M1Error as exc:

@@ -223,9 +223,9 @@ class CtStorage(LocalStorage):
                 out.append(("shape", f"weight_shape holds {stored}, the config implies {list(self.shapes[weight])}",
                             infos["weight_shape"].file, group["weight_shape"]))
         if check_hashes:
-            from m1.integrity import IntegrityReport, _check_manifest
+            from m1.integrity import IntegrityReport, check_manifest
 
             report = IntegrityReport(self.root)
-            _check_manifest(self.path, report)
+            check_manifest(self.path, report)
             out += [(f.code, f.message, f.file, f.tensor) for f in report.findings]
         return out
