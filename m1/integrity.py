@@ -271,6 +271,8 @@ def _check_own_format(ckpt: Checkpoint, report: IntegrityReport, check_hashes: b
 
 
 def check_manifest(root: Path, report: IntegrityReport) -> None:
+    """Each shard the manifest under `root` lists against its recorded size and sha256, into `report`; no
+    manifest is no finding (a release has none)."""
     try:
         manifest = read_manifest(root)
     except M1Error as exc:
