@@ -325,7 +325,7 @@ def test_a_gguf_budget_over_the_i_quants_plans_with_its_time_by_scheme(trained_i
     for op in json.loads(run("quantize", model, tmp_path / "m.gguf", "--format", "gguf", "--scheme", "q4_k",
                              "--budget", "3.6bpw", "--candidates", "iq2_xxs,iq3_xxs,q4_k", "--imatrix", imatrix,
                              "--dry-run", "--json", "--verbose")[1])["ops"]:
-        if op["role"] == "expert" and op["scheme"]:
+        if op["kind"] in ("quantize", "stack") and op["scheme"]:  # experts, and the attention a mix plans too
             params[op["scheme"]] = params.get(op["scheme"], 0) + op["params"]
     assert set(timing["by_scheme"]) == set(params) and len(params) >= 2, timing
     for name, n in params.items():
