@@ -165,5 +165,19 @@ def companions_in(weight_name: str, names: Any) -> dict[str, str]:
     return {s: f"{module}.{s}" for s in companion_suffixes() if f"{module}.{s}" in names}
 
 
+def check_float_matrix(scheme: str, name: str, dtype: str, shape: tuple[int, ...], file: str | None,
+                       floats: frozenset[str] | tuple[str, ...] | None = None) -> None:
+    """What a scheme of [out, in] weights asks of every weight: a float dtype (`floats`, default every float
+    m1 reads) and two dimensions; a UsageError naming the tensor otherwise."""
+    from m1.dtypes import FLOAT_DTYPES
+
+    if dtype not in (FLOAT_DTYPES if floats is None else floats):
+        raise UsageError(f"dtype {dtype} cannot be quantized to {scheme}", file=file, tensor=name,
+                         hint="convert it to a float dtype first: m1 convert SRC DST --dtype bf16")
+    if len(shape) != 2:
+        raise UsageError(f"expected a 2-D [out, in] weight, got shape {list(shape)}", file=file, tensor=name,
+                         hint="keep it unquantized with --keep")
+
+
 def numel(shape: tuple[int, ...]) -> int:
     return math.prod(shape)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from m1.dtypes import DTYPE_BYTES, FLOAT_DTYPES
+from m1.dtypes import DTYPE_BYTES
 from m1.errors import ConfigError, UsageError
-from m1.schemes import Piece
+from m1.schemes import Piece, check_float_matrix
 from m1.schemes.ct_pack import FLOAT_FORMAT, FLOAT_SCHEMES, PackScheme, require
 
 PRESET = "FP8_DYNAMIC"
@@ -60,12 +60,7 @@ class FloatScheme(PackScheme):
         return scheme
 
     def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
-        if dtype not in FLOAT_DTYPES:
-            raise UsageError(f"dtype {dtype} cannot be quantized to {self.name}", file=file, tensor=name,
-                             hint="convert it to a float dtype first: m1 convert SRC DST --dtype bf16")
-        if len(shape) != 2:
-            raise UsageError(f"expected a 2-D [out, in] weight, got shape {list(shape)}", file=file, tensor=name,
-                             hint="keep it unquantized with --keep")
+        check_float_matrix(self.name, name, dtype, shape, file)
 
     def pieces(self, dtype: str, shape: tuple[int, ...]) -> list[Piece]:
         out_dim, in_dim = shape

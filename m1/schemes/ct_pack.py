@@ -21,7 +21,7 @@ from typing import Any
 
 from m1.dtypes import DTYPE_BYTES, FLOAT_DTYPES
 from m1.errors import CheckpointError, ConfigError, UsageError
-from m1.schemes import Family, Piece, Scheme
+from m1.schemes import Family, Piece, Scheme, check_float_matrix
 
 FAMILY_NAME = "compressed-tensors"
 FORMAT_NAME = "compressed-tensors"  # the one format that stores these (m1.formats.ct)
@@ -97,12 +97,7 @@ class PackScheme(Scheme):
 
     # ---- what gets written -------------------------------------------------------------------------
     def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
-        if dtype not in FLOAT_DTYPES:
-            raise UsageError(f"dtype {dtype} cannot be quantized to {self.name}", file=file, tensor=name,
-                             hint="convert it to a float dtype first: m1 convert SRC DST --dtype bf16")
-        if len(shape) != 2:
-            raise UsageError(f"expected a 2-D [out, in] weight, got shape {list(shape)}", file=file, tensor=name,
-                             hint="keep it unquantized with --keep")
+        check_float_matrix(self.name, name, dtype, shape, file)
         if self.group_size and shape[1] % self.group_size:
             raise UsageError(f"rows of {shape[1]} values do not split into groups of {self.group_size}", file=file,
                              tensor=name, hint="choose a --blocksize (group size) that divides them, or --keep it")

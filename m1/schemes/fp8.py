@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from m1.errors import CheckpointError, ConfigError, UsageError
-from m1.schemes import Family, Piece, Scheme, module_of
+from m1.schemes import Family, Piece, Scheme, check_float_matrix, module_of
 
 SCHEMES = ("fp8",)
 FAMILY_NAME = "fp8-block"  # the family (help: "fp8-block fp8"); its one scheme is fp8
@@ -74,12 +74,7 @@ class Fp8Scheme(Scheme):
 
     # ---- what gets written -------------------------------------------------------------------------
     def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
-        if dtype not in FLOATS:
-            raise UsageError(f"dtype {dtype} cannot be quantized to fp8", file=file, tensor=name,
-                             hint="convert it first: m1 convert SRC DST --dtype bf16")
-        if len(shape) != 2:
-            raise UsageError(f"expected a 2-D [out, in] weight, got shape {list(shape)}", file=file, tensor=name,
-                             hint="keep it unquantized with --keep")
+        check_float_matrix(self.name, name, dtype, shape, file, FLOATS)
         if shape[0] % self.block[0] or shape[1] % self.block[1]:
             raise UsageError(f"shape {list(shape)} is not a whole number of {self.block[0]}x{self.block[1]} fp8 "
                              "blocks (transformers' CPU reader would mis-scale a partial block)", file=file,
