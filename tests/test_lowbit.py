@@ -344,3 +344,27 @@ def test_a_files_rows_spread_over_threads_give_the_same_tensors(make_tiny_ckpt, 
         tensors.append({t.name: np.asarray(t.data).copy() for t in gguf.GGUFReader(dest).tensors})
     assert tensors[0].keys() == tensors[1].keys()
     assert all(np.array_equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+@needs_ggml
+@pytest.mark.parametrize("spec_name", ["model.embed_tokens.weight", "lm_head.weight"])
+def test_the_embedding_and_head_quantize_without_an_imatrix_row_unless_the_type_needs_one(
+        trained_imatrix: tuple[Path, Path], spec_name: str) -> None:
+    """llama-imatrix never records the embedding (a row lookup) nor, by default, the head: llama-quantize then
+    quantizes them without importances, and refuses only the types that need them (llama-quant.cpp)."""
+    import torch
+
+    from m1.errors import UsageError
+    from m1.gguf.imatrix import read_imatrix
+    from m1.schemes import make_scheme
+
+    _, imatrix = trained_imatrix
+    gguf_name = "token_embd.weight" if "embed" in spec_name else "output.weight"
+    assert gguf_name not in read_imatrix(str(imatrix)).entries
+    weight = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for qtype in ("q2_k", "q4_k", "iq4_xs"):
+        [(_, data)] = make_scheme(qtype, imatrix=str(imatrix)).quantize(weight, torch.device("cpu"), spec_name)
+        expected = ggml_lib.quantize_rows(qtype, weight.float().numpy(), None)
+        assert np.array_equal(np.asarray(data).reshape(expected.shape), expected), qtype
+    with pytest.raises(UsageError, match=f"the imatrix has no entry for {gguf_name}"):
+        make_scheme("iq2_xxs", imatrix=str(imatrix)).quantize(weight, torch.device("cpu"), spec_name)

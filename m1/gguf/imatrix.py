@@ -193,9 +193,18 @@ def _entry(name: str, sums_t: Any, counts_t: Any, file: str) -> Entry:
     return Entry(name, sums.astype(np.float64), counts)
 
 
-def importance_row(imatrix: IMatrix, gguf_name: str, matrix: int, n_cols: int) -> np.ndarray:
+# What llama-imatrix never collects by default: the embedding is a row lookup, not a product, and the head's
+# input only with --process-output. llama-quantize quantizes these without an imatrix row unless the type needs one.
+UNCOLLECTED = ("token_embd.weight", "output.weight")
+
+
+def importance_row(imatrix: IMatrix, gguf_name: str, matrix: int, n_cols: int, required: bool = True
+                   ) -> np.ndarray | None:
     """`importance` of one matrix (expert `matrix` of a stacked weight, else 0), checked against the weight:
-    the imatrix has that matrix and one value per column of its rows."""
+    the imatrix has that matrix and one value per column of its rows. None for a tensor of UNCOLLECTED the file
+    lacks, unless `required` (the type needs an imatrix), as llama-quantize does."""
+    if not required and gguf_name in UNCOLLECTED and gguf_name not in imatrix.entries:
+        return None
     e = _find(imatrix, gguf_name)
     hint = "make it from the same model with m1 verify imatrix"
     if matrix >= e.n_mat:

@@ -128,11 +128,13 @@ class GgmlScheme(Scheme):
             return np.ones(n_cols, dtype=np.float32)
         from m1.gguf.imatrix import importance_row, read_imatrix
         from m1.gguf.names import to_gguf
+        from m1.schemes import ggml_lib
 
         if self.imatrix not in _IMATRICES:
             _IMATRICES[self.imatrix] = read_imatrix(self.imatrix)
         target = to_gguf(source)
-        return importance_row(_IMATRICES[self.imatrix], target.name, target.expert or 0, n_cols)
+        return importance_row(_IMATRICES[self.imatrix], target.name, target.expert or 0, n_cols,
+                              required=ggml_lib.needs_imatrix(self.name))
 
     def describe(self) -> str:
         values, size = block_shape(self.name)
