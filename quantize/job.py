@@ -89,7 +89,11 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     if gptq and (budget is not None or recipe is not None):
         raise UsageError("--rounding gptq does not combine with --budget or --recipe",
                          hint="quantize with one scheme: --scheme nf4 --rounding gptq")
-    options = dict(blocksize=blocksize, double_quant=double_quant, imatrix=imatrix_path)
+    # Under a mix the imatrix serves the candidates; the --scheme (nf4 by default) takes it only when it is one.
+    mixed = budget is not None or recipe is not None
+    named = {c.strip() for c in (candidates or "").split(",")} | {c.strip() for c in (head_candidates or "").split(",")}
+    main_imatrix = imatrix_path if not mixed or scheme in named else None
+    options = dict(blocksize=blocksize, double_quant=double_quant, imatrix=main_imatrix)
     chosen = make_scheme(scheme, **options, **({"rounding": Rounding("gptq")} if gptq else {}))
     chosen.check_supported(resolve_device(device))
     ckpt = Checkpoint.open(str(source), revision=revision)

@@ -368,3 +368,18 @@ def test_the_embedding_and_head_quantize_without_an_imatrix_row_unless_the_type_
         assert np.array_equal(np.asarray(data).reshape(expected.shape), expected), qtype
     with pytest.raises(UsageError, match=f"the imatrix has no entry for {gguf_name}"):
         make_scheme("iq2_xxs", imatrix=str(imatrix)).quantize(weight, torch.device("cpu"), spec_name)
+
+
+@needs_ggml
+def test_a_gguf_budget_takes_the_imatrix_without_a_scheme_named(make_tiny_ckpt, tmp_path: Path,
+                                                                run) -> None:  # noqa: ANN001
+    """The issue's command line: --budget and --imatrix, no --scheme (whose nf4 default takes no imatrix)."""
+    model = k_tiny(make_tiny_ckpt)
+    imatrix = tmp_path / "imatrix.gguf"
+    code, _, err = run("verify", "imatrix", model, imatrix, "--tokens", "512", "--ctx", "128", "-q")
+    assert code == 0, err
+    code, out, err = run("quantize", model, tmp_path / "mix.gguf", "--format", "gguf", "--budget", "3.5bpw",
+                         "--imatrix", imatrix, "--candidates", "iq2_xxs,q4_k,q8_0", "--dry-run", "--json")
+    assert code == 0, err
+    mix = json.loads(out[out.index("{"):])["mix"]
+    assert set(mix["groups"].values()) <= {"iq2_xxs", "q4_k", "q8_0"} and mix["bpw"] <= 3.5, mix
