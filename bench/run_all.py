@@ -2,6 +2,7 @@
 
     python bench/run_all.py            # everything that runs on a CPU box (the dense slices need ~55 GB of disk)
     python bench/run_all.py --quick    # skip the 27 GB dense slices (convert against cp, GGUF against llama.cpp)
+                                       # and llama.cpp's low-bit presets against m1's mix (bench_lowbit, ~16 min)
 
 The GPU checks are one command of their own (bench/bench_gpu.py), for a machine with a CUDA GPU.
 """
@@ -42,6 +43,8 @@ def main() -> None:
     results["gguf_export"] = run([str(ROOT / "bench_gguf.py")])
     if not args.quick:  # llama.cpp's converter on the dense slice: its figures are in the file it writes
         run_plain([str(ROOT / "bench_gguf_peer.py")])
+        # llama.cpp's presets against m1's mix (builds llama-quantize when missing): its table is what it prints
+        run_plain([str(ROOT / "bench_lowbit.py"), "--json", str(ROOT.parent / "build" / "bench_lowbit.json")])
         results["gguf_peer"] = json.loads((ROOT / "out" / "gguf_peer.json").read_text())
     print(json.dumps(results, indent=2))
 
