@@ -89,10 +89,10 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     if gptq and (budget is not None or recipe is not None):
         raise UsageError("--rounding gptq does not combine with --budget or --recipe",
                          hint="quantize with one scheme: --scheme nf4 --rounding gptq")
-    # Under a mix the imatrix serves the candidates; the --scheme (nf4 by default) takes it only when it is one.
-    mixed = budget is not None or recipe is not None
-    named = {c.strip() for c in (candidates or "").split(",")} | {c.strip() for c in (head_candidates or "").split(",")}
-    main_imatrix = imatrix_path if not mixed or scheme in named else None
+    # Under --budget with --candidates the imatrix serves the candidates: the --scheme (nf4 by default) takes it
+    # only when it is one of them. (A --recipe replay keeps it on the --scheme, which may be the recipe's own.)
+    named = {c.strip() for c in f"{candidates or ''},{head_candidates or ''}".split(",")}
+    main_imatrix = None if budget is not None and candidates is not None and scheme not in named else imatrix_path
     options = dict(blocksize=blocksize, double_quant=double_quant, imatrix=main_imatrix)
     chosen = make_scheme(scheme, **options, **({"rounding": Rounding("gptq")} if gptq else {}))
     chosen.check_supported(resolve_device(device))
