@@ -383,3 +383,17 @@ def test_a_gguf_budget_takes_the_imatrix_without_a_scheme_named(make_tiny_ckpt, 
     assert code == 0, err
     mix = json.loads(out[out.index("{"):])["mix"]
     assert set(mix["groups"].values()) <= {"iq2_xxs", "q4_k", "q8_0"} and mix["bpw"] <= 3.5, mix
+
+
+@needs_ggml
+def test_a_mix_member_of_gguf_pys_types_takes_no_imatrix_and_says_nothing(trained_imatrix: tuple[Path, Path]) -> None:
+    """A mix's q8_0 (gguf-py, no imatrix) next to imatrix-weighted K-quants: no "--imatrix is ignored" warning."""
+    import warnings
+
+    from m1.schemes import make_scheme
+
+    main = make_scheme("q4_k", imatrix=str(trained_imatrix[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q8, iq2 = main.like("q8_0"), main.like("iq2_xxs")
+    assert q8.options() == {} and iq2.options() == main.options() != {}

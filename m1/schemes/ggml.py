@@ -151,7 +151,8 @@ class GgmlScheme(Scheme):
         return rate * 1e6 if rate else None
 
     def like(self, name: str) -> Scheme:
-        return make_scheme(name, imatrix=self.imatrix) if self.imatrix else make_scheme(name)
+        # gguf-py's types take no imatrix: passing it would warn for a mix that merely includes q8_0
+        return make_scheme(name, imatrix=self.imatrix) if self.imatrix and name in GGML_LIB_TYPES else make_scheme(name)
 
     def check_weight(self, name: str, dtype: str, shape: tuple[int, ...], file: str | None = None) -> None:
         values, _ = block_shape(self.name)
