@@ -55,7 +55,7 @@ def imatrix_help() -> str:
     if not files:
         return "An importance matrix (no registered format has one)."
     return "; ".join(f"For {file.used_by}: an importance matrix from m1 verify imatrix ({file.what})"
-                     for _, file in files) + "."
+                     for _, file in files) + ". With --budget it weighs the candidates (no --scheme needed)."
 
 
 def with_examples(doc: str, command: str) -> str:
