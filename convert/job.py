@@ -53,12 +53,15 @@ def convert(source: str | Path, dest: str | Path, *, to: str | None = None, layo
 
     Example: `m1.convert("tiny-m1", "tiny-hf", to="hf")`.
     """
+    from m1.dequantized import dense_view, needs_dense_view
     from m1.formats import format_options as make_format_options
     from m1.scratch import arrange
     from m1.units import parse_size
 
     dest = Path(dest)
     ckpt = Checkpoint.open(str(source), revision=revision)
+    if needs_dense_view(ckpt, to or ckpt.config.flavour, quantizing=False):  # e.g. an fp8 source to a GGUF
+        ckpt = dense_view(ckpt, dtype)
     opts = ConvertOptions(to=to, by_layer=by_layer(layout), shard_size=parse_size(shard_size), dtype=dtype,
                           router_dtype=router_dtype,
                           format_options=make_format_options(to or ckpt.config.flavour, dest, format_options or {}))

@@ -212,6 +212,9 @@ class Plan:
 
     def lines(self) -> Iterator[str]:
         """The summary a person reads: sizes by role (for a quantization), then the files."""
+        if "source_dequantized" in self.job:
+            stored, _, dense = str(self.job["source_dequantized"]).partition(" -> ")
+            yield f"source: its {stored} weights are dequantized to {dense} as they are read"
         if self.scheme is not None:
             yield from self._quantize_lines()
         for f in self.files:

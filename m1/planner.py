@@ -173,6 +173,8 @@ def plan_job(cfg: M1Config, tensors: list[TensorInfo], request: JobRequest, *, s
     planned = fmt.plan_ops(PlanInput(fmt, cfg, tensors, classified, spec_by_name(cfg), request, chosen, mix, source,
                                      read_rows, tokenizer_dir))
     job = {"command": request.command, "source": source, "revision": revision, **planned.job, "base_model": base_model}
+    if ckpt is not None and ckpt.storage.dequantized_from is not None:
+        job["source_dequantized"] = ckpt.storage.dequantized_from
     if request.recipe:
         job["recipe"] = {k: v if isinstance(v, str) else v.name for k, v in sorted(request.recipe.items())}
     return Plan(fmt.name, fmt.sink, planned.files, planned.config,

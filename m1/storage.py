@@ -44,6 +44,9 @@ class Storage:
     # The format a storage reads by itself, checks (`findings`) and sizes, or None: the config.json says.
     own_format: str | None = None
     mixed_float_dtypes: bool = False  # its type policy mixes float dtypes by design (not damage)
+    # A view that decodes a quantized checkpoint as it reads it (m1.dequantized): what it decodes, e.g.
+    # "fp8 -> BF16", which the plan records; None: tensors are read as stored.
+    dequantized_from: str | None = None
 
     def display(self, name: str) -> str:
         raise NotImplementedError

@@ -71,6 +71,7 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
 
     Example: `m1.quantize("tiny-m1", "tiny-nf4", scheme="nf4")`; the result's `stats` says what was written.
     """
+    from m1.dequantized import dense_view, needs_dense_view
     from m1.devices import resolve_device
     from m1.errors import UsageError
     from m1.formats import format_options as make_format_options
@@ -97,6 +98,8 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     chosen = make_scheme(scheme, **options, **({"rounding": Rounding("gptq")} if gptq else {}))
     chosen.check_supported(resolve_device(device))
     ckpt = Checkpoint.open(str(source), revision=revision)
+    if needs_dense_view(ckpt, to or ckpt.config.flavour, quantizing=True):  # an fp8 or bnb source: decoded in passing
+        ckpt = dense_view(ckpt)
     windows = None
     if gptq:
         from m1.quantize.hessian import gptq_rounding

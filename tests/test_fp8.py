@@ -204,10 +204,13 @@ def test_damaged_companions_are_one_line_errors(made: dict[str, Path], tmp_path:
         index = json.loads((bad / "model.safetensors.index.json").read_text())
         index["metadata"]["total_size"] = sum(t.numel() * t.element_size() for t in tensors.values())
         (bad / "model.safetensors.index.json").write_text(json.dumps(index))
-        code, _, err = run("convert", bad, tmp_path / f"out-{damage}", "--dtype", "bf16", "-q")
-        line = one_line_error(err)
-        assert code != 0 and shard.name in line and scale in line, line
-        assert not (tmp_path / f"out-{damage}" / "m1-manifest.json").exists()
+        for job in (("convert", "--dtype", "bf16"), ("quantize", "--scheme", "nf4"), ("convert", "--to", "gguf")):
+            out = tmp_path / f"out-{damage}-{job[-1]}{'.gguf' if job[-1] == 'gguf' else ''}"
+            code, _, err = run(job[0], bad, out, *job[1:], "-q")
+            line = one_line_error(err)
+            assert code != 0 and shard.name in line and scale in line, (job, line)
+            assert not (out / "m1-manifest.json").exists() and not out.with_suffix(".m1-manifest.json").exists()
+            assert not out.is_file()
 
 
 def test_dimensions_that_are_not_whole_blocks(make_tiny_ckpt: Callable[..., Path], tmp_path: Path,
@@ -292,16 +295,14 @@ def test_attention_fp8_when_asked(make_tiny_ckpt: Callable[..., Path], tmp_path:
     assert code == 2 and "--attn-type fp8" in one_line_error(err)
 
 
-def test_an_fp8_source_dequantized_then_quantized_or_exported(made: dict[str, Path], tmp_path: Path,
-                                                              run: Callable[..., tuple[int, str, str]]) -> None:
-    """Quantizing or exporting an fp8 source directly is refused (as for any quantized source), naming the way:
-    dequantize with convert --dtype, then nf4 and GGUF work from it."""
-    code, _, err = run("quantize", made["rel"], tmp_path / "direct", "--scheme", "nf4")
-    assert code == 2 and "already quantized" in one_line_error(err) and "--dtype bf16" in err
+def test_an_fp8_source_quantized_or_exported_directly(made: dict[str, Path], tmp_path: Path,
+                                                       run: Callable[..., tuple[int, str, str]]) -> None:
+    """An fp8 source goes straight into nf4 and GGUF (tests/test_dequantized.py checks the bytes against
+    dequantizing first); its dequantization by convert --dtype is m1's own, which transformers agrees with."""
+    assert run("quantize", made["rel"], tmp_path / "nf4", "--scheme", "nf4", "-q")[0] == 0
+    assert run("convert", made["rel"], tmp_path / "m1.gguf", "--to", "gguf", "-q")[0] == 0
+    assert run("verify", "integrity", tmp_path / "m1.gguf")[0] == 0
     assert run("convert", made["rel"], tmp_path / "fp32", "--dtype", "fp32", "-q")[0] == 0
     ckpt, back = Checkpoint.open(str(made["rel"])), read_all(tmp_path / "fp32")
     name = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
     assert torch.equal(back[name], dequantize_weight(ckpt, name))
-    assert run("quantize", tmp_path / "fp32", tmp_path / "nf4", "--scheme", "nf4", "-q")[0] == 0
-    assert run("convert", tmp_path / "fp32", tmp_path / "m1.gguf", "--to", "gguf", "-q")[0] == 0
-    assert run("verify", "integrity", tmp_path / "m1.gguf")[0] == 0
