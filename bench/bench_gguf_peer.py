@@ -36,7 +36,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -44,67 +43,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_convert import M1, ROOT, dense_slice, drop_caches, write_replica  # noqa: E402
+from llama_converter import PEER_VERSION, ConverterMissing, converter_command, converter_env, converter_tree  # noqa: E402
 
 from m1.config import M1Config  # noqa: E402
 from m1.spec import inventory  # noqa: E402
 from m1.tiny import byte_tokenizer_json  # noqa: E402
 
-PEER_VERSION = "0.3.36"
-SDIST_LLAMA = Path(f"/tmp/sdist/llama_cpp_python-{PEER_VERSION}/vendor/llama.cpp")
 PADDING_ROWS = 60  # embedding rows past the tokenizer, zeroed: both converters list them as suppress_tokens
 SPECIAL_TOKENS = ["<beginning_of_sentence>", "<end_of_sentence>", "<end_of_document>", "<begin_of_document>"]
 # --small: the same slice with scaled-down shapes (for checking the script, not for figures).
 SMALL = {"hidden_size": 512, "intermediate_size": 768, "num_local_experts": 4, "num_experts_per_tok": 2,
          "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64, "rotary_dim": 32}
 
-WRAPPER = '''\
-"""Written by bench/bench_gguf_peer.py. Runs llama.cpp's convert_hf_to_gguf.py as it is, except that
-TextModel.get_vocab_base_pre returns "gpt-2": the benchmark's byte-level BPE has no pre-tokenizer hash llama.cpp
-knows. This skips only the tokenizer identity check; it does not touch tensor conversion."""
-import runpy
-import sys
-from pathlib import Path
-
-llama = Path(sys.argv.pop(1)).resolve()
-sys.path.insert(0, str(llama))
-import gguf  # noqa: E402
-
-assert Path(gguf.__file__).resolve().is_relative_to(llama / "gguf-py"), f"not llama.cpp's own gguf-py: {gguf.__file__}"
-assert hasattr(gguf.MODEL_ARCH, "MINIMAX01")
-import conversion.base  # noqa: E402
-
-conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-sys.argv[0] = str(llama / "convert_hf_to_gguf.py")
-runpy.run_path(sys.argv[0], run_name="__main__")
-'''
-
-
-def locate_peer(arg: Path | None, workdir: Path) -> Path:
-    """llama.cpp's source tree (convert_hf_to_gguf.py, conversion/, gguf-py/), as given, from the sdist, or fetched."""
-    def ok(d: Path) -> bool:
-        return (d / "convert_hf_to_gguf.py").is_file() and (d / "conversion" / "minimax.py").is_file() \
-            and (d / "gguf-py" / "gguf").is_dir()
-
-    if arg is not None:
-        if not ok(arg):
-            raise SystemExit(f"--llama-cpp {arg}: no convert_hf_to_gguf.py, conversion/minimax.py and gguf-py/ there")
-        return arg
-    unpacked = workdir / f"llama_cpp_python-{PEER_VERSION}" / "vendor" / "llama.cpp"
-    for d in (SDIST_LLAMA, unpacked):
-        if ok(d):
-            return d
-    how = (f"pip download --no-deps --no-binary :all: llama-cpp-python=={PEER_VERSION} -d DIR, unpack it, "
-           f"and pass --llama-cpp DIR/llama_cpp_python-{PEER_VERSION}/vendor/llama.cpp")
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                           f"llama-cpp-python=={PEER_VERSION}", "-d", str(workdir)], capture_output=True, text=True)
-    archive = workdir / f"llama_cpp_python-{PEER_VERSION}.tar.gz"
-    if proc.returncode != 0 or not archive.exists():
-        raise SystemExit(f"llama.cpp's converter not found and pip download failed; {how}")
-    with tarfile.open(archive) as tar:
-        tar.extractall(workdir, filter="data")
-    if not ok(unpacked):
-        raise SystemExit(f"{archive} has no vendor/llama.cpp converter; {how}")
-    return unpacked
 
 
 def finite_bf16_block(nbytes: int = 64 << 20) -> bytes:
@@ -259,7 +209,8 @@ def compare(a: dict, b: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp", type=Path, default=None,
-                        help=f"llama.cpp source tree (default: {SDIST_LLAMA} if present, else fetched into --dir)")
+                        help="llama.cpp source tree (default: found as bench/llama_converter.py says, else fetched "
+                        "into --dir)")
     parser.add_argument("--dir", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--layers", default="0,7", help="release layers of the slice (default 0,7)")
     parser.add_argument("--repeat", type=int, default=1, help="alternating m1 / peer runs; the best of each counts")
@@ -267,10 +218,11 @@ def main() -> None:
     parser.add_argument("--keep-source", action="store_true")
     args = parser.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    llama = locate_peer(args.llama_cpp, args.dir).resolve()
-    wrapper = args.dir / "peer_convert_hf_to_gguf.py"
-    wrapper.write_text(WRAPPER)
-    env = dict(os.environ, PYTHONPATH=str(llama / "gguf-py"))
+    try:
+        llama = converter_tree(args.dir, args.llama_cpp)
+    except ConverterMissing as exc:
+        raise SystemExit(str(exc)) from None
+    env = converter_env(llama)
 
     layers = [int(x) for x in args.layers.split(",")]
     src = args.dir / "gguf-peer-src"
@@ -291,7 +243,7 @@ def main() -> None:
             if tool == "m1":
                 cmd = M1 + ["convert", str(src), str(out), "--to", "gguf", "--quiet"]
             else:
-                cmd = [sys.executable, str(wrapper), str(llama), str(src), "--outfile", str(out), "--outtype", "bf16"]
+                cmd = converter_command(llama, args.dir, src, out)
             cache_dropped.append(drop_caches())
             r = run_timed(cmd, env=env if tool == "peer" else None)
             r["output_bytes"] = out.stat().st_size

@@ -306,3 +306,57 @@ def test_an_fp8_source_quantized_or_exported_directly(made: dict[str, Path], tmp
     ckpt, back = Checkpoint.open(str(made["rel"])), read_all(tmp_path / "fp32")
     name = "model.layers.0.block_sparse_moe.experts.1.w3.weight"
     assert torch.equal(back[name], dequantize_weight(ckpt, name))
+
+
+def gguf_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    import gguf
+    import numpy as np
+
+    return {t.name: (t.tensor_type.name, tuple(int(d) for d in t.shape), np.asarray(t.data).tobytes())
+            for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.slow
+def test_llama_cpps_converter_reads_m1s_fp8(made: dict[str, Path], make_tiny_ckpt: Callable[..., Path],
+                                             tmp_path: Path, run: Callable[..., tuple[int, str, str]]) -> None:
+    """llama.cpp's own convert_hf_to_gguf.py (llama-cpp-python 0.3.36's, fetched if missing) on m1's fp8 output:
+    it writes the same GGUF tensors, byte for byte, as `m1 convert FP8/ --to gguf`; and on a source whose
+    values fp8 holds exactly (every 128x128 block an e4m3 grid scaled by a power of two, its largest value
+    448 times that), the same tensors as m1's GGUF of the bf16 source itself."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from llama_converter import ConverterMissing, convert_with_llama_cpp, converter_tree
+
+    workdir = Path(__file__).parents[1] / "build" / "llama-cpp"
+    try:
+        tree = converter_tree(workdir)
+    except ConverterMissing as exc:
+        pytest.skip(str(exc))
+    assert run("convert", made["rel"], tmp_path / "m1.gguf", "--to", "gguf", "-q")[0] == 0
+    convert_with_llama_cpp(tree, workdir, made["rel"], tmp_path / "peer.gguf")
+    ours, theirs = gguf_tensors(tmp_path / "m1.gguf"), gguf_tensors(tmp_path / "peer.gguf")
+    assert sorted(ours) == sorted(theirs) and any(".ffn_gate_exps." in n for n in ours)
+    assert [n for n in ours if ours[n] != theirs[n]] == []
+
+    src = make_tiny_ckpt("exact", layers=2, softmax_every=2, hidden=128, intermediate=256, head_dim=16,
+                         rotary_dim=16)
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[torch.isfinite(grid)]
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in sorted({f for n, f in index.items() if EXPERT in n}):
+        tensors = load_file(str(src / shard))
+        gen = torch.Generator().manual_seed(len(shard))
+        for name in [n for n in tensors if EXPERT in n]:
+            shape = tensors[name].shape
+            values = grid[torch.randint(len(grid), shape, generator=gen)]
+            values[::128, ::128] = 448.0  # each block's amax: its scale is exactly the power of two below
+            tensors[name] = (values * 2.0 ** -12).to(torch.bfloat16)
+        save_file(tensors, str(src / shard), metadata={"format": "pt"})
+    (src / "m1-manifest.json").unlink(missing_ok=True)  # the shards were rewritten on purpose
+    assert run("quantize", src, tmp_path / "exact-fp8", "--scheme", "fp8", "-q")[0] == 0
+    assert run("convert", src, tmp_path / "exact-m1.gguf", "--to", "gguf", "-q")[0] == 0
+    convert_with_llama_cpp(tree, workdir, tmp_path / "exact-fp8", tmp_path / "exact-peer.gguf")
+    ours, theirs = gguf_tensors(tmp_path / "exact-m1.gguf"), gguf_tensors(tmp_path / "exact-peer.gguf")
+    assert sorted(ours) == sorted(theirs)
+    assert [n for n in ours if ours[n] != theirs[n]] == []
