@@ -64,10 +64,11 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     per weight (4.6bpw) that a mix of `candidates` (comma-separated; `head_candidates` the head's, in a format
     whose mix plans it) must fit, measured on `calibration` (a
     bundled corpus, a text file or token ids) or sized by a stated prior; sensitivity: reuse a recipe's
-    measurements; recipe: replay an m1-recipe.json. rounding: "nearest" (the scheme's own) or "gptq" (bitsandbytes
-    schemes: codes chosen by GPTQ within bitsandbytes' own scales, from Hessians of `calibration` measured in the
-    layer-streamed engine; damp, gptq_block, act_order, min_tokens: its options, m1.schemes.gptq). The other
-    arguments are `m1.convert`'s.
+    measurements; recipe: replay an m1-recipe.json. rounding: "nearest" (the scheme's own) or "gptq" (the schemes
+    of `m1.schemes.gptq_scheme_names()`: codes chosen by GPTQ within the library's own scales, from Hessians of
+    `calibration` measured in the layer-streamed engine; damp, gptq_block, act_order, min_tokens: its options,
+    m1.schemes.gptq). A quantized source (fp8, bitsandbytes) is dequantized as it is read (m1.dequantized).
+    The other arguments are `m1.convert`'s.
 
     Example: `m1.quantize("tiny-m1", "tiny-nf4", scheme="nf4")`; the result's `stats` says what was written.
     """
@@ -75,7 +76,7 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     from m1.devices import resolve_device
     from m1.errors import UsageError
     from m1.formats import format_options as make_format_options
-    from m1.schemes import make_scheme
+    from m1.schemes import gptq_scheme_names, make_scheme
     from m1.schemes.gptq import Rounding
     from m1.scratch import arrange
     from m1.units import parse_size
@@ -87,6 +88,9 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     gptq = rounding == "gptq"
     if not gptq and any(v is not None for v in (damp, gptq_block, act_order, min_tokens)):
         raise UsageError("--damp, --gptq-block, --act-order and --min-tokens apply with --rounding gptq only")
+    if gptq and scheme not in gptq_scheme_names():
+        raise UsageError(f"--rounding gptq does not apply to {scheme}: it takes the scheme's own rounding only",
+                         hint=f"GPTQ chooses the codes of {', '.join(gptq_scheme_names())}")
     if gptq and (budget is not None or recipe is not None):
         raise UsageError("--rounding gptq does not combine with --budget or --recipe",
                          hint="quantize with one scheme: --scheme nf4 --rounding gptq")

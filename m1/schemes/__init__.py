@@ -97,6 +97,9 @@ class Family:
     claims: Callable[[dict[str, Any]], bool]  # does this quantization_config belong to the family?
     from_quantization_config: Callable[[dict[str, Any], str | None], Scheme]
     storage_dtypes: frozenset[str]  # dtypes its quantized weights are stored in (so "weight" is not a float)
+    # The schemes whose codes `--rounding gptq` can choose within the library's own scales: their `make` takes
+    # `rounding` (an m1.schemes.gptq.Rounding) and their `quantize` reads its Hessians.
+    gptq_schemes: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -129,6 +132,11 @@ def families() -> list[Family]:
 
 def scheme_names() -> list[str]:
     return [s for f in families() for s in f.schemes]
+
+
+def gptq_scheme_names() -> list[str]:
+    """The schemes `--rounding gptq` applies to."""
+    return [s for f in families() for s in f.gptq_schemes]
 
 
 def make_scheme(name: str, **options: Any) -> Scheme:

@@ -258,4 +258,5 @@ FAMILY = Family(
     claims=lambda qc: qc.get("quant_method") == "bitsandbytes",
     from_quantization_config=BnbScheme.from_quantization_config,
     storage_dtypes=frozenset({"U8", "I8"}),
+    gptq_schemes=SCHEMES,
 )

@@ -22,6 +22,7 @@ from typing import Any
 from m1.dtypes import DTYPE_BYTES, FLOAT_DTYPES
 from m1.errors import CheckpointError, ConfigError, UsageError
 from m1.schemes import Family, Piece, Scheme, check_float_matrix
+from m1.schemes.gptq import Rounding
 
 FAMILY_NAME = "compressed-tensors"
 FORMAT_NAME = "compressed-tensors"  # the one format that stores these (m1.formats.ct)
@@ -52,6 +53,7 @@ class PackScheme(Scheme):
     num_bits: int = 4
     group_size: int | None = DEFAULT_GROUP  # None: one scale per row (channel strategy, read only)
     symmetric: bool = True
+    rounding: Rounding = Rounding()  # how the codes are chosen within compressed-tensors' scales (m1.schemes.gptq)
     family = FAMILY_NAME
     formats = (FORMAT_NAME,)
     ct_format = PACK_FORMAT  # compressed-tensors' name for how the weights are stored
@@ -59,7 +61,7 @@ class PackScheme(Scheme):
 
     @classmethod
     def make(cls, name: str, blocksize: int | None = None, double_quant: bool | None = None,
-             imatrix: str | None = None) -> PackScheme:
+             imatrix: str | None = None, rounding: Rounding | None = None) -> PackScheme:
         if name not in SCHEMES:
             raise UsageError(f"unknown compressed-tensors scheme {name!r}", hint=f"use one of {', '.join(SCHEMES)}")
         for flag, value in (("--double-quant", double_quant), ("--imatrix", imatrix)):
@@ -69,15 +71,17 @@ class PackScheme(Scheme):
         group = DEFAULT_GROUP if blocksize is None else blocksize
         if group <= 0:
             raise UsageError(f"--blocksize (the group size) must be positive, got {group}")
-        return cls(name, SCHEMES[name], group)
+        return cls(name, SCHEMES[name], group, rounding=rounding or Rounding())
 
     def describe(self) -> str:
         grouping = f"group {self.group_size}" if self.group_size else "per channel"
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return f"{self.name} (compressed-tensors {PACK_FORMAT}, int{self.num_bits}, {grouping}, {kind})"
+        gptq = ", GPTQ rounding" if self.rounding.gptq else ""
+        return f"{self.name} (compressed-tensors {PACK_FORMAT}, int{self.num_bits}, {grouping}, {kind}{gptq})"
 
     def options(self) -> dict[str, Any]:
-        return {"num_bits": self.num_bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        gptq = {"rounding": self.rounding.record()} if self.rounding.gptq else {}
+        return {"num_bits": self.num_bits, "group_size": self.group_size, "symmetric": self.symmetric, **gptq}
 
     def check_supported(self, device: Any) -> None:
         pass  # compressed-tensors' torch code runs on any device
@@ -118,6 +122,13 @@ class PackScheme(Scheme):
         from compressed_tensors.compressors import PackedQuantizationCompressor
         from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
+        if self.rounding.gptq:
+            from m1.schemes.ct_gptq import quantize_gptq
+            from m1.schemes.gptq import load_hessian
+
+            h, tokens = load_hessian(self.rounding.hessians, name)
+            if h is not None and self.rounding.enough(tokens, weight.shape[-1]):
+                return quantize_gptq(self, weight, h, self.rounding, device, name)[0]
         w = weight.to(device)
         scale, zero_point = compute_dynamic_scales_and_zp(w, self.args(), module=None)
         state = {"weight": w, "weight_scale": scale, "weight_zero_point": zero_point}
@@ -257,4 +268,5 @@ FAMILY = Family(
     claims=lambda qc: qc.get("quant_method") == "compressed-tensors",
     from_quantization_config=_read_elsewhere,
     storage_dtypes=frozenset({"I32", "F8_E4M3"}),
+    gptq_schemes=tuple(SCHEMES),
 )
