@@ -88,12 +88,12 @@ class Checkpoint:
         if is_repo_id(source):
             from m1.hub_read import HubStorage
 
-            return cls.from_storage(HubStorage.open(source, revision))
+            return cls.from_storage(viewed(HubStorage.open(source, revision)))
         if not Path(source).is_dir():
             raise UsageError("not a checkpoint folder or Hub repo id", file=source,
                              hint="give a folder holding config.json and safetensors shards, or owner/name")
         note_source(Path(source), refuse_if_held=True)
-        return cls.from_storage(LocalStorage(source))
+        return cls.from_storage(viewed(LocalStorage(source)))
 
     @classmethod
     def from_storage(cls, storage: Storage) -> Checkpoint:
@@ -284,6 +284,23 @@ class Checkpoint:
     def extra_files(self) -> list[str]:
         """Tokenizer, generation and remote-code files beside the weights."""
         return self.storage.extra_files()
+
+
+def viewed(storage: Storage) -> Storage:
+    """A storage as the format whose reader its config.json calls for sees it (compressed-tensors: its experts
+    decoded), or as it is; a missing or damaged config.json is left to `Checkpoint.from_storage` to report."""
+    from m1.formats import all_formats
+
+    views = [f.view_storage for f in all_formats() if f.view_storage is not None]
+    if not views or not storage.exists("config.json"):
+        return storage
+    try:
+        raw = json.loads(storage.read_bytes("config.json"))
+    except (ValueError, UnicodeDecodeError):
+        return storage
+    if not isinstance(raw, dict):
+        return storage
+    return next((v for v in (view(storage, raw) for view in views) if v is not None), storage)
 
 
 def _dtype_name(t: torch.Tensor, file: str, name: str) -> str:

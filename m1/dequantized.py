@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from m1.dtypes import DTYPE_BYTES, DTYPE_OPTIONS, FLOAT_DTYPES
 from m1.index import Index
@@ -23,7 +22,7 @@ from m1.quantized import checkpoint_scheme, dequantize_weight, is_quantized
 from m1.safetensors_io import Header, TensorInfo
 from m1.schemes import companions_in, scheme_from_config
 from m1.spec import classify, spec_by_name
-from m1.storage import Storage
+from m1.storage import StorageView
 
 if TYPE_CHECKING:
     import torch
@@ -68,20 +67,16 @@ def _dense_dtype(ckpt: Checkpoint, dtype: str) -> str:
     return named if named in FLOAT_DTYPES else "BF16"
 
 
-class DenseView(Storage):
+class DenseView(StorageView):
     """A quantized checkpoint's storage, showing its quantized weights as dense tensors of `dtype`."""
 
     decodes_tensors = True
 
     def __init__(self, ckpt: Checkpoint, dtype: str) -> None:
+        super().__init__(ckpt.storage)
         self.ckpt = ckpt
-        self.inner = ckpt.storage
         self.dtype = dtype
-        self.root = self.inner.root
-        self.remote = self.inner.remote
-        self.revision = self.inner.revision
         self.dequantized_from = f"{stored_scheme_name(ckpt)} -> {dtype}"
-        self.mixed_float_dtypes = self.inner.mixed_float_dtypes
         names = ckpt.weight_map
         self.quantized = {n for n in names if classify(n).companion is None and is_quantized(n, names)}
         self.hidden = {c for n in self.quantized for c in companions_in(n, names).values()}
@@ -127,35 +122,3 @@ class DenseView(Storage):
             return None
         pieces = [name, *companions_in(name, self.ckpt.weight_map).values()]
         return checkpoint_scheme(self.ckpt, name).name, sum(self.ckpt.info(n).nbytes for n in pieces)
-
-    # ---- the rest, as the checkpoint's own storage has it ------------------------------------------------
-    def display(self, name: str) -> str:
-        return self.inner.display(name)
-
-    def exists(self, name: str) -> bool:
-        return self.inner.exists(name)
-
-    def local_path(self, file: str) -> Path:
-        return self.inner.local_path(file)
-
-    def extra_files(self) -> list[str]:
-        return self.inner.extra_files()
-
-    def identity(self, files: list[str]) -> dict[str, Any]:
-        return self.inner.identity(files)
-
-    def tokenizer_folder(self) -> Path | None:
-        return self.inner.tokenizer_folder()
-
-    def shard_sizes(self) -> dict[str, int] | None:
-        return self.inner.shard_sizes()
-
-    def download_to(self, file: str, folder: Path) -> Path:
-        return self.inner.download_to(file, folder)
-
-    def sources(self) -> list[Path]:
-        return self.inner.sources()
-
-    def manifest_path(self) -> Path | None:
-        return self.inner.manifest_path()
-

@@ -175,3 +175,51 @@ class LocalStorage(Storage):
                 continue
             out[name] = [st.st_size, st.st_mtime_ns]
         return out
+
+
+class StorageView(Storage):
+    """Another storage seen through a reader that changes what it shows (a quantized checkpoint decoded, a
+    format that stores no `<module>.weight`): everything a view does not override is the inner storage's."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.root = inner.root
+        self.remote = inner.remote
+        self.revision = inner.revision
+        self.mixed_float_dtypes = inner.mixed_float_dtypes
+
+    def display(self, name: str) -> str:
+        return self.inner.display(name)
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.inner.read_bytes(name)
+
+    def header(self, file: str) -> Header:
+        return self.inner.header(file)
+
+    def local_path(self, file: str) -> Path:
+        return self.inner.local_path(file)
+
+    def extra_files(self) -> list[str]:
+        return self.inner.extra_files()
+
+    def identity(self, files: list[str]) -> dict[str, Any]:
+        return self.inner.identity(files)
+
+    def tokenizer_folder(self) -> Path | None:
+        return self.inner.tokenizer_folder()
+
+    def shard_sizes(self) -> dict[str, int] | None:
+        return self.inner.shard_sizes()
+
+    def download_to(self, file: str, folder: Path) -> Path:
+        return self.inner.download_to(file, folder)
+
+    def sources(self) -> list[Path]:
+        return self.inner.sources()
+
+    def manifest_path(self) -> Path | None:
+        return self.inner.manifest_path()

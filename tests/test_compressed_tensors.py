@@ -282,10 +282,32 @@ def test_a_transformed_checkpoint_is_refused_not_misread(made: Path, tmp_path: P
 
 
 def test_a_config_read_without_its_storage_is_refused(made: Path) -> None:
-    """Through the scheme registry (a Hub repo, not a local folder) the config is refused, never planned."""
+    """Through the scheme registry (not its format's storage view) the config is refused, never planned."""
     from m1.errors import ConfigError
     from m1.schemes import scheme_from_config
 
     qc = json.loads((made / "w4a16" / "config.json").read_text())["quantization_config"]
-    with pytest.raises(ConfigError, match="read from a local folder"):
+    with pytest.raises(ConfigError, match="read through its own reader"):
         scheme_from_config(qc, "repo/config.json")
+
+
+def test_a_compressed_tensors_repo_on_the_hub_is_a_source(made: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A compressed-tensors repo is read from the Hub through the same view as a local folder: inspect,
+    integrity, dequantizing convert and quantize to another scheme give what the local folder gives."""
+    from hubserver import HubServer, hub_env
+
+    from m1 import hub_read
+
+    monkeypatch.setattr(hub_read, "RETRY_WAIT_S", 0.0)
+    repo = "someone/tiny-w4a16"
+    with HubServer() as server, hub_env(server, home=tmp_path / "hf_home"):
+        server.add_repo(repo, {p.name: p for p in (made / "w4a16").iterdir() if p.is_file()})
+        assert run_cli(["verify", "integrity", repo]) == 0
+        assert run_cli(["inspect", repo]) == 0
+        assert run_cli(["convert", repo, str(tmp_path / "dense"), "--dtype", "bf16", "-q"]) == 0
+        assert run_cli(["quantize", repo, str(tmp_path / "nf4"), "--scheme", "nf4", "-q"]) == 0
+    assert run_cli(["quantize", str(made / "w4a16"), str(tmp_path / "nf4-local"), "--scheme", "nf4", "-q"]) == 0
+    dense, local = _tensors(tmp_path / "dense"), _tensors(made / "w4a16-bf16")
+    assert sorted(dense) == sorted(local) and all(torch.equal(dense[n], local[n]) for n in dense)
+    nf4, nf4_local = _tensors(tmp_path / "nf4"), _tensors(tmp_path / "nf4-local")
+    assert sorted(nf4) == sorted(nf4_local) and all(torch.equal(nf4[n], nf4_local[n]) for n in nf4)

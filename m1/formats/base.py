@@ -201,6 +201,10 @@ class Format:
     # over one (None when the file is not there); None: read as a folder with a config.json.
     opens: Callable[[str], bool] = field(default=lambda source: False)
     open_storage: Callable[[str], Any] | None = None
+    # A format of config.json folders that its own reader shows the rest of m1 (compressed-tensors: the experts
+    # decoded): (a local or Hub storage, its raw config.json) -> the storage seen through that reader, or None
+    # when the config is not this format's.
+    view_storage: Callable[[Any, dict[str, Any]], Any] | None = None
     # A file-set format: a destination ending in this suffix names the output files' set itself
     # (`tiny.<suffix>`), written beside whatever else its folder holds, with its own manifest and progress
     # record (the index, the Hub and the manifest know it as a weight file suffix); None: a folder of shards.

@@ -3,9 +3,9 @@ names) with the experts in compressed-tensors' `pack-quantized` (the schemes of 
 llm-compressor writes them and vLLM and transformers 5.x load them.
 
 Its config.json is hf's plus compressed-tensors' quantization_config, so the files are planned like hf's (one
-op per tensor); what is its own is that it stores only its schemes, and that its folders are read by its storage
-(m1.formats.ct_storage), which decodes the experts, so a compressed-tensors checkpoint is a source for every
-command.
+op per tensor); what is its own is that it stores only its schemes, and that its checkpoints (local folders or
+Hub repos) are read through its storage view (m1.formats.ct_storage), which decodes the experts, so a
+compressed-tensors checkpoint is a source for every command.
 """
 
 from __future__ import annotations
@@ -34,16 +34,10 @@ def plan_ops(job: PlanInput) -> FormatPlan:
     return plan_by_tensor(job)
 
 
-def _open_storage(source: str) -> Any:
-    from m1.formats.ct_storage import open_storage
+def _view_storage(storage: Any, raw: dict[str, Any]) -> Any:
+    from m1.formats.ct_storage import view_storage
 
-    return open_storage(source)
-
-
-def _opens(source: str) -> bool:
-    from m1.formats.ct_storage import is_ct_folder
-
-    return is_ct_folder(source)
+    return view_storage(storage, raw)
 
 
 EXAMPLES = (
@@ -54,7 +48,7 @@ EXAMPLES = (
 FORMAT = Format(
     name=NAME,
     description="the hf layout with compressed-tensors pack-quantized experts (llm-compressor's; vLLM, transformers)",
-    model_types=(),  # its config.json is hf's: its storage recognises its folders (`opens`)
+    model_types=(),  # its config.json is hf's: its storage view recognises its quantization_config
     claims=lambda raw: False,
     read_config=hf.read_config,
     write_config=hf.write_config,
@@ -63,8 +57,7 @@ FORMAT = Format(
     plan_ops=plan_ops,
     extra_file=lambda name: not name.endswith(".py"),
     warnings=hf.rotary_warnings,
-    opens=_opens,
-    open_storage=_open_storage,
+    view_storage=_view_storage,
     mix_candidates=",".join(SCHEMES),
     examples=EXAMPLES,
 )

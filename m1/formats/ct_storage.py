@@ -1,5 +1,5 @@
-"""Reading a compressed-tensors checkpoint (an hf-layout folder whose config.json says `quant_method:
-"compressed-tensors"`) as a dense M1: a `LocalStorage` that decodes its own quantized weights.
+"""Reading a compressed-tensors checkpoint (an hf-layout folder or Hub repo whose config.json says `quant_method:
+"compressed-tensors"`) as a dense M1: a view over its storage that decodes its quantized weights.
 
 A pack-quantized weight is stored as `<module>.weight_packed` / `weight_scale` / `weight_shape` (and
 `weight_zero_point` when asymmetric), with no `<module>.weight`. The storage shows the rest of m1 what a plain
@@ -16,7 +16,6 @@ are checked before decoding; each is one line naming the file and the tensor.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +24,7 @@ from m1.errors import CheckpointError, M1Error
 from m1.index import INDEX_NAMES, Index, parse_index
 from m1.safetensors_io import Header, TensorInfo
 from m1.schemes.ct_pack import COMPANIONS, PackScheme, require
-from m1.storage import LocalStorage
+from m1.storage import Storage, StorageView
 
 if TYPE_CHECKING:
     import torch
@@ -35,19 +34,15 @@ SINGLE = "model.safetensors"
 HINT = "re-run the job that wrote it, or check the folder with m1 verify integrity"
 
 
-def is_ct_folder(source: str) -> bool:
-    """A local folder whose config.json names compressed-tensors (a damaged one is left to the usual reader)."""
-    path = Path(source) / CONFIG
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
+def is_ct_config(raw: object) -> bool:
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
-def open_storage(source: str) -> CtStorage | None:
-    return CtStorage(source) if is_ct_folder(source) else None
+def view_storage(storage: Storage, raw: dict) -> CtStorage | None:
+    """A checkpoint's storage (a local folder or a Hub repo) seen through this reader, when its config.json
+    (`raw`) names compressed-tensors."""
+    return CtStorage(storage) if is_ct_config(raw) else None
 
 
 def _split(name: str) -> tuple[str, str | None]:
@@ -58,20 +53,21 @@ def _split(name: str) -> tuple[str, str | None]:
     return name, None
 
 
-class CtStorage(LocalStorage):
-    """A compressed-tensors folder, seen as the dense hf checkpoint it stands for."""
+class CtStorage(StorageView):
+    """A compressed-tensors checkpoint (a local folder or a Hub repo), seen as the dense hf checkpoint it stands
+    for."""
 
     decodes_tensors = True
     own_format = "compressed-tensors"
 
-    def __init__(self, root: str | Path) -> None:
-        super().__init__(root)
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
         require()
         from m1.config import M1Config
         from m1.spec import spec_by_name
 
         display = self.display(CONFIG)
-        raw = json.loads(super().read_bytes(CONFIG))
+        raw = json.loads(self.inner.read_bytes(CONFIG))
         self.scheme = PackScheme.from_quantization_config(raw["quantization_config"], display)
         self.view_config = {k: v for k, v in raw.items() if k != "quantization_config"}
         self.shapes = {n: s.shape for n, s in spec_by_name(M1Config.from_dict(self.view_config, display)).items()}
@@ -100,23 +96,23 @@ class CtStorage(LocalStorage):
     def _stored_index(self) -> Index:
         for name in INDEX_NAMES[:1]:
             if self.exists(name):
-                return parse_index(super().read_bytes(name), self.display(name), name)
+                return parse_index(self.inner.read_bytes(name), self.display(name), name)
         if self.exists(SINGLE):
-            return Index({t: SINGLE for t in super().header(SINGLE).tensors})
+            return Index({t: SINGLE for t in self.inner.header(SINGLE).tensors})
         raise CheckpointError(f"no {INDEX_NAMES[0]} or {SINGLE}", file=self.root, hint="is this a checkpoint folder?")
 
     # ---- the dense view --------------------------------------------------------------------------------
     def read_bytes(self, name: str) -> bytes:
         if name == CONFIG:
             return (json.dumps(self.view_config, indent=2) + "\n").encode()
-        return super().read_bytes(name)
+        return self.inner.read_bytes(name)
 
     def index(self) -> Index:
         return self.view
 
     def stored_header(self, file: str) -> Header:
         if file not in self._headers:
-            self._headers[file] = super().header(file)
+            self._headers[file] = self.inner.header(file)
         return self._headers[file]
 
     def stored_info(self, name: str) -> TensorInfo:
@@ -222,10 +218,11 @@ class CtStorage(LocalStorage):
             if tuple(stored) != tuple(self.shapes[weight]):
                 out.append(("shape", f"weight_shape holds {stored}, the config implies {list(self.shapes[weight])}",
                             infos["weight_shape"].file, group["weight_shape"]))
-        if check_hashes:
+        manifest = self.inner.manifest_path()
+        if check_hashes and manifest is not None:
             from m1.integrity import IntegrityReport, check_manifest
 
             report = IntegrityReport(self.root)
-            check_manifest(self.path, report)
+            check_manifest(manifest.parent, report)
             out += [(f.code, f.message, f.file, f.tensor) for f in report.findings]
         return out

@@ -251,10 +251,10 @@ def _make(name: str, **options: Any) -> Scheme:
 
 
 def _read_elsewhere(qc: dict[str, Any], file: str | None = None) -> Scheme:
-    """A compressed-tensors config reached through the registry: the folder was not read by its format's storage
-    (a Hub repo), and planning its companions without a `<module>.weight` would lose the experts."""
-    raise ConfigError("a compressed-tensors checkpoint is read from a local folder, whose reader decodes its "
-                      "experts", file=file, hint="download it first: m1 pull REPO DIR, then give DIR")
+    """A compressed-tensors config reached through the registry: the checkpoint was not opened through its
+    format's storage view, and planning its companions without a `<module>.weight` would lose the experts."""
+    raise ConfigError("a compressed-tensors checkpoint is read through its own reader, which decodes its experts",
+                      file=file, hint="open it with m1.checkpoint.Checkpoint.open (as every command does)")
 
 
 FAMILY = Family(
@@ -262,9 +262,9 @@ FAMILY = Family(
     schemes=(*SCHEMES, *FLOAT_SCHEMES),
     companions=COMPANIONS,
     make=_make,
-    # Its checkpoints hold no `<module>.weight`: only the format's storage reads them (it decodes the weights and
-    # shows the rest of m1 a dense checkpoint, calling PackScheme.from_quantization_config itself). A config that
-    # reaches the registry another way is refused with a line saying so, never planned.
+    # Its checkpoints hold no `<module>.weight`: only the format's storage view reads them (it decodes the weights
+    # and shows the rest of m1 a dense checkpoint, calling PackScheme.from_quantization_config itself). A config
+    # that reaches the registry another way is refused with a line saying so, never planned.
     claims=lambda qc: qc.get("quant_method") == "compressed-tensors",
     from_quantization_config=_read_elsewhere,
     storage_dtypes=frozenset({"I32", "F8_E4M3"}),
