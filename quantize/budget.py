@@ -352,8 +352,13 @@ def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None,
              sensitivity: Path | None, recipe: Path | None, device: str, imatrix: str | None,
              head_candidates: str | None = None) -> MixPlan:
     """What the CLI's --budget / --recipe options make: a MixPlan."""
+    from m1.formats import get_format
     from m1.verify.sensitivity import Sensitivity
 
+    no_mix = get_format(fmt).no_mix
+    if no_mix is not None:
+        raise UsageError(f"--budget and --recipe write a mix of schemes, and a {fmt} checkpoint holds one: {no_mix[0]}",
+                         hint=no_mix[1])
     if recipe is not None:
         if (budget is not None or candidates is not None or calibration is not None or sensitivity is not None
                 or head_candidates is not None):

@@ -137,10 +137,12 @@ def test_transformers_loads_it_with_compressed_tensors_decompression(made: Path,
     assert torch.isfinite(logits).all()
 
 
-def _write_with_compressed_tensors(src: Path, dst: Path) -> None:
+def _write_with_compressed_tensors(src: Path, dst: Path, int8_modules: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """A tiny M1 (hf layout) compressed by compressed-tensors itself: its Linear modules rebuilt from the state
-    dict, its config applied (asymmetric int4, group 64: a layout m1 does not write), qparams from its min/max,
-    ModelCompressor's compress_model and update_config."""
+    dict, its config applied (asymmetric int4, group 64: a layout m1 does not write; with `int8_modules`, a
+    first config group giving those modules by exact name symmetric int8, group 128), qparams from its
+    min/max, ModelCompressor's compress_model and update_config. Returns what compressed-tensors' own
+    fake quantization (quantize then dequantize with those qparams) makes of each quantized weight."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationArgs,
@@ -167,14 +169,23 @@ def _write_with_compressed_tensors(src: Path, dst: Path) -> None:
             module.register_buffer(leaf, value)
     args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=64)
     targets = [r"re:.*block_sparse_moe\.experts\.\d+\.w[123]$"]
-    apply_quantization_config(root, QuantizationConfig(config_groups={"group_0": QuantizationScheme(
-        targets=targets, weights=args)}))
-    for module in root.modules():
+    groups = {"group_0": QuantizationScheme(targets=targets, weights=args)}
+    if int8_modules:
+        int8 = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="group", group_size=128)
+        groups = {"group_0": QuantizationScheme(targets=list(int8_modules), weights=int8),
+                  "group_1": groups["group_0"]}
+    apply_quantization_config(root, QuantizationConfig(config_groups=groups))
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    intended = {}
+    for name, module in root.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
         if scheme is not None:
             scale, zero_point = compute_dynamic_scales_and_zp(module.weight, scheme.weights, module)
             module.weight_scale.data.copy_(scale)
             module.weight_zero_point.data.copy_(zero_point)
+            intended[f"{name}.weight"] = fake_quantize(module.weight, module.weight_scale, module.weight_zero_point,
+                                                       scheme.weights)
     compressor = ModelCompressor.from_pretrained_model(root, "pack-quantized")
     compressor.compress_model(root)
     dst.mkdir()
@@ -182,6 +193,7 @@ def _write_with_compressed_tensors(src: Path, dst: Path) -> None:
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, dst / name)
     compressor.update_config(str(dst))
+    return intended
 
 
 def test_a_checkpoint_compressed_tensors_writes_is_read(made: Path, tmp_path: Path,
@@ -202,6 +214,38 @@ def test_a_checkpoint_compressed_tensors_writes_is_read(made: Path, tmp_path: Pa
             _within_step(dense[name], value, stored[name[: -len("weight")] + "weight_scale"], 15)
     # and to another scheme from it
     assert run_cli(["quantize", str(tmp_path / "theirs"), str(tmp_path / "nf4"), "--scheme", "nf4", "-q"]) == 0
+
+
+def test_a_checkpoint_of_two_config_groups_is_read_module_by_module(made: Path, tmp_path: Path) -> None:
+    """Layer 0's w2 experts in a config group of their own (int8, by exact name), the other experts asymmetric
+    int4: m1 gives each module its group's scheme as compressed-tensors' matching does (an exact name over a
+    regex), and reads every weight as compressed-tensors' own fake quantization makes it. (compressed-tensors'
+    convert_checkpoint is no reference here: its dequantizer gives a module to the first group in the config that
+    names it, and ModelCompressor wrote the regex group first.)"""
+    from m1.checkpoint import Checkpoint
+
+    assert run_cli(["convert", str(made / "tiny"), str(tmp_path / "hf"), "--to", "hf", "-q"]) == 0
+    int8 = tuple(f"model.layers.0.block_sparse_moe.experts.{e}.w2" for e in range(4))
+    intended = _write_with_compressed_tensors(tmp_path / "hf", tmp_path / "theirs", int8_modules=int8)
+    stored = _tensors(tmp_path / "theirs")
+    assert stored[int8[0] + ".weight_packed"].shape[1] * 32 == 8 * 256  # int8 codes: 8 bits a value
+    assert stored["model.layers.1.block_sparse_moe.experts.0.w2.weight_packed"].shape[1] * 32 == 4 * 256
+    assert run_cli(["verify", "integrity", str(tmp_path / "theirs")]) == 0
+    ckpt, src = Checkpoint.open(tmp_path / "theirs"), _tensors(made / "tiny")
+    assert set(ckpt.weight_map) == set(src) and len(intended) == 4 * 4 * 3  # layers x experts x w1-w3
+    for name, value in intended.items():
+        assert torch.equal(ckpt.get(name), value), name
+    for module in int8:
+        _within_step(ckpt.get(module + ".weight"), src[module + ".weight"], stored[module + ".weight_scale"], 127.5)
+    assert ckpt.storage.stored_as(int8[0] + ".weight")[0] == "w8a16"
+    assert ckpt.storage.stored_as("model.layers.0.block_sparse_moe.experts.0.w1.weight")[0] == "w4a16"
+
+
+def test_a_measured_mix_is_refused_before_anything_is_measured(made: Path, tmp_path: Path, run) -> None:  # noqa: ANN001
+    code, _, err = run("quantize", made / "tiny", tmp_path / "mix", "--format", "compressed-tensors", "--budget",
+                       "1MB", "--corpus", "mr-niah")
+    assert code == 2 and "holds one" in err and "get_experts_scheme" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "mix").exists()
 
 
 def _damaged(made: Path, dest: Path, change: str) -> Path:

@@ -214,6 +214,9 @@ class Format:
     # stacked tensor's name (a measured mix's recipe keys); None: one tensor per expert.
     expert_stacks: NameTable | None = None
     mix_candidates: str = "nf4,int8"  # the default --candidates of a measured mix (--budget)
+    # (why, what to do instead) when the format writes no mix of schemes: --budget and --recipe are refused
+    # before anything is measured; None: it writes them.
+    no_mix: tuple[str, str] | None = None
     # The tensor groups a measured mix plans (m1.verify.mix_groups: w13, w2, attn, embed, head); the others keep
     # the job's fixed types. A format option that pins a group's type (e.g. an --attn-type) takes it out of the mix.
     mix_parts: tuple[str, ...] = ("w13", "w2")

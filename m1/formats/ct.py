@@ -19,6 +19,10 @@ from m1.formats.tensor_plan import plan_by_tensor
 from m1.schemes.ct_pack import FAMILY_NAME, SCHEMES
 
 NAME = "compressed-tensors"
+# Why m1 writes no mix of schemes here (a --budget or --recipe is refused with it).
+NO_MIX = ("transformers 5.x's fused experts read one compressed-tensors scheme for every expert (its "
+          "get_experts_scheme), so a mix of expert schemes would not load there")
+NO_MIX_HINT = f"use one --scheme ({' or '.join(SCHEMES)}), or a format that stores mixes (--format hf)"
 HINT = f"m1 quantize SRC DST --format {NAME} --scheme {' or '.join(SCHEMES)} (or --to hf for a dense checkpoint)"
 
 
@@ -27,10 +31,8 @@ def plan_ops(job: PlanInput) -> FormatPlan:
     if scheme is None or scheme.family != FAMILY_NAME:
         raise UsageError(f"the {NAME} format holds {FAMILY_NAME} quantized experts: give it one of its schemes",
                          hint=HINT)
-    others = sorted({s.name for s in job.mix.values() if s is not None and s.name != scheme.name})
-    if others:
-        raise UsageError(f"a {NAME} checkpoint written by m1 holds one scheme; the recipe also gives {others[0]}",
-                         hint=f"a mix of {', '.join(SCHEMES)} is not written yet: use one --scheme")
+    if any(s is not None and s.name != scheme.name for s in job.mix.values()):
+        raise UsageError(f"a {NAME} checkpoint holds one scheme: {NO_MIX}", hint=NO_MIX_HINT)
     return plan_by_tensor(job)
 
 
@@ -59,5 +61,6 @@ FORMAT = Format(
     warnings=hf.rotary_warnings,
     view_storage=_view_storage,
     mix_candidates=",".join(SCHEMES),
+    no_mix=(NO_MIX, NO_MIX_HINT),
     examples=EXAMPLES,
 )

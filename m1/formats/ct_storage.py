@@ -23,7 +23,7 @@ import numpy as np
 from m1.errors import CheckpointError, M1Error
 from m1.index import INDEX_NAMES, Index, parse_index
 from m1.safetensors_io import Header, TensorInfo
-from m1.schemes.ct_pack import COMPANIONS, PackScheme, require
+from m1.schemes.ct_pack import COMPANIONS, CtSchemes, PackScheme, require
 from m1.storage import Storage, StorageView
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class CtStorage(StorageView):
 
         display = self.display(CONFIG)
         raw = json.loads(self.inner.read_bytes(CONFIG))
-        self.scheme = PackScheme.from_quantization_config(raw["quantization_config"], display)
+        schemes = CtSchemes.from_quantization_config(raw["quantization_config"], display)
         self.view_config = {k: v for k, v in raw.items() if k != "quantization_config"}
         self.shapes = {n: s.shape for n, s in spec_by_name(M1Config.from_dict(self.view_config, display)).items()}
         self.stored = self._stored_index()
@@ -80,14 +80,21 @@ class CtStorage(StorageView):
                 view[name] = file
             else:
                 self.groups.setdefault(weight, {})[suffix] = name
-        primary = self.scheme.primary
+        self.scheme_of: dict[str, PackScheme] = {}  # a quantized weight -> the scheme its config group gives it
         for weight, group in self.groups.items():
-            if weight in view and primary == "weight":  # float-quantized: the weight is its codes
+            scheme = schemes.for_module(weight[: -len(".weight")])
+            if scheme is None:
+                raise CheckpointError("stored quantized, but no config group of config.json targets it",
+                                      file=self.display(self.stored.weight_map[next(iter(group.values()))]),
+                                      tensor=weight, hint=HINT)
+            self.scheme_of[weight] = scheme
+            if weight in view and scheme.primary == "weight":  # float-quantized: the weight is its codes
                 group["weight"] = weight
             elif weight in view:
-                raise CheckpointError(f"stored both dense and as {self.scheme.name}", file=self.display(view[weight]),
+                raise CheckpointError(f"stored both dense and as {scheme.name}", file=self.display(view[weight]),
                                       tensor=weight, hint=HINT)
-            view[weight] = self.stored.weight_map[group.get(primary) or next(iter(group.values()))]
+            view[weight] = self.stored.weight_map[group.get(scheme.primary) or next(iter(group.values()))]
+        self.schemes = sorted({s.name for s in self.scheme_of.values()})
         self.owner = {name: weight for weight, group in self.groups.items() for name in group.values()}
         self.view = Index(view, {k: v for k, v in self.stored.metadata.items() if k != "total_size"},
                           self.stored.file)
@@ -125,18 +132,18 @@ class CtStorage(StorageView):
 
     def check_group(self, weight: str) -> dict[str, TensorInfo]:
         """A quantized weight's stored tensors, after checking their dtypes and shapes against the scheme."""
-        group = self.groups[weight]
+        group, scheme = self.groups[weight], self.scheme_of[weight]
         infos = {suffix: self.stored_info(name) for suffix, name in group.items()}
-        first = infos.get(self.scheme.primary) or next(iter(infos.values()))
+        first = infos.get(scheme.primary) or next(iter(infos.values()))
         file = self.display(first.file)
         shape = self.shapes.get(weight)
         if shape is None:
             raise CheckpointError("not part of this config's M1", file=file, tensor=group.get("weight_packed"))
         if len(shape) != 2:
-            raise CheckpointError(f"a {len(shape)}-D tensor stored as {self.scheme.name}", file=file,
+            raise CheckpointError(f"a {len(shape)}-D tensor stored as {scheme.name}", file=file,
                                   tensor=next(iter(group.values())), hint=HINT)
         try:
-            self.scheme.check_pieces(weight, {s: (i.dtype, i.shape) for s, i in infos.items()}, shape)
+            scheme.check_pieces(weight, {s: (i.dtype, i.shape) for s, i in infos.items()}, shape)
         except CheckpointError as exc:
             named = group.get(exc.tensor.rpartition(".")[2]) if exc.tensor else None
             exc.file = self.display(infos[exc.tensor.rpartition(".")[2]].file) if named else file
@@ -156,7 +163,7 @@ class CtStorage(StorageView):
                 pieces = self.check_group(weight)
                 dtype = pieces["weight_scale"].dtype
                 shape = self.shapes[weight]
-                start = pieces[self.scheme.primary].start
+                start = pieces[self.scheme_of[weight].primary].start
                 infos[weight] = TensorInfo(weight, dtype, shape, file, start,
                                            start + DTYPE_BYTES[dtype] * shape[0] * shape[1])
         return Header(file, infos, stored.metadata, stored.data_start, stored.file_size)
@@ -164,10 +171,10 @@ class CtStorage(StorageView):
     def stored_as(self, name: str) -> tuple[str, int] | None:
         if name not in self.groups:
             return None
-        return self.scheme.name, sum(self.stored_info(n).nbytes for n in self.groups[name].values())
+        return self.scheme_of[name].name, sum(self.stored_info(n).nbytes for n in self.groups[name].values())
 
     def stored_range(self, name: str) -> tuple[str, int, int]:
-        info = self.stored_info(self.groups[name][self.scheme.primary] if name in self.groups else name)
+        info = self.stored_info(self.groups[name][self.scheme_of[name].primary] if name in self.groups else name)
         return info.file, info.start, info.nbytes
 
     def _raw(self, info: TensorInfo) -> torch.Tensor:
@@ -190,9 +197,9 @@ class CtStorage(StorageView):
         infos = self.check_group(name)
         pieces = {suffix: self._raw(info) for suffix, info in infos.items()}
         try:
-            return self.scheme.dequantize(pieces, "cpu", name, shape=self.shapes[name])
+            return self.scheme_of[name].dequantize(pieces, "cpu", name, shape=self.shapes[name])
         except CheckpointError as exc:
-            exc.file = exc.file or self.display(infos[self.scheme.primary].file)
+            exc.file = exc.file or self.display(infos[self.scheme_of[name].primary].file)
             raise
 
     # ---- what verify integrity checks on top of the spec ----------------------------------------------

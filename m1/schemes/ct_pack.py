@@ -190,25 +190,6 @@ class PackScheme(Scheme):
                 "sparsity_config": {}, "transform_config": {}, **qc.model_dump(mode="json", exclude={"quant_method"})}
 
     @classmethod
-    def from_quantization_config(cls, qc: dict[str, Any], file: str | None = None) -> PackScheme:
-        """The scheme of a compressed-tensors `pack-quantized` config with one weight scheme (int, A16)."""
-        if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
-            raise ConfigError("quantization_config is not compressed-tensors'", file=file)
-        for key, what in (("transform_config", "transforms (rotations) the weights"),
-                          ("sparsity_config", "sparsifies the weights")):
-            if qc.get(key):  # decoding the codes alone would give other weights than the model's
-                raise ConfigError(f"quantization_config.{key} {what}; m1 reads plain pack-quantized weights",
-                                  file=file, hint="dequantize it with compressed-tensors' convert_checkpoint first")
-        groups = qc.get("config_groups")
-        if not isinstance(groups, dict) or not groups:
-            raise ConfigError("quantization_config.config_groups is empty or not an object", file=file,
-                              hint="a compressed-tensors checkpoint names its schemes there")
-        made = {cls._from_group(name, group, qc.get("format"), file) for name, group in groups.items()}
-        if len(made) != 1:
-            raise ConfigError(f"config_groups hold {len(made)} different weight schemes; m1 reads one", file=file)
-        return made.pop()
-
-    @classmethod
     def _from_group(cls, group_name: str, group: Any, default_format: Any, file: str | None) -> PackScheme:
         where = f"quantization_config.config_groups.{group_name}"
         if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
@@ -242,6 +223,55 @@ class PackScheme(Scheme):
         return cls(name, bits, group_size, bool(w.get("symmetric", True)))
 
 
+class CtSchemes:
+    """The weight schemes of a compressed-tensors quantization_config, and which one a module gets: that of its
+    most specific target, in the order compressed-tensors' own `match_targets` gives (an exact name, then a
+    regex, then a class such as Linear), a later group's target replacing an earlier one's as in its
+    `apply_quantization_config`."""
+
+    def __init__(self, by_target: dict[str, PackScheme]) -> None:
+        self.by_target = by_target
+        self._module: Any = None
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict[str, Any], file: str | None = None) -> CtSchemes:
+        """The schemes of a compressed-tensors config of weight-only (A16) int or fp8 groups."""
+        if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+            raise ConfigError("quantization_config is not compressed-tensors'", file=file)
+        for key, what in (("transform_config", "transforms (rotations) the weights"),
+                          ("sparsity_config", "sparsifies the weights")):
+            if qc.get(key):  # decoding the codes alone would give other weights than the model's
+                raise ConfigError(f"quantization_config.{key} {what}; m1 reads plain pack-quantized weights",
+                                  file=file, hint="dequantize it with compressed-tensors' convert_checkpoint first")
+        groups = qc.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise ConfigError("quantization_config.config_groups is empty or not an object", file=file,
+                              hint="a compressed-tensors checkpoint names its schemes there")
+        by_target: dict[str, PackScheme] = {}
+        for name, group in groups.items():
+            scheme = PackScheme._from_group(name, group, qc.get("format"), file)
+            targets = group.get("targets")
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+                raise ConfigError(f"quantization_config.config_groups.{name}.targets is not a list of names",
+                                  file=file)
+            by_target.update(dict.fromkeys(targets, scheme))
+        return cls(by_target)
+
+    @property
+    def schemes(self) -> list[PackScheme]:
+        return list(dict.fromkeys(self.by_target.values()))
+
+    def for_module(self, module: str) -> PackScheme | None:
+        """The scheme of a quantized Linear named `module`; None when no group targets it."""
+        import torch
+        from compressed_tensors.utils.match import match_targets
+
+        if self._module is None:
+            self._module = torch.nn.Linear(1, 1, device="meta")
+        matched = match_targets(module, self._module, self.by_target)
+        return self.by_target[matched[0]] if matched else None
+
+
 def _make(name: str, **options: Any) -> Scheme:
     if name in FLOAT_SCHEMES:
         from m1.schemes.ct_float import FloatScheme
@@ -263,7 +293,7 @@ FAMILY = Family(
     companions=COMPANIONS,
     make=_make,
     # Its checkpoints hold no `<module>.weight`: only the format's storage view reads them (it decodes the weights
-    # and shows the rest of m1 a dense checkpoint, calling PackScheme.from_quantization_config itself). A config
+    # and shows the rest of m1 a dense checkpoint, calling CtSchemes.from_quantization_config itself). A config
     # that reaches the registry another way is refused with a line saying so, never planned.
     claims=lambda qc: qc.get("quant_method") == "compressed-tensors",
     from_quantization_config=_read_elsewhere,
