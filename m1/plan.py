@@ -120,7 +120,9 @@ class Plan:
     def fingerprint(self) -> str:
         """Identifies the plan, so --resume never mixes files of two different plans or two sources."""
         obj = {"format": self.format, "config": self.config, "extra": self.extra_files, "inputs": self.inputs,
-               "files": [[f.name, [asdict(op) for op in f.ops]] for f in self.files], "sink": self.sink_data}
+               "files": [[f.name, [asdict(op) for op in f.ops]] for f in self.files], "sink": self.sink_data,
+               # how each scheme quantizes (an imatrix, GPTQ's rounding), where a format has no config.json to say
+               "schemes": {name: sch.options() for name, sch in sorted(self.schemes.items())}}
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
     # ---- sizes by role ----------------------------------------------------------------------------

@@ -150,10 +150,11 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     if gptq:
         from m1.atomic_io import json_text
         from m1.quantize.hessian import hessians_for, rounding_record
+        from m1.quantize.recipe import own_file
 
         done = hessians_for(ckpt, plan, chosen.rounding, windows, device=device, resume=resume, progress=progress)
         record = rounding_record(done, chosen.rounding, ckpt.config)
-        plan.written[ROUNDING_FILE] = json_text(record)
+        plan.written[own_file(dest, plan, ROUNDING_FILE).name] = json_text(record)
     stats = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
                          overwrite=overwrite, show_progress=progress, plan=plan, scratch=bound,
                          inputs=tuple(Path(p) for p in (imatrix, recipe) if p is not None))

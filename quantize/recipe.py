@@ -29,13 +29,19 @@ class MixPlan:
     lines: list[str] = field(default_factory=list)  # what --dry-run prints before the plan
 
 
-def recipe_path(dest: Path, plan: Any) -> Path:
-    """Where the recipe goes: `<stem>.m1-recipe.json` beside a file set, `m1-recipe.json` in an output folder."""
+def own_file(dest: Path, plan: Any, name: str) -> Path:
+    """Where a small file of the job goes (the recipe, the GPTQ record): `<stem>.<name>` beside a file set,
+    `<name>` in an output folder."""
     from m1.index import file_set_suffixes
 
     if plan.stem is not None and dest.suffix in file_set_suffixes():
-        return dest.parent / f"{plan.stem}.{RECIPE_NAME}"
-    return dest / RECIPE_NAME
+        return dest.parent / f"{plan.stem}.{name}"
+    return dest / name
+
+
+def recipe_path(dest: Path, plan: Any) -> Path:
+    """Where the recipe goes: `<stem>.m1-recipe.json` beside a file set, `m1-recipe.json` in an output folder."""
+    return own_file(dest, plan, RECIPE_NAME)
 
 
 def recipe_text(doc: dict[str, Any]) -> bytes:

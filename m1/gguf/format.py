@@ -101,7 +101,8 @@ def plan_ops(job: PlanInput) -> FormatPlan:
         params = sum(math.prod(s.shape) for s in srcs)
         ops.append(TensorOp(kind, srcs, (out,), p.role.value, layer, params, ggml if block else None))
     sink_data = _sink_data(cfg, policy, source, job.read_rows, job.tokenizer_dir, options)
-    fields = {"to": job.format.name, "scheme": scheme.name if scheme else None, **request.policy.describe(),
+    fields = {"to": job.format.name, "scheme": scheme.name if scheme else None, **(scheme.options() if scheme else {}),
+              **request.policy.describe(),
               "dtype": request.dtype, **{k: v for k, v in options.items() if k != "stem"}}
     return FormatPlan(pack(ops, request), {}, fields, list(sink_data["warnings"]), sink_data)
 

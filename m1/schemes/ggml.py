@@ -6,7 +6,8 @@ K-quants (q2_k ... q6_k), the i-quants (iq1_s ... iq4_xs) and the ternary tq1_0/
 (`--imatrix`). The types llama-quantize refuses without one (iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq3_xxs) are
 refused here too, when the scheme is made: before any plan or byte. gguf-py's quantizers take no imatrix, so q4_0
 and friends ignore one (a warning says so). Dequantizing is gguf-py's for every type. Nothing here does block
-arithmetic. A ggml weight has no companion tensors: its blocks carry their scales.
+arithmetic. A ggml weight has no companion tensors: its blocks carry their scales. With `--rounding gptq` the
+K-quants keep ggml's scales and take GPTQ's codes (m1.schemes.ggml_gptq).
 
 `THROUGHPUT` is measured data (bench/bench_lowbit_speed.py): ggml's params/s on one core per type, from which a
 dry run prints the full-scale quantization time.
@@ -20,12 +21,14 @@ from typing import Any
 
 from m1.errors import M1Error, UsageError
 from m1.schemes import Family, Piece, Scheme, make_scheme
+from m1.schemes.gptq import Rounding
 
 NUMPY_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "mxfp4")  # gguf.quants
 GGML_LIB_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k",  # llama.cpp's ggml, through ctypes
                   "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs",
                   "tq1_0", "tq2_0")
 BLOCK_TYPES = NUMPY_TYPES + GGML_LIB_TYPES
+GPTQ_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")  # one code per weight at fixed bits (m1.schemes.ggml_gptq)
 FAMILY_NAME = "ggml"
 # llama.cpp's fallback when a tensor's rows do not split into a type's blocks (llama-quant.cpp
 # tensor_type_fallback): llama-quantize switches silently, m1 refuses and names it (the user decides).
@@ -85,11 +88,13 @@ class GgmlScheme(Scheme):
     name: str
     imatrix: str | None = None  # a GGUF imatrix file (m1 verify imatrix, or llama.cpp's llama-imatrix)
     imatrix_sha256: str | None = None  # what --resume checks: the same statistics, not just the same path
+    rounding: Rounding = Rounding()  # how the codes are chosen within ggml's scales (the K-quants: m1.schemes.gptq)
     family = FAMILY_NAME
     formats = ("gguf",)
 
     @classmethod
-    def make(cls, name: str, imatrix: str | None = None, **options: Any) -> GgmlScheme:
+    def make(cls, name: str, imatrix: str | None = None, rounding: Rounding | None = None,
+             **options: Any) -> GgmlScheme:
         given = [k for k, v in options.items() if v is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} does not apply to the ggml type {name}",
@@ -103,8 +108,11 @@ class GgmlScheme(Scheme):
             if imatrix is None and ggml_lib.needs_imatrix(name):
                 raise M1Error(f"{name} needs an importance matrix (llama-quantize refuses it without one): make "
                               f"one with `{ggml_lib.IMATRIX_COMMAND}`, then pass --imatrix imatrix.gguf")
+        how = rounding or Rounding()
+        if how.gptq and name not in GPTQ_TYPES:
+            raise UsageError(f"--rounding gptq does not apply to {name}", hint=f"GPTQ rounds {', '.join(GPTQ_TYPES)}")
         if imatrix is None:
-            return cls(name)
+            return cls(name, rounding=how)
         from pathlib import Path
 
         path = Path(imatrix)
@@ -116,7 +124,7 @@ class GgmlScheme(Scheme):
             warnings.warn(f"{name} is quantized by gguf-py, which takes no importance matrix: --imatrix is ignored "
                           "(use a K-quant such as q4_k to use it)", stacklevel=2)
             return cls(name)
-        return cls(name, str(path.resolve()), _sha256(path))
+        return cls(name, str(path.resolve()), _sha256(path), how)
 
     def _importance(self, source: str, n_cols: int) -> Any:
         """The imatrix row for one source weight (an expert's row of its stacked GGUF tensor), or None."""
@@ -138,10 +146,12 @@ class GgmlScheme(Scheme):
 
     def describe(self) -> str:
         values, size = block_shape(self.name)
-        return f"{self.name} (ggml, {values} values in {size} bytes, {8 * size / values:.2f} bits per weight)"
+        gptq = ", GPTQ rounding" if self.rounding.gptq else ""
+        return f"{self.name} (ggml, {values} values in {size} bytes, {8 * size / values:.2f} bits per weight{gptq})"
 
     def options(self) -> dict[str, Any]:
-        return {"imatrix": self.imatrix, "imatrix_sha256": self.imatrix_sha256} if self.imatrix else {}
+        out = {"imatrix": self.imatrix, "imatrix_sha256": self.imatrix_sha256} if self.imatrix else {}
+        return {**out, "rounding": self.rounding.record()} if self.rounding.gptq else out
 
     def check_supported(self, device: Any) -> None:
         pass  # gguf-py runs on the CPU, whatever --device says
@@ -177,6 +187,16 @@ class GgmlScheme(Scheme):
     def quantize(self, weight: Any, device: Any, name: str = "") -> list[tuple[str, Any]]:
         import torch
 
+        if self.rounding.gptq:
+            from m1.schemes.gptq import load_hessian
+
+            h, tokens = load_hessian(self.rounding.hessians, name)
+            if h is not None and self.rounding.enough(tokens, weight.shape[-1]):
+                from m1.schemes.ggml_gptq import quantize_gptq
+
+                blocks, _ = quantize_gptq(self.name, weight, h, self.rounding,
+                                          self._importance(name, weight.shape[-1]), name)
+                return [("weight", torch.from_numpy(blocks.reshape(-1)))]
         rows = weight.to(torch.float32).contiguous().numpy()
         if self.name in GGML_LIB_TYPES:
             from m1.schemes import ggml_lib
@@ -223,4 +243,5 @@ FAMILY = Family(
     claims=lambda qc: qc.get("quant_method") == "gguf",
     from_quantization_config=lambda qc, file: GgmlScheme.make(str(qc.get("type"))),
     storage_dtypes=frozenset(t.upper() for t in BLOCK_TYPES),
+    gptq_schemes=GPTQ_TYPES,
 )

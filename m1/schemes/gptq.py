@@ -80,15 +80,26 @@ def inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ArithmeticError("the Hessian is not positive definite even with 1e5 x the damping")
 
 
+def gptq_factor(h: torch.Tensor, damp: float = DEFAULT_DAMP,
+                act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the column order, the upper Cholesky factor of the damped inverse Hessian in that order): what every row
+    of a weight shares, so rows may be rounded in chunks."""
+    h = h.to(torch.float32)
+    n = h.shape[0]
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n, device=h.device)
+    return perm, inverse_factor(h[perm][:, perm], damp)
+
+
 def gptq_round(weight: torch.Tensor, h: torch.Tensor, grid: Grid, *, damp: float = DEFAULT_DAMP,
-               block: int = DEFAULT_BLOCK, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values float32 [out, in], codes int64 [out, in]) for weight [out, in] and its input Hessian h [in, in]."""
+               block: int = DEFAULT_BLOCK, act_order: bool = True,
+               factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values float32 [out, in], codes int64 [out, in]) for weight [out, in] and its input Hessian h [in, in]
+    (`factor`: gptq_factor's, when computed once for several row chunks of one weight)."""
     w = weight.detach().float().clone()
-    h = h.to(w.device, torch.float32)
+    perm, hinv = factor if factor is not None else gptq_factor(h.to(w.device), damp, act_order)
+    perm, hinv = perm.to(w.device), hinv.to(w.device)
     n = w.shape[1]
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(n, device=w.device)
     w = w[:, perm]
-    hinv = inverse_factor(h[perm][:, perm], damp)
     values = torch.empty_like(w)
     codes = torch.empty(w.shape, dtype=torch.int64, device=w.device)
     for i1 in range(0, n, block):
