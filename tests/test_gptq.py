@@ -195,3 +195,90 @@ def test_gptq_nf4_hf_loads_in_transformers_with_the_engines_logits(tmp_path: Pat
     ours = torch.cat([o.float() for o in ours]) if isinstance(ours, list) else ours.float()
     assert theirs.std() > 0.5
     assert (theirs - ours.reshape(theirs.shape)).abs().max() < 1e-3
+
+
+TRANSFORMERS_4 = ("transformers==4.57.1", "huggingface-hub==0.36.0", "tokenizers==0.22.1")  # 4.57's own pins
+LOAD_IN_TRANSFORMERS_4 = '''
+import json, sys, torch, transformers
+from bitsandbytes.nn import Linear4bit
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+layer = model.model.layers[0]
+kinds = {"version": transformers.__version__, "expert": type(layer.block_sparse_moe.experts[0].w1).__name__,
+         "experts_4bit": all(isinstance(m, Linear4bit) for n, m in model.named_modules() if ".experts." in n
+                             and n.endswith((".w1", ".w2", ".w3"))),
+         "others_4bit": [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and ".experts." not in n]}
+import bitsandbytes.functional as F
+experts = {f"{n}.weight": F.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+           for n, m in model.named_modules() if isinstance(m, Linear4bit)}  # bitsandbytes' decoder, in 4.57
+tokens = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    torch.save({"logits": model(input_ids=tokens, use_cache=False).logits.float(), "experts": experts}, sys.argv[3])
+print(json.dumps(kinds))
+'''
+
+
+def transformers_4_python() -> Path:
+    """A Python with stock transformers 4.57 (a venv under build/ beside this one's packages, made once); the
+    test is skipped where the package registry cannot be reached."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = Path(__file__).parents[1] / "build" / "transformers-4.57"
+    python = venv / "bin" / "python"
+    ok = venv / ".installed"
+    if not ok.is_file():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+        (site / "m1-test-base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, bitsandbytes, ...
+        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", *TRANSFORMERS_4],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot install {' '.join(TRANSFORMERS_4)}: {proc.stderr.strip()[-300:]}")
+        ok.write_text("\n".join(TRANSFORMERS_4) + "\n")
+    return python
+
+
+@pytest.mark.slow
+def test_gptq_nf4_hf_loads_in_stock_transformers_4_with_the_engines_logits(tmp_path: Path) -> None:
+    """Stock transformers 4.57 (its own MiniMax, bitsandbytes' Linear4bit for every expert and nothing else, no
+    m1 code) loads a GPTQ nf4 hf checkpoint: bitsandbytes decodes its experts there to m1's dequantization bit
+    for bit, and it runs with the logits of m1's engine within bf16 arithmetic (bitsandbytes' CPU 4-bit matmul
+    computes in the quant state's bf16; the dense checkpoint agrees with the engine to 3e-6 in 4.57)."""
+    import subprocess
+
+    from m1.tiny import TinySpec, make_tiny
+    from m1.verify.engine import run
+    from m1.verify.sources import CheckpointWeights
+
+    python = transformers_4_python()
+    make_tiny(tmp_path / "src", TinySpec(intermediate=128, rotary_dim=16))
+    gptq_hf = tmp_path / "hf"
+    assert run_cli(["quantize", str(tmp_path / "src"), str(gptq_hf), "--scheme", "nf4", "--rounding", "gptq",
+                    "--format", "hf", "--tokens", "512", "--ctx", "64", "--min-tokens", "1", "--quiet"]) == 0
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    (tmp_path / "load.py").write_text(LOAD_IN_TRANSFORMERS_4)
+    proc = subprocess.run([str(python), str(tmp_path / "load.py"), str(gptq_hf), str(tmp_path / "tokens.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert kinds["version"] == "4.57.1" and kinds["expert"] == "Linear4bit" and kinds["experts_4bit"], kinds
+    assert kinds["others_4bit"] == [], kinds
+    out = torch.load(tmp_path / "logits.pt", weights_only=True)
+    theirs, experts = out["logits"], out["experts"]
+    from m1.checkpoint import Checkpoint
+    from m1.quantized import dequantize_weight
+
+    ckpt = Checkpoint.open(str(gptq_hf))
+    assert len(experts) == 4 * 4 * 3  # layers x experts x w1-w3
+    for name, value in experts.items():  # the weights transformers 4.57 runs are m1's dequantization
+        assert torch.equal(value, dequantize_weight(ckpt, name).float()), name
+    weights = CheckpointWeights.open(str(gptq_hf))
+    ours = run(weights.config, weights, [tokens]).logits
+    ours = torch.cat([o.float() for o in ours]) if isinstance(ours, list) else ours.float()
+    ours = ours.reshape(theirs.shape)
+    assert theirs.std() > 0.5
+    assert (theirs - ours).abs().max() < 0.05 * theirs.std()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.95
