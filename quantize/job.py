@@ -147,12 +147,20 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
 
         recipe_file = attach_recipe(dest, plan, mix.recipe)
     record = None
+    ranks = None
     if gptq:
         from m1.atomic_io import json_text
+        from m1.distributed import current
         from m1.quantize.hessian import hessians_for, rounding_record
         from m1.quantize.recipe import own_file
 
-        done = hessians_for(ckpt, plan, chosen.rounding, windows, device=device, resume=resume, progress=progress)
+        ranks = current()  # under torchrun one Hessian pass serves every rank: rank 0's, the others wait for it
+        done = None
+        if ranks is None or ranks.main:
+            done = hessians_for(ckpt, plan, chosen.rounding, windows, device=device, resume=resume,
+                                progress=progress)
+        if ranks is not None:
+            done = ranks.broadcast(done)
         record = rounding_record(done, chosen.rounding, ckpt.config)
         plan.written[own_file(dest, plan, ROUNDING_FILE).name] = json_text(record)
     stats = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
@@ -163,7 +171,10 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     if record is not None:
         import shutil
 
-        shutil.rmtree(chosen.rounding.hessians, ignore_errors=True)  # the job is done: its Hessians are not kept
+        if ranks is not None:
+            ranks.gather(None)  # every rank has read the Hessians it needed
+        if ranks is None or ranks.main:
+            shutil.rmtree(chosen.rounding.hessians, ignore_errors=True)  # the job is done: its Hessians are not kept
         stats["rounding"] = record
     return JobResult(dest, plan, stats.pop("manifest"), stats=stats, mix=mix, recipe=recipe_file)
 

@@ -384,3 +384,46 @@ def test_a_rank_killed_mid_file_then_resumed_with_1_2_or_3_ranks_gives_the_one_p
     assert run_cli([str(a) for a in [*args[:2], clean, *args[3:]]]) == 0
     assert outputs(dest) == outputs(clean)
     assert not list(dest.glob(".*"))  # no progress record, and the killed rank's temporary file is gone
+
+
+COUNT_PASSES = """
+import os, sys
+from pathlib import Path
+import m1.quantize.hessian as hessian
+
+real = hessian.run_pass
+def counted(*args, **kwargs):
+    Path(sys.argv[1], f"pass-rank{os.environ['RANK']}").write_text("ran")
+    return real(*args, **kwargs)
+hessian.run_pass = counted
+from m1.cli import run_cli
+sys.exit(run_cli(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_gptq_job_under_torchrun_measures_once_and_writes_the_bytes_of_one_process(single, tmp_path: Path) -> None:
+    """Rank 0 runs the Hessian pass, every rank rounds its files from it, and the Hessians are removed only when
+    every rank is done: the same files as one process writes."""
+    from m1.cli import run_cli
+
+    src, _ = single
+    args = ["--scheme", "nf4", "--rounding", "gptq", "--tokens", "512", "--ctx", "64", "--layout", "by-layer", "-q"]
+    assert run_cli(["quantize", str(src), str(tmp_path / "one"), *args]) == 0
+    script = tmp_path / "count_passes.py"  # m1's CLI, each rank noting whether it ran the Hessian pass
+    script.write_text(COUNT_PASSES)
+    code, text = finish(torchrun(2, str(script), str(tmp_path), "quantize", str(src), str(tmp_path / "two"), *args))
+    assert code == 0, text
+    assert sorted(p.name for p in tmp_path.glob("pass-rank*")) == ["pass-rank0"], text  # rank 0's pass alone
+    for glob in ("*.safetensors", "*.json"):  # the record's own timing aside (and so the manifest's sha256 of it)
+        want = {k: v for k, v in outputs(tmp_path / "one", glob).items() if not k.endswith(("m1-manifest.json",
+                                                                                          "m1-rounding.json"))}
+        assert {k: v for k, v in outputs(tmp_path / "two", glob).items() if k in want or k.endswith(".safetensors")} \
+            == want
+    one, two = (json.loads((tmp_path / d / "m1-rounding.json").read_text()) for d in ("one", "two"))
+    assert {**one, "hessian_seconds": 0} == {**two, "hessian_seconds": 0}
+    shards = [json.loads((tmp_path / d / "m1-manifest.json").read_text())["shards"] for d in ("one", "two")]
+    assert shards[0] == shards[1]
+    assert len(list((tmp_path / "two").glob("model-*.safetensors"))) >= 4  # files for both ranks
+    assert not list(tmp_path.glob(".*m1-hessians*")), list(tmp_path.iterdir())
+    assert text.count("GPTQ rounding from Hessians") <= 1, text  # said once, by rank 0
