@@ -1,8 +1,9 @@
 """Run every benchmark and print one JSON document (the figures in the README come from these).
 
     python bench/run_all.py            # everything that runs on a CPU box (the dense slices need ~55 GB of disk)
-    python bench/run_all.py --quick    # skip the 27 GB dense slices (convert against cp, GGUF against llama.cpp)
-                                       # and llama.cpp's low-bit presets against m1's mix (bench_lowbit, ~16 min)
+    python bench/run_all.py --quick    # skip the 27 GB dense slices (convert against cp, GGUF against llama.cpp),
+                                       # llama.cpp's low-bit presets against m1's mix (bench_lowbit, ~16 min) and
+                                       # GPTQ against the libraries' own rounding (bench_gptq, ~6 min)
 
 The GPU checks are one command of their own (bench/bench_gpu.py), for a machine with a CUDA GPU.
 """
@@ -45,6 +46,8 @@ def main() -> None:
         run_plain([str(ROOT / "bench_gguf_peer.py")])
         # llama.cpp's presets against m1's mix (builds llama-quantize when missing): its table is what it prints
         run_plain([str(ROOT / "bench_lowbit.py"), "--json", str(ROOT.parent / "build" / "bench_lowbit.json")])
+        # GPTQ against each library's own rounding at the same bytes (~6 min): its tables are what it prints
+        run_plain([str(ROOT / "bench_gptq.py")])
         results["gguf_peer"] = json.loads((ROOT / "out" / "gguf_peer.json").read_text())
     print(json.dumps(results, indent=2))
 
