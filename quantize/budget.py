@@ -276,6 +276,28 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
     return MixPlan(plan, doc, lines)
 
 
+def round_mix_with(plan: Any, rounding: Any) -> None:
+    """A mix's plan written with GPTQ's rounding (an m1.schemes.gptq.Rounding) for every scheme of it that takes
+    one (m1.schemes.gptq_scheme_names); the others keep their own. Its sensitivities were measured with the
+    schemes' own rounding, which GPTQ only improves on, so the allocation stays within the budget (the bytes do
+    not change). The config (where the format has one) and the job record say so."""
+    from m1.schemes import gptq_scheme_names
+
+    takes = set(gptq_scheme_names())
+    rounded = [name for name in plan.schemes if name in takes]
+    if not rounded:
+        raise UsageError(f"--rounding gptq: no scheme of this mix takes it ({', '.join(sorted(plan.schemes))})",
+                         hint=f"GPTQ chooses the codes of {', '.join(sorted(takes))}: name some in --candidates")
+    for name in rounded:
+        plan.schemes[name] = replace(plan.schemes[name], rounding=rounding)
+    if plan.scheme is not None and plan.scheme.name in plan.schemes:
+        plan.scheme = plan.schemes[plan.scheme.name]
+    qc = plan.config.get("quantization_config") if isinstance(plan.config, dict) else None
+    if isinstance(qc, dict):
+        qc["m1_rounding"] = {**rounding.record(), "schemes": sorted(rounded)}
+    plan.job["rounding"] = {**rounding.record(), "schemes": sorted(rounded)}
+
+
 def _is_expert(key: str) -> bool:
     return key.endswith((".w13", ".w2"))
 

@@ -88,30 +88,30 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
     gptq = rounding == "gptq"
     if not gptq and any(v is not None for v in (damp, gptq_block, act_order, min_tokens)):
         raise UsageError("--damp, --gptq-block, --act-order and --min-tokens apply with --rounding gptq only")
-    if gptq and scheme not in gptq_scheme_names():
+    mixing = budget is not None or recipe is not None
+    if gptq and not mixing and scheme not in gptq_scheme_names():
         raise UsageError(f"--rounding gptq does not apply to {scheme}: it takes the scheme's own rounding only",
                          hint=f"GPTQ chooses the codes of {', '.join(gptq_scheme_names())}")
-    if gptq and (budget is not None or recipe is not None):
-        raise UsageError("--rounding gptq does not combine with --budget or --recipe",
-                         hint="quantize with one scheme: --scheme nf4 --rounding gptq")
     # Under --budget with --candidates the imatrix serves the candidates: the --scheme (nf4 by default) takes it
     # only when it is one of them. (A --recipe replay keeps it on the --scheme, which may be the recipe's own.)
     named = {c.strip() for c in f"{candidates or ''},{head_candidates or ''}".split(",")}
     main_imatrix = None if budget is not None and candidates is not None and scheme not in named else imatrix_path
     options = dict(blocksize=blocksize, double_quant=double_quant, imatrix=main_imatrix)
-    chosen = make_scheme(scheme, **options, **({"rounding": Rounding("gptq")} if gptq else {}))
+    chosen = make_scheme(scheme, **options, **({"rounding": Rounding("gptq")} if gptq and not mixing else {}))
     chosen.check_supported(resolve_device(device))
     ckpt = Checkpoint.open(str(source), revision=revision)
     if needs_dense_view(ckpt, to or ckpt.config.flavour, quantizing=True):  # an fp8 or bnb source: decoded in passing
         ckpt = dense_view(ckpt)
     windows = None
+    how = None
     if gptq:
         from m1.quantize.hessian import gptq_rounding
 
         how, windows = gptq_rounding(ckpt, str(source), dest, calibration=calibration, tokens=calibration_tokens,
                                      ctx=calibration_ctx, damp=damp, block=gptq_block, act_order=act_order,
                                      min_tokens=min_tokens)
-        chosen = make_scheme(scheme, **options, rounding=how)
+        if not mixing:
+            chosen = make_scheme(scheme, **options, rounding=how)
     fmt = to or ckpt.config.flavour
     opts = QuantizeOptions(scheme=chosen, policy=Policy.from_options(list(keep), list(only)),
                            by_layer=by_layer(layout), shard_size=parse_size(shard_size), to=to,
@@ -127,6 +127,10 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
                        sensitivity=Path(sensitivity) if sensitivity is not None else None,
                        recipe=Path(recipe) if recipe is not None else None, device=device, imatrix=imatrix_path)
         plan = mix.plan
+        if how is not None:  # measured with the schemes' own rounding; written with GPTQ's where a scheme takes it
+            from m1.quantize.budget import round_mix_with
+
+            round_mix_with(plan, how)
     elif (candidates is not None or head_candidates is not None or (calibration is not None and not gptq)
           or sensitivity is not None):
         raise UsageError("--candidates, --head-candidates, a calibration text (--corpus, --text, --token-ids) and "
@@ -157,11 +161,10 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
         ranks = current()  # under torchrun one Hessian pass serves every rank: rank 0's, the others wait for it
         done = None
         if ranks is None or ranks.main:
-            done = hessians_for(ckpt, plan, chosen.rounding, windows, device=device, resume=resume,
-                                progress=progress)
+            done = hessians_for(ckpt, plan, how, windows, device=device, resume=resume, progress=progress)
         if ranks is not None:
             done = ranks.broadcast(done)
-        record = rounding_record(done, chosen.rounding, ckpt.config)
+        record = rounding_record(done, how, ckpt.config)
         plan.written[own_file(dest, plan, ROUNDING_FILE).name] = json_text(record)
     stats = run_quantize(ckpt, dest, opts, device=device, workers=workers, threads=threads, resume=resume,
                          overwrite=overwrite, show_progress=progress, plan=plan, scratch=bound,
@@ -174,7 +177,7 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
         if ranks is not None:
             ranks.gather(None)  # every rank has read the Hessians it needed
         if ranks is None or ranks.main:
-            shutil.rmtree(chosen.rounding.hessians, ignore_errors=True)  # the job is done: its Hessians are not kept
+            shutil.rmtree(how.hessians, ignore_errors=True)  # the job is done: its Hessians are not kept
         stats["rounding"] = record
     return JobResult(dest, plan, stats.pop("manifest"), stats=stats, mix=mix, recipe=recipe_file)
 

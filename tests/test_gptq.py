@@ -282,3 +282,35 @@ def test_gptq_nf4_hf_loads_in_stock_transformers_4_with_the_engines_logits(tmp_p
     assert theirs.std() > 0.5
     assert (theirs - ours).abs().max() < 0.05 * theirs.std()
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.slow
+def test_a_measured_mix_written_with_gptq_is_the_same_bytes_and_closer_to_its_source(tmp_path: Path, run) -> None:  # noqa: ANN001
+    """--budget with --rounding gptq: the mix is allocated on the schemes' own rounding and written with GPTQ's
+    for every scheme of it (nf4 and int8 here): the same groups and bytes, a lower KL in m1's engine."""
+    args = ["--budget", "1.45MB", "--candidates", "nf4,int8", "--tokens", "2048", "-q"]
+    assert run("quantize", TRAINED, tmp_path / "nearest", *args)[0] == 0
+    code, _, err = run("quantize", TRAINED, tmp_path / "gptq", *args, "--rounding", "gptq")
+    assert code == 0, err
+    recipes = [json.loads((tmp_path / d / "m1-recipe.json").read_text())["weights"] for d in ("nearest", "gptq")]
+    assert recipes[0] == recipes[1] and len(set(recipes[0].values())) == 2
+    shards = sorted((tmp_path / "gptq").glob("*.safetensors"))
+    assert [p.stat().st_size for p in shards] == [p.stat().st_size for p in sorted((tmp_path / "nearest").glob(
+        "*.safetensors"))]
+    qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert qc["m1_rounding"]["method"] == "gptq" and qc["m1_rounding"]["schemes"] == ["int8", "nf4"]
+    code, out, err = run("verify", "compare", TRAINED, tmp_path / "nearest", tmp_path / "gptq", "--tokens", "4096",
+                         "--json", "-q")
+    assert code == 0, err
+    kl = {Path(c["name"]).name: c["metrics"]["kl_mean"] for c in json.loads(out)["candidates"]}
+    assert kl["gptq"] < 0.8 * kl["nearest"], kl
+
+
+def test_gptq_with_a_budget_needs_a_candidate_that_takes_it(tmp_path: Path, run) -> None:  # noqa: ANN001
+    from m1.tiny import TinySpec, make_tiny
+
+    make_tiny(tmp_path / "k", TinySpec(layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, rotary_dim=32,
+                                       intermediate=512, experts=2, softmax_every=2))
+    code, _, err = run("quantize", tmp_path / "k", tmp_path / "x.gguf", "--format", "gguf", "--budget", "5bpw",
+                       "--candidates", "q4_0,q8_0", "--rounding", "gptq", "--dry-run")
+    assert code == 2 and "no scheme of this mix takes it" in err and len(err.strip().splitlines()) == 1, err
