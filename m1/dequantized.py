@@ -16,7 +16,7 @@ import json
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from m1.dtypes import DTYPE_BYTES, DTYPE_OPTIONS, FLOAT_DTYPES
+from m1.dtypes import DTYPE_BYTES, DTYPE_OPTIONS, FLOAT_DTYPES, torch_name
 from m1.index import Index
 from m1.quantized import checkpoint_scheme, dequantize_weight, is_quantized
 from m1.safetensors_io import Header, TensorInfo
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from m1.checkpoint import Checkpoint
 
 CONFIG = "config.json"
-TORCH_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
 def stored_scheme_name(ckpt: Checkpoint) -> str | None:
@@ -63,8 +62,8 @@ def dense_view(ckpt: Checkpoint, dtype: str = "keep") -> Checkpoint:
 def _dense_dtype(ckpt: Checkpoint, dtype: str) -> str:
     if DTYPE_OPTIONS.get(dtype):
         return str(DTYPE_OPTIONS[dtype])
-    named = TORCH_NAMES.get(str(ckpt.config.raw.get("torch_dtype")))
-    return named if named in FLOAT_DTYPES else "BF16"
+    by_torch_name = {torch_name(n): n for n in FLOAT_DTYPES}  # config.json's torch_dtype spelling
+    return by_torch_name.get(str(ckpt.config.raw.get("torch_dtype")), "BF16")
 
 
 class DenseView(StorageView):

@@ -94,7 +94,6 @@ class CtStorage(StorageView):
                 raise CheckpointError(f"stored both dense and as {scheme.name}", file=self.display(view[weight]),
                                       tensor=weight, hint=HINT)
             view[weight] = self.stored.weight_map[group.get(scheme.primary) or next(iter(group.values()))]
-        self.schemes = sorted({s.name for s in self.scheme_of.values()})
         self.owner = {name: weight for weight, group in self.groups.items() for name in group.values()}
         self.view = Index(view, {k: v for k, v in self.stored.metadata.items() if k != "total_size"},
                           self.stored.file)

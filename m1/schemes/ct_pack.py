@@ -257,10 +257,6 @@ class CtSchemes:
             by_target.update(dict.fromkeys(targets, scheme))
         return cls(by_target)
 
-    @property
-    def schemes(self) -> list[PackScheme]:
-        return list(dict.fromkeys(self.by_target.values()))
-
     def for_module(self, module: str) -> PackScheme | None:
         """The scheme of a quantized Linear named `module`; None when no group targets it."""
         import torch
