@@ -1,6 +1,6 @@
 """GPTQ vs round-to-nearest at the same bytes, per scheme, on the trained tiny M1 (tests/data/tiny-trained).
 
-For each scheme (default nf4, blocksize 64, double quant; and compressed-tensors' w4a16, group 128) both are
+For each scheme (default nf4, blocksize 64, double quant; int8; compressed-tensors' w4a16, group 128) both are
 `m1 quantize --scheme S`, the same files and bytes; GPTQ chooses the codes within the library's scales
 (bitsandbytes', compressed-tensors') from Hessians of the calibration part of mr-niah (its first 90%). The KL is
 measured by `m1 verify compare` (m1's engine, the library's own dequantizer) on the held-out 10%, which
@@ -11,7 +11,7 @@ The ggml K-quants (default q4_k, q3_k, q2_k) run on the trained tiny8 (rows of w
 both roundings with the same imatrix (`m1 verify imatrix` on the same calibration tokens), judged in llama.cpp
 (`m1 verify llama`: llama-cpp-python's logits of the GGUF against m1's engine on the source, held-out text).
 
-  .venv/bin/python bench/bench_gptq.py [--schemes nf4,w4a16] [--ggml q4_k,q3_k,q2_k] [--tokens 4096] [--ctx 256]
+  .venv/bin/python bench/bench_gptq.py [--schemes nf4,int8,w4a16] [--ggml q4_k,q3_k,q2_k] [--tokens 4096] [--ctx 256]
                                        [--eval-tokens 16384]
 """
 
@@ -51,7 +51,7 @@ def job(args: list[str]) -> tuple[dict, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--schemes", default="nf4,w4a16")
+    ap.add_argument("--schemes", default="nf4,int8,w4a16")
     ap.add_argument("--ggml", default="q4_k,q3_k,q2_k")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--ctx", type=int, default=256)

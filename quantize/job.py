@@ -131,6 +131,7 @@ def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", block
             from m1.quantize.budget import round_mix_with
 
             round_mix_with(plan, how)
+            mix.recipe["rounding"] = plan.job["rounding"]  # the recipe says how its weights were rounded
     elif (candidates is not None or head_candidates is not None or (calibration is not None and not gptq)
           or sensitivity is not None):
         raise UsageError("--candidates, --head-candidates, a calibration text (--corpus, --text, --token-ids) and "

@@ -351,3 +351,36 @@ def test_a_plain_checkpoint_claiming_to_be_quantized_is_refused(tiny: Path, tmp_
     assert code == 1 and "quantization" in one_error(err)
     assert not (tmp_path / "out").exists()
     assert run("inspect", tiny)[0] == 1 or qc.get("load_in_4bit")  # an unreadable config is a finding there too
+
+
+KILLED_AFTER_FIRST_RENAME = """
+import os, signal, sys
+import m1.run.journal
+
+def record(self, name, rec):  # the first file is renamed into place: die before it is recorded
+    os.kill(os.getpid(), signal.SIGKILL)
+m1.run.journal.Journal.record = record
+from m1.cli import main
+sys.argv = ["m1", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow  # three processes; the random-point kill above stays in make test
+def test_a_kill_between_a_files_rename_and_its_record_still_resumes(make_tiny_ckpt, tmp_path: Path) -> None:
+    """The progress record exists before any file is written, so a run killed right after its first rename
+    (that file on disk, in no record) is one that --resume finishes, rewriting that file."""
+    src = make_tiny_ckpt("src", layers=4, **QUANTIZABLE)
+    dest = tmp_path / "out"
+    args = ["convert", str(src), str(dest), "--to", "hf", "--layout", "by-layer", "-q"]
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_RENAME, *args], cwd=ROOT, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert len(list(dest.glob("model-*.safetensors"))) == 1 and not (dest / "m1-manifest.json").exists()
+    code = subprocess.run([sys.executable, "-m", "m1.cli", *args, "--resume"], cwd=ROOT, capture_output=True)
+    assert code.returncode == 0, code.stderr.decode()
+    clean = tmp_path / "clean"
+    subprocess.run([sys.executable, "-m", "m1.cli", *args[:2], str(clean), *args[3:]], cwd=ROOT, check=True,
+                   capture_output=True)
+    assert sorted(p.name for p in clean.glob("*.safetensors")) == sorted(p.name for p in dest.glob("*.safetensors"))
+    for f in clean.glob("*.safetensors"):
+        assert (dest / f.name).read_bytes() == f.read_bytes(), f.name

@@ -299,6 +299,8 @@ def test_a_measured_mix_written_with_gptq_is_the_same_bytes_and_closer_to_its_so
         "*.safetensors"))]
     qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert qc["m1_rounding"]["method"] == "gptq" and qc["m1_rounding"]["schemes"] == ["int8", "nf4"]
+    recipe = json.loads((tmp_path / "gptq" / "m1-recipe.json").read_text())
+    assert recipe["rounding"] == qc["m1_rounding"]
     code, out, err = run("verify", "compare", TRAINED, tmp_path / "nearest", tmp_path / "gptq", "--tokens", "4096",
                          "--json", "-q")
     assert code == 0, err

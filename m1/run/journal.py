@@ -58,10 +58,11 @@ class Journal:
             write_json_atomic(folder / "config.json", plan.config)
             for name in plan.extra_files:
                 write_bytes_atomic(folder / name, ckpt.storage.local_path(name).read_bytes())
-        if self.rank is not None or rank_files:  # one record of what is finished, before any rank writes
-            write_json_atomic(self.place.progress, {"fingerprint": self.fingerprint, "shards": done})
-            for path in rank_files:
-                path.unlink(missing_ok=True)
+        # One record of what is finished, before any file is written (by any rank): a run killed between its first
+        # file's rename and that file's record still leaves a progress record, so --resume finishes it.
+        write_json_atomic(self.place.progress, {"fingerprint": self.fingerprint, "shards": done})
+        for path in rank_files:
+            path.unlink(missing_ok=True)
         return done
 
     def left(self, plan: Plan, done: dict[str, Record]) -> list[OutputFile]:

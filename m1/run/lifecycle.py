@@ -248,6 +248,10 @@ class _Run:
             pool.kill()
         for f in files:  # a killed worker leaves its temporary file behind
             self.place.temporary(f.name).unlink(missing_ok=True)
+        folder = self.place.folder
+        if not self.crew.ranked and not self.journal.records and not any(
+                (folder / f.name).exists() for f in self.plan.files):
+            self.place.progress.unlink(missing_ok=True)  # nothing finished: no run to resume, nothing left behind
 
     @contextmanager
     def _checking_sources(self, files: list[OutputFile]) -> Iterator[None]:
