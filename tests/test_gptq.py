@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from calibrated import calibrated_layer
 
 from m1.cli import run_cli
 from m1.schemes.bnb import BnbScheme
@@ -23,15 +24,6 @@ from m1.schemes.gptq import Rounding, layer_error
 
 TRAINED = Path(__file__).parent / "data" / "tiny-trained"
 CPU = torch.device("cpu")
-
-
-def calibrated_layer(out: int, inn: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bf16 weight and the Hessian of correlated inputs (as real activations are)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1024, inn, generator=g) @ torch.randn(inn, inn, generator=g) * 0.3 + torch.randn(1024, inn,
-                                                                                                    generator=g)
-    w = (torch.randn(out, inn, generator=g) * 0.05).to(torch.bfloat16)
-    return w, x.T @ x
 
 
 @pytest.mark.parametrize(("name", "double_quant", "shape"), [

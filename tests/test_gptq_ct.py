@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from calibrated import calibrated_layer
 from safetensors.torch import load_file
 
 from m1.schemes.ct_gptq import quantize_gptq
@@ -25,15 +26,6 @@ pytest.importorskip("compressed_tensors")
 
 TRAINED = Path(__file__).parent / "data" / "tiny-trained"
 CPU = torch.device("cpu")
-
-
-def calibrated_layer(out: int, inn: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bf16 weight and the Hessian of correlated inputs (as real activations are)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1024, inn, generator=g) @ torch.randn(inn, inn, generator=g) * 0.3 + torch.randn(1024, inn,
-                                                                                                    generator=g)
-    w = (torch.randn(out, inn, generator=g) * 0.05).to(torch.bfloat16)
-    return w, x.T @ x
 
 
 @pytest.mark.parametrize(("name", "group", "shape"), [

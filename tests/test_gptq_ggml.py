@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from calibrated import calibrated_layer
 
 from m1.schemes import ggml_lib
 from m1.schemes.ggml_gptq import LAYOUTS, quantize_gptq, value_table, with_codes
@@ -24,15 +25,6 @@ from m1.schemes.gptq import Rounding, layer_error
 
 pytestmark = pytest.mark.skipif(not ggml_lib.available(), reason="llama-cpp-python (m1[gguf-k]) is not installed")
 TRAINED8 = Path(__file__).parent / "data" / "tiny8-trained"
-
-
-def calibrated_layer(out: int, inn: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bf16-valued weight and the Hessian of correlated inputs (as real activations are)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2048, inn, generator=g) @ torch.randn(inn, inn, generator=g) * 0.3 + torch.randn(2048, inn,
-                                                                                                    generator=g)
-    w = (torch.randn(out, inn, generator=g) * 0.05).to(torch.bfloat16).float()
-    return w, x.T @ x
 
 
 def codes_of(name: str, blocks: np.ndarray, cols: int) -> np.ndarray:
@@ -46,7 +38,8 @@ def codes_of(name: str, blocks: np.ndarray, cols: int) -> np.ndarray:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_the_code_layout_is_where_ggml_reads_the_codes(name: str) -> None:
-    w, _ = calibrated_layer(16, 512)
+    w, _ = calibrated_layer(16, 512, samples=2048)
+    w = w.float()
     blocks = ggml_lib.quantize_rows(name, w.numpy())
     codes = codes_of(name, blocks, 512)
     assert len(np.unique(codes)) > LAYOUTS[name].levels // 2  # the test covers most codes
@@ -55,7 +48,8 @@ def test_the_code_layout_is_where_ggml_reads_the_codes(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_ggml_decodes_exactly_what_gptq_intended_within_ggmls_scales(name: str) -> None:
-    w, h = calibrated_layer(24, 512)
+    w, h = calibrated_layer(24, 512, samples=2048)
+    w = w.float()
     rtn = ggml_lib.quantize_rows(name, w.numpy())
     ours, intended = quantize_gptq(name, w, h, Rounding("gptq"), None)
     assert ours.dtype == np.uint8 and ours.shape == rtn.shape
@@ -71,7 +65,8 @@ def test_ggml_decodes_exactly_what_gptq_intended_within_ggmls_scales(name: str) 
 def test_rows_rounded_in_chunks_give_the_same_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     from m1.schemes import ggml_gptq
 
-    w, h = calibrated_layer(24, 512, seed=2)
+    w, h = calibrated_layer(24, 512, seed=2, samples=2048)
+    w = w.float()
     whole, _ = quantize_gptq("q4_k", w, h, Rounding("gptq"), None)
     monkeypatch.setattr(ggml_gptq, "TABLE_BYTES", 16 * 512 * 4 * 5)  # five rows a chunk
     chunked, _ = quantize_gptq("q4_k", w, h, Rounding("gptq"), None)
