@@ -60,6 +60,7 @@ def test_gptq_layer_error_is_below_round_to_nearest(name: str) -> None:
     assert layer_error(w, ours, h) < 0.8 * layer_error(w, rtn, h)
 
 
+@pytest.mark.slow  # a Hessian pass, two jobs and a comparison; the decoding tests above stay in make test
 def test_a_gptq_w4a16_checkpoint_reads_back_in_compressed_tensors_and_beats_nearest(
         tmp_path: Path, run: Callable[..., tuple[int, str, str]]) -> None:
     from compressed_tensors.entrypoints.convert import convert_checkpoint

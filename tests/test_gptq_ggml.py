@@ -73,6 +73,7 @@ def test_rows_rounded_in_chunks_give_the_same_blocks(monkeypatch: pytest.MonkeyP
     assert np.array_equal(whole, chunked)
 
 
+@pytest.mark.slow  # a Hessian pass and a GGUF job
 def test_a_gptq_gguf_job_records_its_rounding_beside_the_file(make_tiny_ckpt: Callable[..., Path], tmp_path: Path,
                                                                run: Callable[..., tuple[int, str, str]]) -> None:
     src = make_tiny_ckpt("k", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, rotary_dim=32,
