@@ -158,10 +158,13 @@ def test_resume_reuses_the_hessian_pass_and_finishes_the_same_bytes(tmp_path: Pa
         assert (dest / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
-def test_rounding_options_need_gptq_and_a_bnb_scheme(tmp_path: Path) -> None:
+def test_rounding_options_need_gptq_and_a_scheme_that_takes_it(tmp_path: Path, run) -> None:  # noqa: ANN001
     assert run_cli(["quantize", str(TRAINED), str(tmp_path / "a"), "--damp", "0.1", "--quiet"]) != 0
-    assert run_cli(["quantize", str(TRAINED), str(tmp_path / "b"), "--scheme", "q4_k", "--format", "gguf",
-                    "--rounding", "gptq", "--quiet"]) == 2  # a usage error, not m1's internal-error exit
+    for scheme, fmt in (("iq4_nl", "gguf"), ("fp8-dynamic", "compressed-tensors"), ("fp8", "hf")):
+        code, _, err = run("quantize", TRAINED, tmp_path / "b", "--scheme", scheme, "--format", fmt, "--rounding",
+                           "gptq", "--dry-run")
+        assert code == 2 and f"--rounding gptq does not apply to {scheme}" in err, err  # not an internal error
+        assert "nf4, fp4, int8" in err and "q4_k" in err and "w4a16" in err, err
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 
