@@ -31,15 +31,18 @@ def tensors_of(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.fixture(params=["fp8", "nf4"])
-def quantized(request: pytest.FixtureRequest, make_tiny_ckpt: Callable[..., Path], tmp_path: Path,
-              run: Callable[..., tuple[int, str, str]]) -> tuple[str, Path, Path]:
-    """(scheme, a tiny M1 quantized with it, that checkpoint dequantized to bf16 by convert --dtype)."""
-    src = make_tiny_ckpt("src", **SPEC)
-    q, dense = tmp_path / request.param, tmp_path / f"{request.param}-bf16"
-    assert run("quantize", src, q, "--scheme", request.param, "-q")[0] == 0
-    code, _, err = run("convert", q, dense, "--dtype", "bf16", "-q")
-    assert code == 0, err
+@pytest.fixture(scope="module", params=["fp8", "nf4"])
+def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    """(scheme, a tiny M1 quantized with it, that checkpoint dequantized to bf16 by convert --dtype), made once
+    per scheme for the module (the tests only read them)."""
+    from m1.cli import run_cli
+    from m1.tiny import TinySpec, make_tiny
+
+    root = tmp_path_factory.mktemp(f"dequantized-{request.param}")
+    make_tiny(root / "src", TinySpec(**SPEC))
+    q, dense = root / request.param, root / f"{request.param}-bf16"
+    assert run_cli(["quantize", str(root / "src"), str(q), "--scheme", request.param, "-q"]) == 0
+    assert run_cli(["convert", str(q), str(dense), "--dtype", "bf16", "-q"]) == 0
     return request.param, q, dense
 
 
