@@ -335,6 +335,7 @@ def test_a_config_read_without_its_storage_is_refused(made: Path) -> None:
         scheme_from_config(qc, "repo/config.json")
 
 
+@pytest.mark.slow  # a Hub server and four jobs through it
 def test_a_compressed_tensors_repo_on_the_hub_is_a_source(made: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     """A compressed-tensors repo is read from the Hub through the same view as a local folder: inspect,
     integrity, dequantizing convert and quantize to another scheme give what the local folder gives."""

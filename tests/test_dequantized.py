@@ -47,10 +47,10 @@ def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.mark.parametrize("job", [
-    ("quantize", "--scheme", "int8"),
+    pytest.param(("quantize", "--scheme", "int8"), marks=pytest.mark.slow),
     ("quantize", "--scheme", "nf4"),
     ("convert", "--to", "gguf"),
-    ("quantize", "--format", "gguf", "--scheme", "q8_0"),
+    pytest.param(("quantize", "--format", "gguf", "--scheme", "q8_0"), marks=pytest.mark.slow),
 ], ids=["int8", "nf4", "gguf-bf16", "gguf-q8_0"])
 def test_a_quantized_source_gives_what_its_dequantized_copy_gives(quantized: tuple[str, Path, Path],
                                                                   tmp_path: Path, job: tuple[str, ...],
