@@ -84,10 +84,11 @@ def quantize_cmd(
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Replay a mix (an m1-recipe.json), measuring "
                                                 "nothing.")] = None,
     rounding: Annotated[str, typer.Option("--rounding", help="How the codes are chosen: nearest (the scheme's own) "
-                                          "or gptq (nf4/fp4/int8, w4a16/w8a16: GPTQ within the library's own "
-                                          "scales, from each expert's Hessian over its routed tokens of the "
-                                          "calibration text, --corpus/--text/--token-ids, default --corpus "
-                                          "mr-niah).")] = "nearest",
+                                          "or gptq (nf4/fp4/int8, w4a16/w8a16, q2_k..q6_k: GPTQ within the "
+                                          "library's own scales, from each expert's Hessian over its routed "
+                                          "tokens of the calibration text, --corpus/--text/--token-ids, default "
+                                          "--corpus mr-niah; with --budget, the mix's schemes that take it)."
+                                          )] = "nearest",
     damp: Annotated[float | None, typer.Option("--damp", help="--rounding gptq: damping, a fraction of the mean "
                                                "Hessian diagonal (default 0.01).")] = None,
     gptq_block: Annotated[int | None, typer.Option("--gptq-block", help="--rounding gptq: columns per lazy batch "

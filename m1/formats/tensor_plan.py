@@ -107,8 +107,11 @@ def plan_by_tensor(job: PlanInput) -> FormatPlan:
         if with_attention is not None:  # the projections --keep leaves out are named, as kept experts are
             kept += [t.name for t in weights
                      if job.classified[t.name].rule.role in ATTENTION_ROLES and not attention_chosen(job, t.name)]
+        qc = scheme.quantization_config(kept)
         others = {name: sch for name, sch in job.mix.items() if sch is not None and sch.name != scheme.name}
-        qc = scheme.mix_quantization_config(kept, others)
+        if others:  # one config block names one scheme: the others, per weight (m1.load_pretrained reads them)
+            qc["m1_mix"] = {"schemes": {sch.name: sch.quantization_config([]) for sch in others.values()},
+                            "weights": {name: sch.name for name, sch in sorted(others.items())}}
         out_cfg = cfg.with_raw(quantization_config=qc)
     config = out_cfg.to_dict(fmt)
     if dequantize:

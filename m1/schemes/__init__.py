@@ -56,15 +56,6 @@ class Scheme:
     def quantization_config(self, kept_experts: list[str]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def mix_quantization_config(self, kept_experts: list[str], others: dict[str, Scheme]) -> dict[str, Any]:
-        """config.json's block for a mix with this scheme as the main one and `others` (weight name -> its scheme):
-        by default this scheme's block plus `m1_mix`, the others per weight (m1.load_pretrained reads it)."""
-        qc = self.quantization_config(kept_experts)
-        if others:
-            qc["m1_mix"] = {"schemes": {sch.name: sch.quantization_config([]) for sch in others.values()},
-                            "weights": {name: sch.name for name, sch in sorted(others.items())}}
-        return qc
-
     def quantize(self, weight: torch.Tensor, device: Any, name: str = "") -> list[tuple[str, torch.Tensor]]:
         raise NotImplementedError
 
