@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m1.atomic_io import file_sha256
 from m1.checkpoint import Checkpoint
 from m1.dtypes import FLOAT_DTYPES, torch_dtype
 from m1.errors import M1Error, UsageError
-from m1.manifest import read_manifest
+from m1.manifest import manifest_findings
 from m1.safetensors_io import Header
 from m1.schemes import companions_in
 from m1.spec import Role, TensorSpec, classify, inventory
@@ -273,25 +272,11 @@ def _check_own_format(ckpt: Checkpoint, report: IntegrityReport, check_hashes: b
 def check_manifest(root: Path, report: IntegrityReport) -> None:
     """Each shard the manifest under `root` lists against its recorded size and sha256, into `report`; no
     manifest is no finding (a release has none)."""
-    try:
-        manifest = read_manifest(root)
-    except M1Error as exc:
-        report.add("manifest", exc.message, exc.file)
-        return
-    if manifest is None:
-        report.stats["manifest"] = False
-        return
-    report.stats["manifest"] = True
-    for file, record in manifest.get("shards", {}).items():
-        path = root / file
-        if not path.exists():
-            report.add("missing-shard", "listed in the manifest but not on disk", file)
-            continue
-        if path.stat().st_size != record.get("size"):
-            report.add("sha256", f"size {path.stat().st_size}, the manifest recorded {record.get('size')}", file)
-            continue
-        if file_sha256(path).hexdigest() != record.get("sha256"):
-            report.add("sha256", "sha256 differs from the manifest: the file changed after it was written", file)
+    listed, findings = manifest_findings(root)
+    if listed is not None:
+        report.stats["manifest"] = listed
+    for code, message, file in findings:
+        report.add(code, message, file)
 
 
 def _check_finite(ckpt: Checkpoint, headers: dict[str, Header], report: IntegrityReport, show_progress: bool,

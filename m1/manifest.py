@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from m1.atomic_io import file_sha256
 from m1.errors import CheckpointError, DestinationError
 
 MANIFEST = "m1-manifest.json"
@@ -55,6 +56,27 @@ def read_manifest(root: Path, stem: str | None = None) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return _read_record(path, "manifest")
+
+
+def manifest_findings(root: Path) -> tuple[bool | None, list[tuple[str, str, str | None]]]:
+    """Whether `root` has an m1 manifest (None: one that cannot be read), and (code, message, file) for each
+    shard it lists that is missing or differs from its recorded size and sha256."""
+    try:
+        manifest = read_manifest(root)
+    except CheckpointError as exc:
+        return None, [("manifest", exc.message, exc.file)]
+    if manifest is None:
+        return False, []
+    out: list[tuple[str, str, str | None]] = []
+    for file, record in manifest.get("shards", {}).items():
+        path = root / file
+        if not path.exists():
+            out.append(("missing-shard", "listed in the manifest but not on disk", file))
+        elif path.stat().st_size != record.get("size"):
+            out.append(("sha256", f"size {path.stat().st_size}, the manifest recorded {record.get('size')}", file))
+        elif file_sha256(path).hexdigest() != record.get("sha256"):
+            out.append(("sha256", "sha256 differs from the manifest: the file changed after it was written", file))
+    return True, out
 
 
 def read_manifest_file(path: Path) -> dict[str, Any]:

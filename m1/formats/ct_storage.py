@@ -22,8 +22,10 @@ import numpy as np
 
 from m1.errors import CheckpointError, M1Error
 from m1.index import INDEX_NAMES, Index, parse_index
+from m1.manifest import manifest_findings
 from m1.safetensors_io import Header, TensorInfo
-from m1.schemes.ct_pack import COMPANIONS, CtSchemes, PackScheme, require
+from m1.schemes.ct import CtSchemes
+from m1.schemes.ct_pack import COMPANIONS, PackScheme, require
 from m1.storage import Storage, StorageView
 
 if TYPE_CHECKING:
@@ -226,9 +228,5 @@ class CtStorage(StorageView):
                             infos["weight_shape"].file, group["weight_shape"]))
         manifest = self.inner.manifest_path()
         if check_hashes and manifest is not None:
-            from m1.integrity import IntegrityReport, check_manifest
-
-            report = IntegrityReport(self.root)
-            check_manifest(manifest.parent, report)
-            out += [(f.code, f.message, f.file, f.tensor) for f in report.findings]
+            out += [(code, message, file, None) for code, message, file in manifest_findings(manifest.parent)[1]]
         return out

@@ -119,9 +119,9 @@ def unregister_family(name: str) -> None:
 def _builtins() -> None:
     if not _BUILTIN:
         _BUILTIN.append(True)
-        from m1.schemes import bnb, ct_pack, fp8, ggml
+        from m1.schemes import bnb, ct, fp8, ggml
 
-        for family in (bnb.FAMILY, ggml.FAMILY, fp8.FAMILY, ct_pack.FAMILY):
+        for family in (bnb.FAMILY, ggml.FAMILY, fp8.FAMILY, ct.FAMILY):
             _FAMILIES.setdefault(family.name, family)
 
 

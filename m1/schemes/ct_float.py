@@ -15,8 +15,10 @@ from typing import Any
 from m1.dtypes import DTYPE_BYTES
 from m1.errors import ConfigError, UsageError
 from m1.schemes import Piece, check_float_matrix
-from m1.schemes.ct_pack import FLOAT_FORMAT, FLOAT_SCHEMES, PackScheme, require
+from m1.schemes.ct_pack import PackScheme, require
 
+FLOAT_FORMAT = "float-quantized"
+FLOAT_SCHEMES = ("fp8-dynamic",)
 PRESET = "FP8_DYNAMIC"
 
 
