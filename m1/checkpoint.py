@@ -278,7 +278,8 @@ class Checkpoint:
     def global_weight(self, name: str) -> torch.Tensor:
         return self.get(name)
 
-    def stacked_layer_weights(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    def stacked_layer_weights(self, layer: int, dtype: torch.dtype,
+                              reuse: Any = None) -> dict[str, torch.Tensor] | None:
         return None  # the engine stacks the experts itself
 
     def extra_files(self) -> list[str]:

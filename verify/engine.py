@@ -99,9 +99,12 @@ class WeightSource:
         """One tensor outside the layers (a source that reads tensors one at a time reads only it)."""
         return self.global_weights()[name]
 
-    def stacked_layer_weights(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    def stacked_layer_weights(self, layer: int, dtype: torch.dtype,
+                              reuse: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
         """`layer_weights` with the experts already stacked as GATE_UP and DOWN in `dtype` on the CPU (see
-        `stack_experts`), for a source that can read them straight into place; None: `load_layer` stacks them."""
+        `stack_experts`), for a source that can read them straight into place; None: `load_layer` stacks them.
+        `reuse`: an earlier layer's stacked weights that the caller is done with, whose GATE_UP and DOWN may be
+        overwritten with this layer's."""
         return None
 
 
@@ -567,10 +570,10 @@ def _to_device(weights: Mapping[str, torch.Tensor], device: torch.device) -> dic
 
 
 def load_layer(cfg: M1Config, source: WeightSource, layer: int, device: torch.device,
-               dtype: torch.dtype) -> dict[str, torch.Tensor]:
+               dtype: torch.dtype, reuse: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One layer's weights on `device`, the experts stacked in the compute dtype (read straight into the stacked
-    tensors when the source can, on the CPU)."""
-    stacked = source.stacked_layer_weights(layer, dtype) if device.type == "cpu" else None
+    tensors when the source can, on the CPU, into `reuse`'s when given: see `WeightSource.stacked_layer_weights`)."""
+    stacked = source.stacked_layer_weights(layer, dtype, reuse) if device.type == "cpu" else None
     if stacked is not None:
         return stacked
     return stack_experts(cfg, _to_device(source.layer_weights(layer), device), dtype)
@@ -633,12 +636,17 @@ def run(
     states = [embed(globals_, t, dtype) for t in batches]
     captured: list[list[torch.Tensor]] | None = [] if capture_hidden else None
 
+    # The next layer is read into this one's stacked experts once it has run: the same memory (one layer's), and
+    # no fresh pages to fault in and zero for every layer (that cost as much as reading the weights).
+    spare: dict[str, torch.Tensor] | None = None
     for layer in range(cfg.num_hidden_layers):
         if captured is not None:
             captured.append([s.cpu() for s in states])
-        weights = load_layer(cfg, source, layer, device, dtype)
+        weights = load_layer(cfg, source, layer, device, dtype, reuse=spare)
+        spare = None
         outputs = [forward_layer_chunked(cfg, layer, weights, s, dtype=dtype, chunk_size=chunk_size) for s in states]
-        del weights  # free this layer before the next one loads
+        spare = {n: weights[n] for n in (GATE_UP, DOWN) if n in weights}
+        del weights  # free the rest of this layer before the next one loads
         if on_layer is not None:
             replaced = on_layer(layer, states, outputs)
             if replaced is not None:

@@ -8,6 +8,8 @@ format is one small `WeightSource` subclass with `layer_weights` and `global_wei
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from m1.checkpoint import Checkpoint
@@ -15,6 +17,16 @@ from m1.dtypes import FLOAT_DTYPES, torch_dtype
 from m1.errors import CheckpointError
 from m1.spec import classify
 from m1.verify.engine import DOWN, GATE_UP, WeightSource
+
+
+def _reused(reuse: Mapping[str, torch.Tensor] | None, name: str, shape: tuple[int, ...],
+            dtype: torch.dtype) -> torch.Tensor:
+    """`reuse[name]` when it has this shape and dtype (its values are about to be overwritten), else a new one."""
+    old = reuse.get(name) if reuse is not None else None
+    if old is not None and tuple(old.shape) == shape and old.dtype == dtype and old.device.type == "cpu" \
+            and old.is_contiguous():
+        return old
+    return torch.empty(shape, dtype=dtype)
 
 
 class CheckpointWeights(WeightSource):
@@ -53,7 +65,8 @@ class CheckpointWeights(WeightSource):
     def global_weights(self) -> dict[str, torch.Tensor]:
         return self._weights(self._by_layer.get(None, []))
 
-    def stacked_layer_weights(self, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def stacked_layer_weights(self, layer: int, dtype: torch.dtype,
+                              reuse: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """`layer_weights` with the experts stacked as the engine's GATE_UP [E, 2I, H] and DOWN [E, H, I] in
         `dtype`, on the CPU. Experts stored in that dtype in local safetensors shards are read from the file
         straight into their slot (one copy, as `layer_weights`); others are read (or dequantized) and cast in."""
@@ -62,8 +75,8 @@ class CheckpointWeights(WeightSource):
         experts = f"{prefix}block_sparse_moe.experts."
         out = self._weights([n for n in names if not n.startswith(experts)], prefix)
         n_exp, inter, hidden = self.config.num_local_experts, self.config.intermediate_size, self.config.hidden_size
-        gate_up = torch.empty((n_exp, 2 * inter, hidden), dtype=dtype)
-        down = torch.empty((n_exp, hidden, inter), dtype=dtype)
+        gate_up = _reused(reuse, GATE_UP, (n_exp, 2 * inter, hidden), dtype)
+        down = _reused(reuse, DOWN, (n_exp, hidden, inter), dtype)
         for e in range(n_exp):
             self._read_into(f"{experts}{e}.w1.weight", gate_up[e, :inter])
             self._read_into(f"{experts}{e}.w3.weight", gate_up[e, inter:])
