@@ -1,6 +1,6 @@
 """A quantized checkpoint (a quantization_config, companions beside its weights: fp8, bitsandbytes) seen as
 the dense checkpoint it stands for, so a job whose output cannot hold the stored scheme reads it as a source:
-`m1 quantize FP8/ out/ --scheme nf4`, `m1 convert FP8/ x.gguf --to gguf`.
+`m1 quantize FP8/ out/ --scheme nf4`, or a convert to a format that cannot store fp8 (`Scheme.formats`).
 
 The view is a `Storage` over the checkpoint: config.json without its quantization_config, headers with one
 `<module>.weight` per quantized module (the dense dtype, the spec's shape) and no companions, and `read_tensor`
@@ -42,7 +42,7 @@ def stored_scheme_name(ckpt: Checkpoint) -> str | None:
 
 def needs_dense_view(ckpt: Checkpoint, output_format: str, quantizing: bool) -> bool:
     """Whether a job reads `ckpt` dequantized: it quantizes again, or its output format cannot store the
-    source's scheme (a GGUF from an fp8 checkpoint)."""
+    source's scheme (`Scheme.formats` does not name it)."""
     qc = ckpt.config.quantization_config
     if qc is None:
         return False
