@@ -60,7 +60,7 @@ def convert(source: str | Path, dest: str | Path, *, to: str | None = None, layo
 
     dest = Path(dest)
     ckpt = Checkpoint.open(str(source), revision=revision)
-    if needs_dense_view(ckpt, to or ckpt.config.flavour, quantizing=False):  # e.g. an fp8 source to a format of block types
+    if needs_dense_view(ckpt, to or ckpt.config.flavour, quantizing=False):  # e.g. fp8 into a format without it
         ckpt = dense_view(ckpt, dtype)
     opts = ConvertOptions(to=to, by_layer=by_layer(layout), shard_size=parse_size(shard_size), dtype=dtype,
                           router_dtype=router_dtype,

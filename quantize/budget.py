@@ -131,7 +131,7 @@ def plan_budget(ckpt: Any, opts: Any, *, budget: str, candidates: str | None, fm
                 sensitivity: Any = None, head_candidates: str | None = None) -> MixPlan:
     """Measure (or take `sensitivity`, or the prior), allocate, plan. `opts`: QuantizeOptions of the job."""
     from m1.allocate import Allocation, allocate, parse_budget, rule_of_thumb, uniform_assignment
-    from m1.quantize.job import plan_from_checkpoint
+    from m1.quantize.options import plan_from_checkpoint
     from m1.units import human_bytes
     from m1.verify import sensitivity as sens_mod
 
@@ -348,27 +348,6 @@ def _source(ckpt: Any) -> Any:
     return CheckpointWeights(ckpt)
 
 
-def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vocab_size: int) -> tuple[Any, str]:
-    """The calibration text (--corpus, --text, --token-ids) as `m1 verify perplexity` reads its input: a bundled
-    corpus name (its first 90%, never the held-out part that `verify compare --corpus` judges on), token ids
-    (.json/.npy) or a text file. The windows are spread evenly over the whole text when it holds more than
-    --tokens."""
-    from m1.verify.text import CORPORA, read_windows
-
-    path = Path(calibration)
-    if calibration in CORPORA:
-        windows, what = read_windows(source, None, calibration, None, ctx, tokens, False, vocab_size, holdout=False,
-                                 spread=True)
-    elif path.suffix in (".json", ".npy"):
-        windows, what = read_windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size, spread=True)
-    elif not path.is_file():
-        raise UsageError(f"calibration text {calibration!r} is neither a bundled corpus nor a file",
-                         hint=f"use {', '.join(CORPORA)}, a UTF-8 text file, or token ids (.json/.npy)")
-    else:
-        windows, what = read_windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size, spread=True)
-    return windows, f"{what}, {windows.tokens.shape[0]} windows of {ctx} spread over it"
-
-
 def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None, candidates: str | None,
              calibration: str | None, calibration_tokens: int, calibration_ctx: int, metric: str,
              sensitivity: Path | None, recipe: Path | None, device: str, imatrix: str | None,
@@ -407,6 +386,7 @@ def mix_plan(ckpt: Any, opts: Any, fmt: str, *, source: str, budget: str | None,
                              hint=f"they cover {', '.join(sens.candidates)}")
     elif calibration is not None:
         from m1.devices import resolve_device
+        from m1.verify.text import calibration_windows
 
         windows, what = calibration_windows(source, calibration, calibration_tokens, calibration_ctx,
                                             ckpt.config.vocab_size)

@@ -148,8 +148,8 @@ def gptq_rounding(ckpt: Any, source: str, dest: Path, *, calibration: str | None
     """The Rounding a `--rounding gptq` job records (options, and the calibration text with its token ids'
     sha256, so the plan fingerprint changes with either), and the calibration windows."""
     from m1.errors import UsageError
-    from m1.quantize.budget import calibration_windows
     from m1.schemes import gptq
+    from m1.verify.text import calibration_windows
 
     windows, what = calibration_windows(source, calibration or "mr-niah", tokens, ctx, ckpt.config.vocab_size)
     r = Rounding("gptq", gptq.DEFAULT_DAMP if damp is None else damp, gptq.DEFAULT_BLOCK if block is None else block,

@@ -10,36 +10,20 @@ are copied as byte ranges. Peak RSS is bounded by the largest tensor (per worker
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from m1.checkpoint import Checkpoint
 from m1.config import M1Config
 from m1.plan import Plan
-from m1.planner import JobRequest, JobResult, by_layer, plan_checkpoint, plan_job
+from m1.planner import JobResult, by_layer, plan_job
 from m1.policy import Policy
+from m1.quantize.options import QuantizeOptions, plan_from_checkpoint
 from m1.run import RunOptions, execute
 from m1.safetensors_io import TensorInfo
-from m1.schemes import Scheme
 
 ROUNDING_FILE = "m1-rounding.json"  # a --rounding gptq job's record: options, calibration, routed tokens, fallbacks
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    scheme: Scheme
-    policy: Policy = field(default_factory=Policy)
-    by_layer: bool = False
-    shard_size: int = 5 * 10**9
-    to: str | None = None  # the output format; None keeps the source's
-    format_options: dict[str, Any] = field(default_factory=dict)
-    recipe: dict[str, Any] = field(default_factory=dict)  # a mix (m1.quantize.budget): weight -> scheme or keep
-
-    def request(self) -> JobRequest:
-        return JobRequest("quantize", self.to, by_layer=self.by_layer, shard_size=self.shard_size,
-                          scheme=self.scheme, policy=self.policy, format_options=self.format_options,
-                          recipe=self.recipe)
 
 
 def quantize(source: str | Path, dest: str | Path, *, scheme: str = "nf4", blocksize: int | None = None,
@@ -189,10 +173,6 @@ def plan_quantize(cfg: M1Config, tensors: list[TensorInfo], opts: QuantizeOption
     """The plan from a config and tensor list alone (see m1.planner.index_tensors): no data read."""
     return plan_job(cfg, tensors, opts.request(), source=source, extra_files=extra_files, base_model=base_model,
                     revision=revision)
-
-
-def plan_from_checkpoint(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
-    return plan_checkpoint(ckpt, opts.request())
 
 
 def run_quantize(ckpt: Checkpoint, dest: Path, opts: QuantizeOptions, *, device: str = "auto", workers: int = 1,

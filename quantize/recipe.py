@@ -140,7 +140,7 @@ def check_coverage(doc: dict[str, Any], cfg: Any, fmt: str, path: Path) -> None:
 
 def plan_recipe(ckpt: Any, opts: Any, path: Path, fmt: str, imatrix: str | None = None) -> MixPlan:
     """The plan of a stored recipe: the same weights get the same schemes; nothing is measured."""
-    from m1.quantize.job import plan_from_checkpoint
+    from m1.quantize.options import plan_from_checkpoint
     from m1.schemes import make_scheme
     from m1.schemes.ggml import GGML_LIB_TYPES
     from m1.spec import spec_by_name

@@ -89,3 +89,62 @@ def test_the_core_does_not_import_the_command_folders() -> None:
             if parts[0] in COMMAND_FOLDERS or (parts[0] == "m1" and len(parts) > 1 and parts[1] in COMMAND_FOLDERS):
                 offenders.append(f"{rel} imports {name}")
     assert not offenders, offenders
+
+
+def _module_files() -> dict[str, Path]:
+    """Installed module name -> source file, for m1 and the command folders (installed as m1.convert, ...)."""
+    out = {}
+    for folder in ("m1", *COMMAND_FOLDERS):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts if parts[0] == "m1" else ["m1", *parts])] = path
+    return out
+
+
+def _imported_modules(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """The project modules `path` imports anywhere in it (in functions too): `from a import b` counts a.b when
+    that is a module, else a; relative imports resolved against the module `name`."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*up, base] if base else up)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No import cycle between the project's modules, counting the imports made inside functions: registries
+    load their built-in modules by name (importlib), so a module that registers can import its registry."""
+    modules = _module_files()
+    graph = {name: _imported_modules(path, name, modules) for name, path in modules.items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt):], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, [" -> ".join(c) for c in cycles[:5]]

@@ -213,3 +213,23 @@ def read_windows(tokenizer_source: str, text: Path | None, corpus: str, token_id
 
 def corpus_description(corpus: str) -> str:
     return f"corpus {corpus} ({'whole text' if corpus in WHOLE_TEXT else 'held-out 10%'})"
+
+
+def calibration_windows(source: str, calibration: str, tokens: int, ctx: int, vocab_size: int
+                        ) -> tuple[Windows, str]:
+    """The calibration text (--corpus, --text, --token-ids) as `m1 verify perplexity` reads its input: a bundled
+    corpus name (its first 90%, never the held-out part that `verify compare --corpus` judges on), token ids
+    (.json/.npy) or a text file. The windows are spread evenly over the whole text when it holds more than
+    --tokens."""
+    path = Path(calibration)
+    if calibration in CORPORA:
+        windows, what = read_windows(source, None, calibration, None, ctx, tokens, False, vocab_size, holdout=False,
+                                 spread=True)
+    elif path.suffix in (".json", ".npy"):
+        windows, what = read_windows(source, None, "mr-niah", path, ctx, tokens, False, vocab_size, spread=True)
+    elif not path.is_file():
+        raise UsageError(f"calibration text {calibration!r} is neither a bundled corpus nor a file",
+                         hint=f"use {', '.join(CORPORA)}, a UTF-8 text file, or token ids (.json/.npy)")
+    else:
+        windows, what = read_windows(source, path, "mr-niah", None, ctx, tokens, False, vocab_size, spread=True)
+    return windows, f"{what}, {windows.tokens.shape[0]} windows of {ctx} spread over it"

@@ -11,6 +11,7 @@ w8a16 are built in; a family is one module with a `FAMILY` and one `register_fam
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class Family:
 
 _FAMILIES: dict[str, Family] = {}
 _BUILTIN: list[bool] = []
+# The built-in families, each a module with a `FAMILY`, imported on first use (they import this module).
+BUILTIN_MODULES = ("m1.schemes.bnb", "m1.schemes.ggml", "m1.schemes.fp8", "m1.schemes.ct")
 
 
 def register_family(family: Family) -> Family:
@@ -119,9 +122,8 @@ def unregister_family(name: str) -> None:
 def _builtins() -> None:
     if not _BUILTIN:
         _BUILTIN.append(True)
-        from m1.schemes import bnb, ct, fp8, ggml
-
-        for family in (bnb.FAMILY, ggml.FAMILY, fp8.FAMILY, ct.FAMILY):
+        for module in BUILTIN_MODULES:
+            family = vars(importlib.import_module(module))["FAMILY"]
             _FAMILIES.setdefault(family.name, family)
 
 
